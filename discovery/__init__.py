@@ -1,0 +1,1 @@
+"""Stage 1: unsupervised object discovery, image -> patch-attention map."""

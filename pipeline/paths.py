@@ -1,0 +1,43 @@
+"""Where things live when the user gives no path.
+
+`AGMAE_HOME` (default `~/.cache/agmae`) holds caches (the demo dataset, image-folder
+indexes, feature caches). The default run directory is where the three stages find each
+other's outputs, so `agmae-discover --method tokencut && agmae-train && agmae-eval knn`
+works as typed.
+"""
+import os
+from pathlib import Path
+
+# Preference order when a stage must pick one of several map stores on its own:
+# the paper's best-performing discovery method first.
+METHOD_PREFERENCE = ("tokencut", "dino", "gradcam", "oracle")
+
+
+def agmae_home() -> Path:
+    return Path(os.environ.get("AGMAE_HOME", Path.home() / ".cache" / "agmae")).expanduser()
+
+
+def default_run_dir() -> Path:
+    """`AGMAE_RUN_DIR`, else `AGMAE_HOME/runs/default`."""
+    env = os.environ.get("AGMAE_RUN_DIR")
+    return Path(env).expanduser() if env else agmae_home() / "runs" / "default"
+
+
+def maps_path(run_dir: Path, method: str) -> Path:
+    return Path(run_dir) / f"maps-{method}.h5"
+
+
+def default_maps(run_dir: Path) -> Path:
+    """The map store a training run uses when `--maps` is not given."""
+    for method in METHOD_PREFERENCE:
+        path = maps_path(run_dir, method)
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"no map store in {run_dir} (looked for maps-{{{','.join(METHOD_PREFERENCE)}}}.h5); "
+        "run `agmae-discover --method tokencut` first, pass --maps FILE, or train with --no-guidance"
+    )
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoint-last.pth"

@@ -1,0 +1,1 @@
+"""Stage 2: MAE pre-training with the attention-guided reconstruction loss."""
