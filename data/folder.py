@@ -1,0 +1,199 @@
+"""Image folders (`ROOT/<class>/<image>`, ImageNet style) with a stable, cached index.
+
+The index (sorted keys, labels, class names) fixes the dataset order that every stage
+shares: the attention store is written in this order and training checks its
+`keys_sha256` against it. Scanning 1.28 M files takes minutes on network storage, so
+the index is cached and re-used while no directory of the tree has changed.
+"""
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.paths import agmae_home
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+EXPECTED_LAYOUT = "ROOT/<class>/<image>.jpg"
+CACHE_VERSION = 1
+# A directory modified this recently may still change within the same timestamp tick
+# (coarse mtimes on ext4/NFS/FAT), so an index that includes it is not cached yet.
+RACY_MTIME_NS = 2_000_000_000
+
+
+class UnreadableImageError(OSError, ValueError):
+    """An image file that PIL cannot decode (missing, empty, truncated or not an image)."""
+
+
+def keys_sha256(keys) -> str:
+    """Fingerprint of a dataset order: hex SHA-256 of the keys joined by newlines, UTF-8."""
+    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageFolderIndex:
+    """`keys[i]` is image i's path relative to `root` (POSIX, `class/.../img.ext`), `labels[i]` its class index."""
+
+    root: Path
+    keys: list
+    labels: np.ndarray
+    classes: list
+    keys_sha256: str
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def path(self, i: int) -> Path:
+        return self.root / self.keys[i]
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode an image fully (so truncation is caught here, not later) and return it as RGB."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk(root: Path):
+    """Scan the tree. Returns (keys, classes, dir_stamps) with dir_stamps {relative dir: mtime_ns}.
+
+    Each directory's mtime is taken before it is listed, so a file added during the scan
+    leaves a newer mtime than the recorded one and invalidates the cache.
+    """
+    stamps = {".": root.stat().st_mtime_ns}
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    keys = []
+    for cls in classes:
+        count = 0
+        pending = [cls]
+        while pending:
+            rel = pending.pop()
+            directory = root / rel
+            stamps[rel] = directory.stat().st_mtime_ns
+            for entry in os.scandir(directory):
+                if entry.is_dir():
+                    if not entry.name.startswith("."):
+                        pending.append(f"{rel}/{entry.name}")
+                elif _is_image(entry.name):
+                    if "\n" in entry.name:
+                        raise ValueError(f"image file name contains a newline: {directory / entry.name!r}; rename it")
+                    keys.append(f"{rel}/{entry.name}")
+                    count += 1
+        if count == 0:
+            raise ValueError(
+                f"class folder {root / cls} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "remove it or add images"
+            )
+    keys.sort()
+    return keys, classes, stamps
+
+
+def _labels(keys, classes) -> np.ndarray:
+    class_index = {c: i for i, c in enumerate(classes)}
+    return np.fromiter((class_index[k.split("/", 1)[0]] for k in keys), dtype=np.int64, count=len(keys))
+
+
+def _cache_candidates(root: Path, cache_dir) -> list:
+    """Where the index may be cached, in order of preference."""
+    root_hash = hashlib.sha256(str(root).encode("utf-8")).hexdigest()[:24]
+    if cache_dir is not None:
+        return [Path(cache_dir) / f"{root_hash}.npz"]
+    # Beside the root rather than inside it: a file inside would change the root's mtime
+    # and invalidate the cache it was written to.
+    return [root.parent / f".{root.name}.agmae-index.npz", agmae_home() / "index" / f"{root_hash}.npz"]
+
+
+def _encode_lines(lines) -> np.ndarray:
+    return np.frombuffer("\n".join(lines).encode("utf-8"), dtype=np.uint8)
+
+
+def _decode_lines(array: np.ndarray) -> list:
+    text = array.tobytes().decode("utf-8")
+    return text.split("\n") if text else []
+
+
+def _load_cache(path: Path, root: Path):
+    """The cached index if it exists and every recorded directory still has its mtime, else None."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if int(npz["version"]) != CACHE_VERSION or _decode_lines(npz["root"]) != [str(root)]:
+                return None
+            dirs = _decode_lines(npz["dirs"])
+            mtimes = npz["mtimes"]
+            for rel, mtime in zip(dirs, mtimes):
+                if (root / rel).stat().st_mtime_ns != int(mtime):
+                    return None
+            keys = _decode_lines(npz["keys"])
+            classes = _decode_lines(npz["classes"])
+            labels = npz["labels"].astype(np.int64)
+    except (OSError, KeyError, ValueError):
+        return None
+    return ImageFolderIndex(root, keys, labels, classes, keys_sha256(keys))
+
+
+def _save_cache(path: Path, root: Path, index: ImageFolderIndex, stamps: dict) -> bool:
+    """Write the cache atomically; False if the location is not writable."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(
+                f,
+                version=np.int64(CACHE_VERSION),
+                root=_encode_lines([str(root)]),
+                keys=_encode_lines(index.keys),
+                classes=_encode_lines(index.classes),
+                labels=index.labels,
+                dirs=_encode_lines(list(stamps)),
+                mtimes=np.array(list(stamps.values()), dtype=np.int64),
+            )
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+        return False
+
+
+def scan(root, cache_dir=None) -> ImageFolderIndex:
+    """Index an image folder `ROOT/<class>/<image>`; re-uses a cached index while the tree is unchanged.
+
+    Keys are sorted relative POSIX paths, labels the position of the class (the first path
+    component) in the sorted class names. The cache lives in `cache_dir` if given, else
+    beside the root (`.<root name>.agmae-index.npz`) when writable, else under
+    AGMAE_HOME/index/.
+    """
+    root = Path(root).expanduser().absolute()
+    if not root.exists():
+        raise FileNotFoundError(f"dataset root {root} does not exist; expected an image folder {EXPECTED_LAYOUT}")
+    if not root.is_dir():
+        raise ValueError(f"dataset root {root} is not a directory; expected an image folder {EXPECTED_LAYOUT}")
+    candidates = _cache_candidates(root, cache_dir)
+    for path in candidates:
+        cached = _load_cache(path, root)
+        if cached is not None:
+            return cached
+
+    scan_started_ns = time.time_ns()
+    keys, classes, stamps = _walk(root)
+    if not keys:
+        raise ValueError(f"dataset root {root} holds no class folders with images; expected {EXPECTED_LAYOUT}")
+    index = ImageFolderIndex(root, keys, _labels(keys, classes), classes, keys_sha256(keys))
+    if max(stamps.values()) < scan_started_ns - RACY_MTIME_NS:
+        for path in candidates:
+            if _save_cache(path, root, index, stamps):
+                break
+    return index

@@ -1,0 +1,86 @@
+"""Image transforms, and the joint crop/flip that cuts the same region out of an image and its attention map.
+
+The map covers the whole image (discovery sees the uncropped image), so a training crop
+of the image must take the same box out of the map, in coordinates relative to the whole
+image, at the map's own resolution. Slicing the map with the image's pixel offsets is the
+classic mistake this module exists to avoid.
+"""
+import torch
+import torch.nn.functional as F
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BICUBIC = T.InterpolationMode.BICUBIC
+# MAE / DINO evaluation resize: shorter side S / 0.875 (256 for 224), then centre crop S.
+EVAL_CROP_FRACTION = 0.875
+
+
+def _to_normalised_tensor(mean, std):
+    return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+
+class JointRandomResizedCrop:
+    """RandomResizedCrop (bicubic) + horizontal flip (p=0.5) that also reports what it did.
+
+    `__call__(img: PIL.Image) -> (img: [3, S, S] normalised, box: [4], flip: bool)`; box is
+    (x0, y0, x1, y1) of the crop relative to the whole image, in [0, 1]. Hand box and flip to
+    `crop_maps` to cut the same region out of the image's attention map.
+    """
+
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.size = int(size)
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.to_tensor = _to_normalised_tensor(mean, std)
+
+    def __call__(self, img):
+        width, height = img.size
+        top, left, crop_h, crop_w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        img = TF.resized_crop(img, top, left, crop_h, crop_w, [self.size, self.size], BICUBIC)
+        flip = bool(torch.rand(1) < 0.5)
+        if flip:
+            img = TF.hflip(img)
+        box = torch.tensor(
+            [left / width, top / height, (left + crop_w) / width, (top + crop_h) / height], dtype=torch.float32
+        )
+        return self.to_tensor(img), box, flip
+
+    def __repr__(self):
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+def crop_maps(maps, boxes, flips, out_hw):
+    """Cut each map's box (relative coordinates) and flip, resampled bilinearly onto an output grid.
+
+    maps: [B, h, w] (any float dtype), boxes: [B, 4] (x0, y0, x1, y1) in [0, 1] of the whole
+    map, flips: [B] bool, out_hw: (gh, gw). Returns [B, gh, gw] float32. Output cell centres
+    sample the map at the same relative positions as the cropped image's pixel centres.
+    """
+    maps = torch.as_tensor(maps).float()
+    boxes = torch.as_tensor(boxes, dtype=torch.float32, device=maps.device)
+    flips = torch.as_tensor(flips, dtype=torch.bool, device=maps.device)
+    batch = maps.shape[0]
+    x0, y0, x1, y1 = boxes.unbind(1)
+    # With align_corners=False, -1 and +1 are the outer edges of the first and last cells,
+    # so relative coordinate r maps to 2r - 1 for the map and for the output grid alike.
+    theta = torch.zeros(batch, 2, 3, dtype=torch.float32, device=maps.device)
+    theta[:, 0, 0] = torch.where(flips, -(x1 - x0), x1 - x0)
+    theta[:, 0, 2] = x0 + x1 - 1
+    theta[:, 1, 1] = y1 - y0
+    theta[:, 1, 2] = y0 + y1 - 1
+    grid = F.affine_grid(theta, [batch, 1, int(out_hw[0]), int(out_hw[1])], align_corners=False)
+    out = F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[:, 0]
+
+
+def eval_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize the shorter side to int(size / 0.875) (bicubic), centre-crop size, normalise -> [3, S, S]."""
+    resize = T.Resize(int(size / EVAL_CROP_FRACTION), interpolation=BICUBIC)
+    return T.Compose([resize, T.CenterCrop(size), _to_normalised_tensor(mean, std)])
+
+
+def discovery_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize the whole image to size x size (aspect not kept, nothing cropped), bicubic, normalise -> [3, S, S]."""
+    return T.Compose([T.Resize((size, size), interpolation=BICUBIC), _to_normalised_tensor(mean, std)])

@@ -1,0 +1,174 @@
+import hashlib
+import io
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import folder
+from data.folder import UnreadableImageError, keys_sha256, load_rgb, scan
+
+AN_HOUR_AGO_NS = time.time_ns() - 3600 * 10**9
+
+
+def png_bytes(size=(6, 4), mode="RGB"):
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_tree(root, files):
+    for rel in files:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png_bytes())
+    return root
+
+
+def age(root):
+    """Set every directory's mtime an hour back, so the index counts as settled and gets cached."""
+    for directory, _, _ in os.walk(root):
+        os.utime(directory, ns=(AN_HOUR_AGO_NS, AN_HOUR_AGO_NS))
+
+
+def forbid_walk(monkeypatch):
+    def walk(root):
+        raise AssertionError(f"{root} was scanned again instead of read from the cache")
+
+    monkeypatch.setattr(folder, "_walk", walk)
+
+
+TREE = ["dog/b.PNG", "dog/a.jpg", "cat/z.jpeg", "cat/sub/y.JPG", "ant/1.webp", "ant/.hidden.png", "ant/notes.txt",
+        "README.md", ".git/x.png"]  # fmt: skip
+
+
+def test_sorted_keys_labels_classes_and_fingerprint(tmp_path):
+    index = scan(make_tree(tmp_path / "data", TREE))
+    assert index.keys == ["ant/1.webp", "cat/sub/y.JPG", "cat/z.jpeg", "dog/a.jpg", "dog/b.PNG"]
+    assert index.classes == ["ant", "cat", "dog"]
+    assert index.labels.dtype == np.int64 and index.labels.tolist() == [0, 1, 1, 2, 2]
+    assert len(index) == 5 and index.path(3) == tmp_path / "data" / "dog" / "a.jpg"
+    expected = hashlib.sha256("ant/1.webp\ncat/sub/y.JPG\ncat/z.jpeg\ndog/a.jpg\ndog/b.PNG".encode()).hexdigest()
+    assert index.keys_sha256 == keys_sha256(index.keys) == expected
+
+
+def test_cached_index_is_reused_while_the_tree_is_unchanged(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "data", TREE)
+    age(root)
+    first = scan(root)
+    assert (tmp_path / ".data.agmae-index.npz").is_file()  # beside the root, not inside it
+    forbid_walk(monkeypatch)
+    again = scan(root)
+    assert again.keys == first.keys and again.classes == first.classes and again.keys_sha256 == first.keys_sha256
+    np.testing.assert_array_equal(again.labels, first.labels)
+
+
+@pytest.mark.parametrize(
+    "change, keys",
+    [
+        ("add file", ["ant/1.webp", "ant/2.png", "cat/sub/y.JPG", "cat/z.jpeg", "dog/a.jpg", "dog/b.PNG"]),
+        ("remove file", ["ant/1.webp", "cat/sub/y.JPG", "cat/z.jpeg", "dog/b.PNG"]),
+        ("add nested file", ["ant/1.webp", "cat/sub/x.png", "cat/sub/y.JPG", "cat/z.jpeg", "dog/a.jpg", "dog/b.PNG"]),
+        ("add class", ["ant/1.webp", "bee/q.png", "cat/sub/y.JPG", "cat/z.jpeg", "dog/a.jpg", "dog/b.PNG"]),
+    ],
+)
+def test_cache_invalidated_when_the_tree_changes(tmp_path, change, keys):
+    root = make_tree(tmp_path / "data", TREE)
+    age(root)
+    scan(root)
+    if change == "remove file":
+        (root / "dog/a.jpg").unlink()
+    else:
+        added = {"add file": "ant/2.png", "add nested file": "cat/sub/x.png", "add class": "bee/q.png"}[change]
+        make_tree(root, [added])
+    index = scan(root)
+    assert index.keys == keys
+    assert index.keys_sha256 == keys_sha256(keys)
+    if change == "add class":
+        assert index.classes == ["ant", "bee", "cat", "dog"] and index.labels.tolist() == [0, 1, 2, 2, 3, 3]
+
+
+def test_recently_modified_tree_is_not_cached(tmp_path):
+    """A directory changed within the timestamp resolution could change again unseen: rescan until it settles."""
+    root = make_tree(tmp_path / "data", TREE)
+    scan(root)
+    assert not (tmp_path / ".data.agmae-index.npz").exists()
+
+
+def test_cache_falls_back_to_agmae_home_then_explicit_dir(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "data", TREE)
+    age(root)
+    (tmp_path / ".data.agmae-index.npz").mkdir()  # the beside-the-root location cannot take a file
+    home = tmp_path / "home"
+    monkeypatch.setenv("AGMAE_HOME", str(home))
+    scan(root)
+    assert len(list((home / "index").glob("*.npz"))) == 1
+    explicit = tmp_path / "explicit"
+    scan(root, cache_dir=explicit)
+    assert len(list(explicit.glob("*.npz"))) == 1
+    forbid_walk(monkeypatch)
+    assert len(scan(root)) == 5 and len(scan(root, cache_dir=explicit)) == 5
+
+
+def test_corrupt_or_foreign_cache_is_ignored(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "data", TREE)
+    age(root)
+    cache = tmp_path / ".data.agmae-index.npz"
+    cache.write_bytes(b"not an npz")
+    assert len(scan(root)) == 5
+    other = make_tree(tmp_path / "other" / "data", ["x/1.png"])
+    age(other)
+    os.replace(cache, tmp_path / "other" / ".data.agmae-index.npz")  # an index of a different root
+    assert scan(other).keys == ["x/1.png"]
+
+
+def test_missing_empty_and_classless_roots_are_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere'} does not exist"):
+        scan(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'} holds no class folders"):
+        scan(tmp_path / "empty")
+    flat = make_tree(tmp_path / "flat", ["a.png", "b.png"])
+    with pytest.raises(ValueError, match="holds no class folders"):
+        scan(flat)
+    make_tree(tmp_path / "hollow", ["cat/a.png", "dog/readme.txt"])
+    with pytest.raises(ValueError, match=f"class folder {tmp_path / 'hollow' / 'dog'} holds no images") as err:
+        scan(tmp_path / "hollow")
+    assert "\n" not in str(err.value)
+
+
+def test_load_rgb_converts_to_rgb(tmp_path):
+    grey = tmp_path / "grey.png"
+    grey.write_bytes(png_bytes(size=(5, 3), mode="L"))
+    img = load_rgb(grey)
+    assert img.mode == "RGB" and img.size == (5, 3) and img.getpixel((0, 0)) == (128, 128, 128)
+
+
+def jpeg_bytes():
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("empty.jpg", b""),
+        ("text.jpg", b"this is not an image\n"),
+        ("truncated.jpg", jpeg_bytes()[:400]),
+        ("truncated.png", png_bytes(size=(64, 64))[:60]),
+    ],
+)
+def test_load_rgb_names_the_unreadable_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UnreadableImageError, match=str(path)) as err:
+        load_rgb(path)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, OSError)
+
+
+def test_load_rgb_missing_file(tmp_path):
+    with pytest.raises(OSError, match="missing.png"):
+        load_rgb(tmp_path / "missing.png")
