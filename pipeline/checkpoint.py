@@ -1,0 +1,124 @@
+"""Checkpoints: atomic save, safe load, and the encoder hand-over from training to evaluation.
+
+A training checkpoint is a `torch.save`d dict: `model` (the MAE state dict; encoder keys named
+like timm's `VisionTransformer`, decoder keys starting with `decoder_` or being `mask_token`),
+`config` (with `encoder` = the timm `VisionTransformer` kwargs), `optimizer`, `scaler`, `epoch`,
+`step`, `rng`, `sampler`, `store_fingerprint`, `version`. An exported encoder is a plain timm
+state dict with its kwargs in a JSON file beside it (`<file>.json`).
+"""
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+DECODER_PREFIXES = ("decoder_", "mask_token")
+_CLASSIFIER_PREFIXES = ("head.",)
+_REQUIRED_ENCODER_KEYS = ("patch_embed.proj.weight", "cls_token", "pos_embed", "norm.weight")
+# timm's standard ViTs (tiny, small, base, large) use 64-wide attention heads; a plain state dict
+# does not record the head count, so it is assumed from this when no kwargs file says otherwise.
+_ASSUMED_HEAD_DIM = 64
+
+
+def _temporary_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_save(obj, path) -> Path:
+    """`torch.save` to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temporary_beside(path)
+    try:
+        torch.save(obj, temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(text: str, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temporary_beside(path)
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """Load with `weights_only=True` (tensors and plain containers only) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train first (agmae-train) or pass --checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot be loaded as a checkpoint ({err}); is it complete and a torch file?") from err
+
+
+def encoder_kwargs_path(path) -> Path:
+    """Where the timm kwargs of an exported encoder live: `<file>.json` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _encoder_only(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES + _CLASSIFIER_PREFIXES)}
+
+
+def guess_encoder_kwargs(state: dict) -> dict:
+    """timm `VisionTransformer` kwargs read off the weights' shapes (square images, class token).
+
+    The head count is not in the weights: it is taken as embed_dim / 64, right for timm's
+    tiny/small/base/large but not for ViT-H (80-wide heads); pass a kwargs file for those.
+    """
+    proj = state["patch_embed.proj.weight"]
+    embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[-1]
+    side = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    warnings.warn(f"no encoder kwargs recorded; assuming {_ASSUMED_HEAD_DIM}-wide attention heads")
+    return dict(
+        img_size=side * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+        depth=depth, num_heads=max(embed_dim // _ASSUMED_HEAD_DIM, 1), mlp_ratio=hidden / embed_dim,
+    )
+
+
+def load_encoder(path) -> tuple[dict, dict]:
+    """`(timm_kwargs, state_dict)` of the ViT encoder in an agmae checkpoint, an MAE-style
+    checkpoint (`{"model": ...}`), or an exported timm state dict (kwargs from `<file>.json`, else
+    guessed from the shapes). Build the encoder with
+    `timm.models.vision_transformer.VisionTransformer(**kwargs, num_classes=0)` and
+    `load_state_dict(state_dict)` (strict)."""
+    path = Path(path)
+    loaded = load_checkpoint(path)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: holds a {type(loaded).__name__}, expected a checkpoint or a state dict")
+    state = loaded["model"] if isinstance(loaded.get("model"), dict) else loaded
+    state = _encoder_only(state)
+    absent = [k for k in _REQUIRED_ENCODER_KEYS if k not in state]
+    if absent:
+        raise ValueError(
+            f"{path}: no ViT encoder in it (missing {', '.join(absent)}); expected an agmae-train "
+            f"checkpoint or an exported encoder (agmae-train export)"
+        )
+    kwargs = (loaded.get("config") or {}).get("encoder") if "model" in loaded else None
+    kwargs_file = encoder_kwargs_path(path)
+    if kwargs is None and kwargs_file.is_file():
+        kwargs = json.loads(kwargs_file.read_text())
+    return dict(kwargs) if kwargs else guess_encoder_kwargs(state), state
+
+
+def export_encoder(checkpoint, out) -> Path:
+    """Write the encoder of a training checkpoint as a timm `VisionTransformer` state dict to
+    `out` (+ its kwargs to `<out>.json`); both atomically."""
+    out = Path(out)
+    kwargs, state = load_encoder(checkpoint)
+    atomic_write_text(json.dumps(kwargs, indent=2) + "\n", encoder_kwargs_path(out))
+    return atomic_save(state, out)

@@ -1,0 +1,133 @@
+"""The training dataset: augmented images plus, from the attention store, each image's raw map.
+
+Every random choice for a sample (crop box, flip, masking noise) is drawn from a generator
+seeded by (seed, epoch, index), so a sample is the same whichever process, worker or batch
+position handles it: resuming mid-run and splitting a batch over ranks both reproduce a
+single uninterrupted run exactly.
+
+The map is returned uncropped, at the store's resolution; `CropMapsCollate` crops the whole
+batch onto the patch grid at once with `data.transforms.crop_maps`, using the box and flip
+returned here, inside the loader's workers (off the training step's critical path).
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, default_collate
+
+from data.folder import ImageFolderIndex, load_rgb
+from data.transforms import JointRandomResizedCrop, crop_maps
+from pipeline.store import STATUS_DONE, MapStore, open_maps
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 64-bit seed that is a pure function of (seed, epoch, index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+def check_store(store: MapStore, index: ImageFolderIndex, require_maps: bool = False) -> int:
+    """Refuse a store made for other images; return how many images have no usable map.
+
+    Raises ValueError naming both fingerprints when the store's keys differ from the dataset's,
+    when the store is an unmerged shard, or (with `require_maps`) when a map is missing or failed.
+    """
+    if store.attrs["keys_sha256"] != index.keys_sha256:
+        raise ValueError(
+            f"{store.path}: its keys fingerprint {store.attrs['keys_sha256']} differs from the dataset "
+            f"{index.root}'s {index.keys_sha256}; the maps were computed for other images, run "
+            f"agmae-discover on this dataset or pass the matching --maps"
+        )
+    if store.attrs["shard"] is not None or len(store) != len(index):
+        raise ValueError(
+            f"{store.path}: holds {len(store)} of the dataset's {len(index)} maps (a shard?); "
+            f"join the shards with `agmae-discover merge` and train on the merged store"
+        )
+    missing = int((np.asarray(store.status) != STATUS_DONE).sum())
+    if missing and require_maps:
+        raise ValueError(
+            f"{store.path}: {missing} of {len(store)} maps are missing or failed; finish discovery "
+            f"(rerun agmae-discover, it resumes) or drop --require-maps to train those images unguided"
+        )
+    return missing
+
+
+class GuidedMAEDataset(Dataset):
+    """Items are addressed by `(epoch, index)` (see `EpochSampler`) and are dicts:
+
+    - `img`: [3, S, S] normalised crop, `box`: [4] (x0, y0, x1, y1) relative to the whole image,
+      `flip`: bool, `noise`: [L] masking noise in [0, 1)
+    - with a store: `map`: [h, w] float32 raw map (zeros when the image has no map, which is
+      uniform weights, i.e. plain MAE for that image) and `has_map`: bool
+
+    The store is opened lazily in each DataLoader worker (memory-mapped, no h5py handle kept).
+    """
+
+    def __init__(
+        self, index: ImageFolderIndex, input_size: int, num_patches: int, seed: int, maps_path: Path | None = None
+    ):
+        self.index = index
+        self.transform = JointRandomResizedCrop(input_size)
+        self.num_patches = num_patches
+        self.seed = seed
+        self.maps_path = maps_path
+        self._store: MapStore | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}
+
+    def _maps(self) -> MapStore:
+        if self._store is None:
+            self._store = open_maps(self.maps_path)
+        return self._store
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        epoch, i = item
+        image = load_rgb(self.index.path(i))
+        # The transform draws from torch's global generator; seed it per sample and put it back after.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
+            img, box, flip = self.transform(image)
+            noise = torch.rand(self.num_patches)
+        sample = {"img": img, "box": box, "flip": flip, "noise": noise}
+        if self.maps_path is not None:
+            store = self._maps()
+            has_map = bool(store.status[i] == STATUS_DONE)
+            raw = np.asarray(store.maps[i], dtype=np.float32) if has_map else np.zeros(store.maps.shape[1:], np.float32)
+            sample.update(map=torch.from_numpy(raw), has_map=has_map)
+        return sample
+
+
+class EpochSampler(Sampler):
+    """Wraps a sampler with `set_epoch` (DistributedSampler) and yields `(epoch, index)`, so
+    persistent workers see the epoch without re-pickling the dataset."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class CropMapsCollate:
+    """Stack the samples, then cut every raw map to its image's crop on the patch grid:
+    `map: [B, h, w]` becomes `attn: [B, gh*gw]` (row-major, the order of the MAE's patches)."""
+
+    def __init__(self, grid_hw: tuple[int, int]):
+        self.grid_hw = tuple(grid_hw)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = default_collate(samples)
+        if "map" in batch:
+            batch["attn"] = crop_maps(batch.pop("map"), batch["box"], batch["flip"], self.grid_hw).flatten(1)
+        return batch

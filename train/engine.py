@@ -1,0 +1,395 @@
+"""The pre-training loop: guided (or vanilla) MAE, single process or data-parallel, resumable.
+
+Determinism: model initialisation follows `seed`; every per-sample random choice (crop, flip,
+masking noise) follows (seed, epoch, index) (train/dataset.py); the sampler's order follows
+(seed, epoch). A run resumed from an epoch checkpoint therefore continues exactly as the
+uninterrupted run would have, and N ranks with batch B reproduce one process with batch N*B.
+"""
+import json
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import pipeline
+from data.folder import scan
+from pipeline import distributed
+from pipeline.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from pipeline.paths import last_checkpoint
+from pipeline.store import open_maps
+from train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
+from train.loss import foreground_weight_share, guided_mae_loss
+from train.model import DEMO_MODEL, MaskedAutoencoderViT, create_model
+from train.schedules import lr_at, tau_at
+
+ADAMW_BETAS = (0.9, 0.95)
+LR_REFERENCE_BATCH = 256
+FOREGROUND_THRESHOLD = 0.5
+# Settings that decide what a checkpoint's weights mean; resuming with any of them changed is refused.
+RUN_IDENTITY = ("model", "input_size", "patch_size", "embed_dim", "depth", "num_heads",
+                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "keys_sha256", "store_fingerprint")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before touching any checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; `agmae-train`'s options map one to one onto these fields."""
+
+    data: str
+    out: str
+    maps: str | None = None  # None trains the vanilla MAE
+    model: str = DEMO_MODEL
+    input_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    fused_attn: bool | None = None  # None: fused on CUDA, matmul-softmax on CPU (faster at few tokens)
+    epochs: int = 30
+    warmup_epochs: float = 2.0
+    batch_size: int = 256
+    accum_iter: int = 1
+    blr: float = 1e-3
+    weight_decay: float = 0.05
+    clip_grad: float | None = None
+    mask_ratio: float = 0.75
+    tau_start: float = 1.0
+    tau_end: float = 0.5
+    tau_schedule: str = "cosine"
+    weight_norm: str = "batch"
+    gamma: float = 1.0
+    require_maps: bool = False
+    save_every: int = 5
+    resume: str | None = None  # None: RUN_DIR/checkpoint-last.pth when present
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+
+    def model_overrides(self) -> dict:
+        names = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+                 "decoder_num_heads")
+        return {"img_size": self.input_size, **{name: getattr(self, name) for name in names}}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    random.setstate(state["python"])
+
+
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def _sum_over_ranks(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16 (with a GradScaler); full fp32 on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+class Trainer:
+    """One training run; `run()` trains from the last checkpoint (if any) to `cfg.epochs`."""
+
+    def __init__(self, cfg: TrainConfig, env: distributed.DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.run_dir = Path(cfg.out)
+        seed_everything(cfg.seed)
+        self.index = scan(cfg.data)
+        self.guided = cfg.maps is not None
+        self.store_fingerprint = None
+        self.images_without_map = 0
+        if self.guided:
+            store = open_maps(cfg.maps)
+            self.images_without_map = check_store(store, self.index, cfg.require_maps)
+            self.store_fingerprint = store.attrs["keys_sha256"]
+
+        self.model: MaskedAutoencoderViT = create_model(cfg.model, **cfg.model_overrides()).to(device)
+        self.model.set_fused_attn(device.type == "cuda" if cfg.fused_attn is None else cfg.fused_attn)
+        input_size = self.model.encoder_kwargs["img_size"]
+        dataset = GuidedMAEDataset(self.index, input_size, self.model.num_patches, cfg.seed, cfg.maps)
+        self.sampler = EpochSampler(DistributedSampler(
+            dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True))
+        self.loader = DataLoader(
+            dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
+            collate_fn=CropMapsCollate(self.model.grid_size), pin_memory=device.type == "cuda", drop_last=True,
+            persistent_workers=cfg.workers > 0,
+        )
+        self.steps_per_epoch = len(self.loader) // cfg.accum_iter
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{cfg.data}: {len(self.sampler)} images per process make no full step of "
+                f"--batch-size {cfg.batch_size} x --accum-iter {cfg.accum_iter}; lower them"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.effective_batch = cfg.batch_size * cfg.accum_iter * env.world_size
+        self.lr = cfg.blr * self.effective_batch / LR_REFERENCE_BATCH
+
+        self.optimizer = torch.optim.AdamW(
+            param_groups_weight_decay(self.model, cfg.weight_decay, no_weight_decay_list=self.model.no_weight_decay()),
+            lr=self.lr, betas=ADAMW_BETAS)
+        self.amp_dtype = _amp_dtype(device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.config = {
+            **asdict(cfg),
+            "input_size": input_size,
+            "encoder": self.model.encoder_kwargs,
+            "keys_sha256": self.index.keys_sha256,
+            "store_fingerprint": self.store_fingerprint,
+            "world_size": env.world_size,
+            "effective_batch": self.effective_batch,
+            "lr": self.lr,
+            "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32",
+            "version": pipeline.__version__,
+        }
+        self.start_epoch, self.step, self.epoch = 0, 0, 0
+        self.resumed_from = self._resume()
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+                    if env.distributed else self.model)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return last_checkpoint(self.run_dir)
+
+    def _resume(self) -> Path | None:
+        path = Path(self.cfg.resume) if self.cfg.resume else self.checkpoint_path
+        if not self.cfg.resume and not path.is_file():
+            return None
+        state = load_checkpoint(path)
+        for name in RUN_IDENTITY:
+            theirs, ours = state["config"].get(name), self.config[name]
+            if theirs != ours:
+                raise ValueError(
+                    f"{path}: was trained with {name}={theirs!r}, this run has {name}={ours!r}; "
+                    f"resume with the same settings or write to another --out"
+                )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.step = state["epoch"], state["step"]
+        _set_rng_state(state["rng"])
+        return path
+
+    def _save(self, epoch: int) -> None:
+        atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": epoch,
+                "step": self.step,
+                "rng": _rng_state(),
+                "sampler": {"epoch": epoch, "seed": self.cfg.seed},
+                "config": self.config,
+                "store_fingerprint": self.store_fingerprint,
+                "version": pipeline.__version__,
+            },
+            self.checkpoint_path,
+        )
+
+    def _start_logs(self) -> None:
+        """config.json, and metrics.jsonl cut back to the epochs the resumed checkpoint holds
+        (a run killed after logging an epoch but before saving it re-logs that epoch)."""
+        atomic_write_text(json.dumps(self.config, indent=2) + "\n", self.run_dir / "config.json")
+        metrics = self.run_dir / "metrics.jsonl"
+        kept = []
+        if metrics.is_file():
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] <= self.start_epoch]
+        atomic_write_text("".join(line + "\n" for line in kept), metrics)
+
+    def _log_epoch(self, record: dict, tensorboard) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if tensorboard is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name not in ("epoch", "step"):
+                    tensorboard.add_scalar(f"epoch/{name}", value, record["epoch"])
+
+    def run(self) -> dict | None:
+        """Train to `cfg.epochs`; return the last epoch's metrics (None when nothing was left to do)."""
+        tensorboard = None
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._start_logs()
+            tensorboard = _tensorboard(self.run_dir)
+            if self.guided:
+                tqdm.write(f"{self.cfg.maps}: {self.images_without_map} of {len(self.index)} images have no "
+                           f"map (missing or failed) and train with uniform weights")
+            if self.resumed_from:
+                tqdm.write(f"resumed from {self.resumed_from} at epoch {self.start_epoch}")
+        record = None
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                record = self._train_one_epoch(epoch, tensorboard)
+                if self.env.is_main:
+                    self._log_epoch(record, tensorboard)
+                    tqdm.write(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f}, "
+                               f"lr {record['lr']:.2e}, {record['imgs_per_s']:.0f} imgs/s")
+                    if (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
+                        self._save(epoch + 1)
+                distributed.barrier()
+        finally:
+            if tensorboard is not None:
+                tensorboard.close()
+        return record
+
+    def _train_one_epoch(self, epoch: int, tensorboard) -> dict:
+        cfg = self.cfg
+        self.ddp.train()
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        micro_steps = self.steps_per_epoch * cfg.accum_iter
+        totals = {"loss": 0.0, "fg_weight_share": 0.0, "images": 0, "missing_maps": 0}
+        started = time.perf_counter()
+        progress = tqdm(self.loader, total=micro_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                        disable=not self.env.is_main, leave=False, dynamic_ncols=True)
+        for micro_step, batch in enumerate(progress):
+            if micro_step == micro_steps:
+                break
+            if micro_step % cfg.accum_iter == 0:
+                lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
+                tau = tau_at(self.step, self.total_steps, cfg.tau_start, cfg.tau_end, cfg.tau_schedule)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+            closes_step = (micro_step + 1) % cfg.accum_iter == 0
+            loss_value, share = self.train_step(batch, tau, closes_step)
+            if closes_step and tensorboard is not None:
+                for name, value in (("loss", loss_value), ("lr", lr), ("tau", tau)):
+                    tensorboard.add_scalar(f"train/{name}", value, self.step)
+            totals["loss"] += loss_value
+            totals["fg_weight_share"] += share
+            totals["images"] += batch["img"].shape[0]
+            if self.guided:
+                totals["missing_maps"] += int((~batch["has_map"]).sum())
+            imgs_per_s = totals["images"] * self.env.world_size / (time.perf_counter() - started)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tau=f"{tau:.3f}",
+                                 imgs_s=f"{imgs_per_s:.0f}", refresh=False)
+        elapsed = time.perf_counter() - started
+        images = _sum_over_ranks(totals["images"], self.device)
+        return {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "loss": totals["loss"] / micro_steps,
+            "lr": lr,
+            "tau": tau if self.guided else None,
+            "fg_weight_share": totals["fg_weight_share"] / micro_steps if self.guided else None,
+            "imgs_per_s": images / elapsed,
+            "missing_maps": int(_sum_over_ranks(totals["missing_maps"], self.device)),
+        }
+
+    def train_step(self, batch: dict, tau: float, closes_step: bool = True) -> tuple[float, float]:
+        """Forward and backward one micro-batch; step the optimizer when it `closes_step`.
+        Returns the loss (mean over ranks) and the foreground share of the loss weight."""
+        loss, share = self._forward(batch, tau)
+        # one device synchronisation (and one all-reduce) fetches both numbers
+        loss_value, share_value = _mean_over_ranks(torch.stack([loss.detach(), share])).tolist()
+        if not np.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at epoch {self.epoch + 1}, step {self.step}; stopped without saving, "
+                f"{self.checkpoint_path} is the last good state; lower --blr or set --clip-grad"
+            )
+        sync = nullcontext() if closes_step or not self.env.distributed else self.ddp.no_sync()
+        with sync:
+            self.scaler.scale(loss / self.cfg.accum_iter).backward()
+        if closes_step:
+            self._optimizer_step()
+        return loss_value, share_value
+
+    def _forward(self, batch: dict, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of one micro-batch, and the share of its loss weight on the foreground (0 unguided)."""
+        cfg, device = self.cfg, self.device
+        # every copy non-blocking: one blocking copy would wait for the previous step's backward
+        # and stop the CPU from queueing this step's kernels meanwhile
+        imgs, noise = (batch[name].to(device, non_blocking=True) for name in ("img", "noise"))
+        attn = batch["attn"].to(device, non_blocking=True) if self.guided else None
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            pred, mask = self.ddp(imgs, cfg.mask_ratio, noise)
+        loss = guided_mae_loss(
+            pred, self.model.patchify(imgs), mask, attn, tau=tau, weight_norm=cfg.weight_norm, gamma=cfg.gamma,
+            sync_denominator=_mean_over_ranks if self.env.distributed else None,
+        )
+        share = foreground_weight_share(mask, attn, tau, FOREGROUND_THRESHOLD) if self.guided else torch.zeros_like(loss)
+        return loss, share
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+
+def train(cfg: TrainConfig) -> dict | None:
+    """Join the launcher's process group (if any), train, leave the group; returns the last epoch's metrics."""
+    env, device = distributed.init(cfg.device)
+    try:
+        return Trainer(cfg, env, device).run()
+    finally:
+        distributed.shutdown()
