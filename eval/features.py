@@ -1,0 +1,198 @@
+"""Frozen-encoder features of an image folder, extracted once (optionally on many ranks) and cached.
+
+The encoder comes from an `agmae-train` checkpoint or an exported timm state dict
+(`pipeline.checkpoint.load_encoder`) and is a timm VisionTransformer without a head. The
+feature of an image is the final-norm CLS token (`pool="cls"`) or the mean of the final-norm
+patch tokens (`pool="mean"`), on the eval view: resize S/0.875, centre crop S
+(`data.transforms.eval_transform`), S = the encoder's image size.
+
+Cache: AGMAE_HOME/features/<key>.npy (float16 [N, D]) + <key>.json (what the key was made
+of). The key hashes the checkpoint file's SHA-256, the dataset's fingerprint (keys_sha256)
+and resolved root, and the options, so a k-NN sweep over k or T never re-extracts. The .json
+is written last (both via temp file + os.replace): a .npy without its .json is not a hit.
+Features are stored as float16 (half the memory at ImageNet scale; cosine similarities move
+by < 1e-3) and a fresh extraction returns the same float16 values a later cache hit will.
+"""
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from data.folder import ImageFolderIndex, load_rgb, scan
+from data.transforms import eval_transform
+from pipeline import distributed
+from pipeline.paths import agmae_home
+
+POOLS = ("cls", "mean")
+CACHE_FORMAT = 1
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_encoder(checkpoint) -> tuple[torch.nn.Module, dict]:
+    """Frozen timm VisionTransformer (no head, eval mode) from a checkpoint; returns (model, timm kwargs)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from pipeline.checkpoint import load_encoder
+
+    timm_kwargs, state_dict = load_encoder(checkpoint)
+    model = VisionTransformer(**{**timm_kwargs, "num_classes": 0})
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint}: encoder weights do not fit a VisionTransformer{timm_kwargs} "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); pass the checkpoint "
+            "of an agmae-train run or a timm ViT state dict with its kwargs"
+        )
+    return model.eval().requires_grad_(False), timm_kwargs
+
+
+def image_size_of(timm_kwargs: dict) -> int:
+    size = timm_kwargs.get("img_size", 224)
+    return int(size if isinstance(size, int) else size[0])
+
+
+def pool_tokens(model, imgs: torch.Tensor, pool: str) -> torch.Tensor:
+    """imgs: [B, 3, S, S] -> features [B, D] from timm's forward_features (final norm applied)."""
+    tokens = model.forward_features(imgs)
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        return tokens[:, model.num_prefix_tokens :].mean(dim=1)
+    raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
+
+
+class FolderImages(Dataset):
+    """(image [3, S, S], dataset index) pairs of an ImageFolderIndex under a transform."""
+
+    def __init__(self, index: ImageFolderIndex, transform):
+        self.index = index
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.transform(load_rgb(self.index.path(i))), i
+
+
+def extract_features(model, index: ImageFolderIndex, image_size: int, pool: str = "cls", batch_size: int = 128,
+                     workers: int = 4, device="cpu", progress: bool = True) -> torch.Tensor:
+    """Features [N, D] float32 on the CPU, in dataset-index order, on every rank.
+
+    Under torch.distributed each rank embeds its DistributedSampler share; the padding
+    duplicates the sampler adds are harmless because rows are placed by their dataset index.
+    """
+    dataset = FolderImages(index, eval_transform(image_size))
+    sampler = DistributedSampler(dataset, shuffle=False) if torch.distributed.is_initialized() else None
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    model = model.to(device)
+    feats, positions = [], []
+    show = progress and not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0)
+    with torch.inference_mode():
+        for imgs, idx in tqdm(loader, desc=f"features {index.root.name}", unit="batch", disable=not show):
+            feats.append(pool_tokens(model, imgs.to(device, non_blocking=True), pool).float())
+            positions.append(idx.to(device))
+    dim = model.num_features
+    local_feats = torch.cat(feats) if feats else torch.empty(0, dim, device=device)
+    local_positions = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long, device=device)
+    gathered_feats = distributed.all_gather_rows(local_feats).cpu()
+    gathered_positions = distributed.all_gather_rows(local_positions).cpu()
+    out = torch.empty(len(index), dim)
+    out[gathered_positions] = gathered_feats
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _everyone_agrees(flag: bool, device) -> bool:
+    """True only if flag is true on every rank (a rank with a different cache view must not skip work).
+
+    device: this rank's device (NCCL gathers CUDA tensors only)."""
+    return bool(distributed.all_gather_rows(torch.tensor([int(flag)], device=device)).min().item())
+
+
+@dataclass
+class FolderFeatures:
+    """Features of one image folder: feats [N, D] float16 (memmap on cache hits), the index it follows."""
+
+    feats: np.ndarray
+    index: ImageFolderIndex
+    cache_path: Path | None
+
+
+class FeatureSource:
+    """Features of any image folder under one frozen encoder, cached on disk.
+
+    The checkpoint is hashed once and the encoder is only built on the first cache miss, so
+    re-running an evaluation on cached features never loads the model.
+    """
+
+    def __init__(self, checkpoint, pool: str = "cls", batch_size: int = 128, workers: int = 4, device="cpu",
+                 use_cache: bool = True, progress: bool = True):
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
+        self.checkpoint = Path(checkpoint)
+        if not self.checkpoint.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {self.checkpoint} does not exist; train one with `agmae-train` or pass --checkpoint FILE"
+            )
+        self.checkpoint_sha256 = file_sha256(self.checkpoint)
+        self.pool, self.batch_size, self.workers, self.device = pool, batch_size, workers, device
+        self.use_cache, self.progress = use_cache, progress
+        self._model = None
+        self.timm_kwargs = None
+
+    def encoder(self):
+        if self._model is None:
+            self._model, self.timm_kwargs = build_encoder(self.checkpoint)
+        return self._model
+
+    def cache_key(self, index: ImageFolderIndex) -> dict:
+        return dict(format=CACHE_FORMAT, checkpoint_sha256=self.checkpoint_sha256, root=str(index.root.resolve()),
+                    keys_sha256=index.keys_sha256, pool=self.pool)
+
+    def features(self, root) -> FolderFeatures:
+        index = scan(root)
+        key = self.cache_key(index)
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        npy_path = agmae_home() / "features" / f"{name}.npy"
+        meta_path = npy_path.with_suffix(".json")
+        hit = self.use_cache and meta_path.is_file() and npy_path.is_file()
+        if _everyone_agrees(hit, self.device):
+            feats = np.load(npy_path, mmap_mode="r")
+            if feats.shape[0] == len(index):
+                return FolderFeatures(feats, index, npy_path)
+        model = self.encoder()
+        feats = extract_features(model, index, image_size_of(self.timm_kwargs), self.pool, self.batch_size,
+                                 self.workers, self.device, self.progress).numpy().astype(np.float16)
+        if self.use_cache and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            _write_atomic(npy_path, lambda f: np.save(f, feats))
+            meta = {**key, "checkpoint": str(self.checkpoint.resolve()), "shape": list(feats.shape)}
+            _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        distributed.barrier()
+        return FolderFeatures(feats, index, npy_path if self.use_cache else None)

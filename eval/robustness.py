@@ -1,0 +1,59 @@
+"""Background robustness (ImageNet-9 style, SPEC.md Stage 3 "robustness").
+
+Accuracy of k-NN (bank = train split) and of a linear probe trained on the train split, on
+each test split that shares the train split's classes (demo: original, mixed-rand, only-fg,
+mixed-same when backgrounds are class-correlated). BG-gap = mixed-same − mixed-rand where
+both exist. Clean-fg k-NN: bank = the training objects on black (`train-fg`), queries =
+`only-fg`, which measures object information with no background on either side (only-fg
+queries against a bank with backgrounds are degenerate: they vote for the darkest backgrounds).
+"""
+from eval.knn import DEFAULT_T, HEADLINE_K, knn_predict, topk_accuracy
+from eval.linear import probe_accuracy
+
+DEMO_SPLITS = ("original", "mixed-rand", "only-fg", "mixed-same")
+CLEAN_FG_BANK, CLEAN_FG_QUERIES = "train-fg", "only-fg"
+GAP_SPLITS = ("mixed-same", "mixed-rand")
+
+
+def check_same_classes(reference, others: dict) -> None:
+    """reference, others: FolderFeatures; raise if any split's class names differ from the reference's."""
+    for name, split in others.items():
+        if split.index.classes != reference.index.classes:
+            raise ValueError(
+                f"split {name} ({split.index.root}) has classes {split.index.classes[:5]}..., the train split "
+                f"{reference.index.root} has {reference.index.classes[:5]}...; robustness splits must share class names"
+            )
+
+
+def knn_top1(bank, queries, num_classes: int, k: int, T: float) -> float:
+    """bank, queries: FolderFeatures; top-1 percent of weighted k-NN."""
+    scores = knn_predict(bank.feats, bank.index.labels, queries.feats, num_classes, k=k, T=T)
+    return topk_accuracy(scores, queries.index.labels, ks=(1,))["top1"]
+
+
+def robustness_results(train, splits: dict, *, probe=None, clean_fg_bank=None, k: int = HEADLINE_K,
+                       T: float = DEFAULT_T) -> dict:
+    """Per-split accuracies, BG-gap and clean-fg k-NN.
+
+    train: FolderFeatures of the bank/probe training split; splits: {name: FolderFeatures};
+    probe: a trained linear probe (None skips the linear column); clean_fg_bank: FolderFeatures
+    of `train-fg` (None, or no `only-fg` split, skips clean-fg).
+    Returns {"splits": {name: {"knn_top1", "linear_top1"}}, "bg_gap": {...} (only with
+    mixed-same and mixed-rand), "clean_fg_knn_top1": float (only with train-fg and only-fg)}.
+    """
+    check_same_classes(train, splits)
+    num_classes = len(train.index.classes)
+    per_split = {}
+    for name, split in splits.items():
+        row = {"knn_top1": knn_top1(train, split, num_classes, k, T)}
+        if probe is not None:
+            row["linear_top1"] = probe_accuracy(probe, split.feats, split.index.labels)["top1"]
+        per_split[name] = row
+    results = {"splits": per_split}
+    if all(name in per_split for name in GAP_SPLITS):
+        same, rand = (per_split[name] for name in GAP_SPLITS)
+        results["bg_gap"] = {column: same[column] - rand[column] for column in same}
+    if clean_fg_bank is not None and CLEAN_FG_QUERIES in splits:
+        check_same_classes(train, {CLEAN_FG_BANK: clean_fg_bank})
+        results["clean_fg_knn_top1"] = knn_top1(clean_fg_bank, splits[CLEAN_FG_QUERIES], num_classes, k, T)
+    return results

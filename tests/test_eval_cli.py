@@ -1,0 +1,103 @@
+"""agmae-eval end to end on the small demo dataset with a tiny random ViT."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from timm.models.vision_transformer import VisionTransformer
+
+from data.demo import load_mask
+from data.folder import scan
+from eval.features import FeatureSource, file_sha256
+from eval.knn import knn_evaluate
+from pipeline import store
+from pipeline.eval_cli import main
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    torch.manual_seed(0)
+    encoder = VisionTransformer(**TINY_VIT, num_classes=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": encoder.state_dict(), "config": {"encoder": TINY_VIT}, "epoch": 1},
+               run / "checkpoint-last.pth")
+    return run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core CPU: OpenMP spin-waits would dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_knn_without_arguments_evaluates_the_default_run_on_the_demo(run_dir, demo_root, monkeypatch):
+    monkeypatch.setenv("AGMAE_RUN_DIR", str(run_dir))
+    monkeypatch.setattr("data.demo.ensure_demo", lambda **params: demo_root)
+    result = CliRunner().invoke(main, ["knn"])
+    assert result.exit_code == 0, result.output
+    assert "top-1" in result.output and "results.json" in result.output
+    entry = json.loads((run_dir / "results.json").read_text())["knn"]
+    checkpoint = run_dir / "checkpoint-last.pth"
+    assert entry["checkpoint_sha256"] == file_sha256(checkpoint)
+    assert entry["dataset"]["keys_sha256"] == {split: scan(demo_root / split).keys_sha256
+                                               for split in ("train", "original")}
+    source = FeatureSource(checkpoint, workers=0)
+    train, test = source.features(demo_root / "train"), source.features(demo_root / "original")
+    expected = knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels, 10)
+    assert entry["results"] == expected and set(expected) == {"k=10", "k=20", "k=100", "k=200"}
+
+
+def _oracle_store(path, demo_root, keys):
+    masks = torch.from_numpy(np.stack([load_mask(demo_root, "train", key) for key in keys]))
+    maps = F.adaptive_avg_pool2d(masks[:, None], (4, 4))[:, 0].numpy()
+    with store.create(path, keys, (4, 4), method="oracle", backbone=None, weights_sha256=None, image_size=32,
+                      method_options={}, keys_sha256=scan(demo_root / "train").keys_sha256) as writer:
+        status = np.full(len(keys), store.STATUS_DONE, dtype=np.uint8)
+        status[-1] = store.STATUS_FAILED
+        writer.write(0, maps, status, [""] * (len(keys) - 1) + ["unreadable"])
+
+
+def test_all_writes_every_protocol_and_keeps_earlier_keys(run_dir, demo_root):
+    keys = scan(demo_root / "train").keys
+    _oracle_store(run_dir / "maps-oracle.h5", demo_root, keys)
+    (run_dir / "results.json").write_text(json.dumps({"finetune": {"results": {"top1": 1.0}}}))
+    result = CliRunner().invoke(main, ["all", "--checkpoint", str(run_dir / "checkpoint-last.pth"), "--data",
+                                       str(demo_root), "--workers", "0", "--mode", "cached", "--epochs", "2",
+                                       "--warmup-epochs", "1", "--k", "5", "--k", "20"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results) == {"finetune", "knn", "linear-cached", "retrieval", "robustness", "attention"}
+    assert results["linear-cached"]["results"]["mode"] == "cached-features (no augmentation)"
+    assert set(results["knn"]["results"]) == {"k=5", "k=20"}
+    assert 0 <= results["retrieval"]["results"]["mAP"] <= 100
+    robustness = results["robustness"]["results"]
+    assert set(robustness["splits"]) == {"original", "mixed-rand", "only-fg"} and "bg_gap" not in robustness
+    assert 0 <= robustness["clean_fg_knn_top1"] <= 100
+    oracle = results["attention"]["results"]["oracle (maps-oracle.h5)"]
+    assert oracle["images"] == len(keys) - 1 and oracle["skipped"] == 1
+    # mask-derived maps must beat the centre prior that ignores the image
+    prior = results["attention"]["results"]["centre-prior"]
+    assert oracle["mean_iou"] > prior["mean_iou"] and oracle["pointing"] > 90
+    assert "centre prior" in result.output and "BG-gap" not in result.output
+
+
+def test_missing_checkpoint_fails_with_one_line_and_writes_nothing(tmp_path, demo_root):
+    result = CliRunner().invoke(main, ["knn", "--checkpoint", str(tmp_path / "none.pth"), "--data", str(demo_root)])
+    assert result.exit_code != 0
+    assert "none.pth does not exist" in result.output and "agmae-train" in result.output
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_split_missing_from_dataset_is_rejected(run_dir, demo_root):
+    result = CliRunner().invoke(main, ["retrieval", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
+                                       "--data", str(demo_root), "--test-split", "val", "--workers", "0"])
+    assert result.exit_code != 0 and "val does not exist" in result.output
+    assert not (run_dir / "results.json").exists()

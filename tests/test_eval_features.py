@@ -1,0 +1,125 @@
+"""eval.features: CLS / mean-patch features of a frozen ViT, the feature cache, and 2-rank extraction."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+
+from data.folder import load_rgb, scan
+from data.transforms import eval_transform
+from eval import features as features_module
+from eval.features import FeatureSource, file_sha256
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """An agmae-train style checkpoint: encoder keys named like timm's ViT, plus decoder keys to ignore."""
+    torch.manual_seed(0)
+    encoder = VisionTransformer(**TINY_VIT, num_classes=0)
+    state = {**encoder.state_dict(), "decoder_embed.weight": torch.zeros(4, 32), "mask_token": torch.zeros(1, 1, 4)}
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": state, "config": {"encoder": TINY_VIT}, "epoch": 3}, path)
+    return path, encoder.eval()
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for c, name in enumerate(["cat", "dog", "fox"]):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 256, size=(36 + c, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def reference_features(encoder, root, pool):
+    index = scan(root)
+    transform = eval_transform(32)
+    imgs = torch.stack([transform(load_rgb(index.path(i))) for i in range(len(index))])
+    with torch.no_grad():
+        tokens = encoder.forward_features(imgs)
+    return (tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)).numpy()
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_features_are_final_norm_tokens_of_the_eval_view(tiny_checkpoint, image_folder, pool):
+    path, encoder = tiny_checkpoint
+    result = FeatureSource(path, pool=pool, batch_size=4, workers=0, use_cache=False).features(image_folder)
+    assert result.feats.shape == (15, 32) and result.feats.dtype == np.float16
+    np.testing.assert_allclose(result.feats, reference_features(encoder, image_folder, pool), atol=2e-3, rtol=1e-3)
+    assert result.cache_path is None
+
+
+def test_cache_is_reused_without_loading_the_model(tiny_checkpoint, image_folder, monkeypatch):
+    path, _ = tiny_checkpoint
+    first = FeatureSource(path, batch_size=8, workers=0).features(image_folder)
+    meta = json.loads(first.cache_path.with_suffix(".json").read_text())
+    assert meta["checkpoint_sha256"] == file_sha256(path)
+    assert meta["keys_sha256"] == scan(image_folder).keys_sha256 and meta["pool"] == "cls"
+    assert first.cache_path.parent == features_module.agmae_home() / "features"
+
+    def no_model(*args):
+        raise AssertionError("the encoder was built although the features were cached")
+
+    monkeypatch.setattr(features_module, "build_encoder", no_model)
+    second = FeatureSource(path, batch_size=8, workers=0).features(image_folder)
+    assert second.cache_path == first.cache_path
+    np.testing.assert_array_equal(np.asarray(second.feats), first.feats)
+    with pytest.raises(AssertionError, match="encoder was built"):  # another option is another key
+        FeatureSource(path, pool="mean", workers=0).features(image_folder)
+
+
+def test_changed_checkpoint_misses_the_cache(tiny_checkpoint, image_folder):
+    path, encoder = tiny_checkpoint
+    before = FeatureSource(path, workers=0).features(image_folder)
+    with torch.no_grad():
+        encoder.norm.bias.add_(1.0)
+    torch.save({"model": encoder.state_dict(), "config": {"encoder": TINY_VIT}}, path)
+    after = FeatureSource(path, workers=0).features(image_folder)
+    assert after.cache_path != before.cache_path
+    np.testing.assert_allclose(after.feats, reference_features(encoder, image_folder, "cls"), atol=2e-3, rtol=1e-3)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="agmae-train"):
+        FeatureSource(tmp_path / "nothing.pth")
+
+
+def _extract_on_rank(rank, world_size, port, checkpoint, root, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    from pipeline import distributed
+
+    distributed.init("cpu")
+    try:
+        torch.set_num_threads(1)
+        result = FeatureSource(checkpoint, batch_size=4, workers=0, progress=False).features(root)
+        np.save(os.path.join(out_dir, f"rank{rank}.npy"), np.asarray(result.feats))
+    finally:
+        distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_match_single_process(tiny_checkpoint, image_folder, tmp_path):
+    path, _ = tiny_checkpoint
+    single = FeatureSource(path, batch_size=8, workers=0, use_cache=False).features(image_folder).feats
+    # 15 images on 2 ranks: the DistributedSampler pads one duplicate, which must not shift any row
+    mp.spawn(_extract_on_rank, args=(2, _free_port(), str(path), str(image_folder), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"rank{rank}.npy"), single, atol=2e-3, rtol=1e-3)
+    cached = FeatureSource(path, workers=0).features(image_folder)  # rank 0 wrote the cache
+    np.testing.assert_array_equal(np.asarray(cached.feats), np.load(tmp_path / "rank0.npy"))
