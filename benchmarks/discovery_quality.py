@@ -1,0 +1,84 @@
+"""Map quality of the CNN discovery settings on the demo dataset's `original` test split.
+
+With the offline ImageNet EfficientNet-Lite0: `tokencut` over input sizes (64 px images up-sampled),
+feature stages and both foreground rules, and `gradcam`; each scored against the ground-truth masks
+(ROOT/masks/original) by mean IoU (map up-sampled to the mask, thresholded at its mean) and pointing
+accuracy (argmax on the object), next to a centre-prior baseline (eval.attention).
+
+    python benchmarks/discovery_quality.py [--limit 500] [--sizes 224,448] [--stages bn2,blocks.5,blocks.4]
+"""
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import discovery
+from data.demo import ensure_demo, load_mask
+from data.folder import load_rgb, scan
+from data.transforms import discovery_transform
+from discovery.base import normalise_maps, to_grid
+from discovery.tokencut import FG_RULES, ncut
+from eval.attention import centre_prior, map_scores
+
+BACKBONE = "tf_efficientnet_lite0"
+
+
+def batches(keys, root, size, mean, std, batch_size):
+    transform = discovery_transform(size, mean, std)
+    for lo in range(0, len(keys), batch_size):
+        yield torch.stack([transform(load_rgb(root / key)) for key in keys[lo:lo + batch_size]])
+
+
+def tokencut_maps(keys, root, size, stage, batch_size):
+    """{fg_rule: maps [N, h, w]} for one (size, stage); the features are computed once for both rules."""
+    d = discovery.build("tokencut", backbone=BACKBONE, layer=stage)
+    grid = d.grid(size)
+    maps = {rule: [] for rule in FG_RULES}
+    for imgs in tqdm(batches(keys, root, size, d.mean, d.std, batch_size), total=-(-len(keys) // batch_size),
+                     desc=f"tokencut {size}px {stage}", leave=False):
+        with torch.no_grad():
+            tokens = d.tokens(imgs)
+        for rule in FG_RULES:
+            eigvec, _ = ncut(tokens, tau=d.options["tau"], eps=d.options["eps"], fg_rule=rule, grid=grid)
+            maps[rule].append(normalise_maps(to_grid(eigvec, grid)))
+    return {rule: torch.cat(m) for rule, m in maps.items()}
+
+
+def gradcam_maps(keys, root, size, batch_size):
+    d = discovery.build("gradcam", backbone=BACKBONE)
+    return torch.cat([d(imgs) for imgs in tqdm(batches(keys, root, size, d.mean, d.std, batch_size),
+                                                total=-(-len(keys) // batch_size), desc=f"gradcam {size}px",
+                                                leave=False)])
+
+
+@click.command()
+@click.option("--limit", type=int, default=0, help="Score only the first N test images (0: all).")
+@click.option("--sizes", default="224,448", show_default=True, help="Input sizes S (64 px images up-sampled).")
+@click.option("--stages", default="bn2,blocks.5,blocks.4", show_default=True, help="TokenCut feature layers.")
+@click.option("--batch-size", type=int, default=50, show_default=True)
+def main(limit, sizes, stages, batch_size):
+    root = ensure_demo()
+    keys = scan(root / "original").keys
+    keys = keys[:limit] if limit else keys
+    masks = np.stack([load_mask(root, "original", key) for key in keys])
+    rows = []
+
+    def score(name, maps):
+        scores = map_scores(maps, masks)
+        rows.append((name, scores["iou"].mean(), scores["pointing"].mean()))
+        click.echo(f"{name:40s} IoU {rows[-1][1]:.3f}  pointing {rows[-1][2]:.3f}", err=True)
+
+    score("centre prior (Gaussian, sigma 0.25)", np.broadcast_to(centre_prior(14, 14), (len(keys), 14, 14)))
+    for size in (int(s) for s in sizes.split(",")):
+        for stage in stages.split(","):
+            for rule, maps in tokencut_maps(keys, root / "original", size, stage, batch_size).items():
+                score(f"tokencut {size}px {stage} fg={rule}", maps)
+        score(f"gradcam {size}px bn2 predicted", gradcam_maps(keys, root / "original", size, batch_size))
+    print(f"\n{len(keys)} images of {root / 'original'}, {BACKBONE} (offline ImageNet weights)")
+    print(f"{'setting':40s} {'mean IoU':>8s} {'pointing':>8s}")
+    for name, iou, pointing in rows:
+        print(f"{name:40s} {iou:8.3f} {pointing:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

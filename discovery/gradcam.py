@@ -1,0 +1,68 @@
+"""`gradcam`: Grad-CAM of a classifier's target class at one layer, one backward pass per batch."""
+import contextlib
+
+import torch
+
+from discovery.backbones import OFFLINE_LITE0, load_backbone
+from discovery.base import Discoverer, to_grid
+
+TARGETS = ("predicted", "label")
+
+
+@contextlib.contextmanager
+def gradient_leaf(module):
+    """Make `module`'s output a fresh leaf that requires grad, so autograd records only what follows it."""
+    taken = []
+
+    def hook(_module, _inputs, out):
+        leaf = out.detach().requires_grad_(True)
+        taken.append(leaf)
+        return leaf
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield taken
+    finally:
+        handle.remove()
+
+
+class GradCAM(Discoverer):
+    method = "gradcam"
+
+    def __init__(self, backbone, target="predicted", layer=None):
+        if target not in TARGETS:
+            raise ValueError(f"gradcam target={target!r}: use one of {TARGETS}")
+        if layer is None:
+            vit = backbone.kind == "vit"
+            layer = f"blocks.{len(backbone.model.blocks) - 1}.norm1" if vit else backbone.head_layer()
+        backbone.module(layer)
+        super().__init__(backbone, {"target": target, "layer": layer})
+
+    def grid(self, size):
+        return self.backbone.grid(size, None if self.backbone.kind == "vit" else self.options["layer"])
+
+    def compute(self, imgs, keys=None, labels=None):
+        if self.options["target"] == "label" and labels is None:
+            raise ValueError("gradcam target=label needs the images' labels")
+        backbone = self.backbone
+        with torch.enable_grad(), gradient_leaf(backbone.module(self.options["layer"])) as taken:
+            with backbone.autocast():
+                logits = backbone.model(backbone.prepare(imgs)).float()
+            if self.options["target"] == "label":
+                target = torch.as_tensor(labels, device=logits.device).long()
+            else:
+                target = logits.argmax(1)
+            activations = taken[0]
+            grads, = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), activations)
+        activations, grads = activations.float(), grads.float()
+        if backbone.kind == "vit":
+            prefix = backbone.model.num_prefix_tokens
+            activations, grads = activations[:, prefix:], grads[:, prefix:]
+            cam = (activations * grads.mean(1, keepdim=True)).sum(-1)
+            return to_grid(cam.relu(), self.grid(imgs.shape[-1]))
+        return (activations * grads.mean((2, 3), keepdim=True)).sum(1).relu()
+
+
+def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, **opts):
+    return GradCAM(load_backbone(backbone or OFFLINE_LITE0, weights, random_init, seed, device, classifier=True),
+                   **opts)

@@ -1,0 +1,75 @@
+"""`oracle`: ground-truth object masks, area-averaged onto the token grid (no backbone)."""
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from discovery.base import Discoverer
+
+
+def area_matrix(n_in, n_out):
+    """[n_out, n_in]: row i holds the fraction of output cell i that each input pixel covers."""
+    cell = torch.arange(n_out + 1, dtype=torch.float64) * (n_in / n_out)
+    pixel = torch.arange(n_in + 1, dtype=torch.float64)
+    overlap = (torch.minimum(cell[1:, None], pixel[None, 1:]) - torch.maximum(cell[:-1, None], pixel[None, :-1]))
+    return overlap.clamp(min=0) / (n_in / n_out)
+
+
+def area_average(mask, grid):
+    """mask: [H, W] -> [h, w], every cell the mean of the mask over the area it covers (exact, any ratio)."""
+    rows, cols = area_matrix(mask.shape[0], grid[0]), area_matrix(mask.shape[1], grid[1])
+    return rows @ mask.double() @ cols.T
+
+
+def default_masks_dir() -> Path:
+    from data.demo import ensure_demo
+
+    return ensure_demo() / "masks" / "train"
+
+
+class _NoBackbone:
+    name = "none"
+    weights_sha256 = ""
+    mean = tuple(IMAGENET_DEFAULT_MEAN)
+    std = tuple(IMAGENET_DEFAULT_STD)
+
+
+class Oracle(Discoverer):
+    """The mask of image `key` is `masks/key` (a greyscale image, object = bright)."""
+
+    method = "oracle"
+
+    def __init__(self, masks=None, patch=16):
+        masks = Path(masks) if masks is not None else default_masks_dir()
+        if not masks.is_dir():
+            raise ValueError(f"oracle masks directory {masks} does not exist; pass masks=DIR (--masks)")
+        super().__init__(_NoBackbone(), {"masks": str(masks), "patch": int(patch)})
+
+    def grid(self, size):
+        patch = self.options["patch"]
+        if size <= 0 or size % patch:
+            raise ValueError(f"image size {size} is not a positive multiple of the oracle patch {patch}")
+        return (size // patch,) * 2
+
+    def compute(self, imgs, keys=None, labels=None):
+        """A missing or unreadable mask gives a NaN map, which the caller records as failed."""
+        if keys is None or len(keys) != len(imgs):
+            raise ValueError("oracle needs the images' dataset keys to find their masks")
+        grid = self.grid(imgs.shape[-1])
+        maps = torch.full((len(keys), *grid), float("nan"))
+        for i, key in enumerate(keys):
+            try:
+                with Image.open(Path(self.options["masks"]) / key) as mask:
+                    pixels = np.asarray(mask.convert("L"), dtype=np.float64) / 255.0
+            except OSError:
+                continue
+            maps[i] = area_average(torch.from_numpy(pixels), grid).float()
+        return maps
+
+
+def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, **opts):
+    if backbone is not None or weights is not None:
+        raise ValueError("oracle uses ground-truth masks and takes no --backbone/--weights")
+    return Oracle(**opts)

@@ -1,0 +1,195 @@
+"""`agmae-discover`: shards + merge equal one run, resume, no silent clobbering, bad files, defaults,
+inspect, the SLURM script."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import discovery.tokencut
+from data.folder import scan
+from pipeline import discover_cli, store
+
+pytestmark = pytest.mark.filterwarnings("ignore::discovery.backbones.RandomInitWarning")
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["--method", "tokencut", "--backbone", "test_vit", "--random-init", "--image-size", "32", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def small_folder(demo_root, tmp_path_factory):
+    """24 demo training images and their masks, laid out like the demo: ROOT/train, ROOT/masks/train."""
+    root = tmp_path_factory.mktemp("small")
+    for key in scan(demo_root / "train").keys[:24]:
+        for sub in ("train", "masks/train"):
+            (root / sub / key).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(demo_root / sub / key, root / sub / key)
+    return root / "train"
+
+
+def run(*args):
+    return CliRunner().invoke(discover_cli.main, [str(a) for a in args])
+
+
+def contents(path):
+    """Everything a store holds except the attrs that say when/how it was made."""
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()
+                 if k not in ("created", "shard", "index_range")}
+        return {name: f[name][:] for name in ("maps", "status", "keys", "errors")}, attrs
+
+
+def assert_same_store(a, b):
+    (arrays_a, attrs_a), (arrays_b, attrs_b) = contents(a), contents(b)
+    assert attrs_a == attrs_b
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name])
+
+
+def test_shards_run_concurrently_and_merge_into_the_single_run(small_folder, tmp_path):
+    out = tmp_path / "maps.h5"
+    shards = [subprocess.Popen([sys.executable, "-m", "pipeline.discover_cli", *SMOKE, "--data", str(small_folder),
+                                "--out", str(out), "--batch-size", "5", "--shard", f"{k}/2"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for k in range(2)]
+    single = run(*SMOKE, "--data", small_folder, "--out", tmp_path / "single.h5", "--batch-size", "7")
+    assert single.exit_code == 0, single.output
+    for shard in shards:
+        output, _ = shard.communicate(timeout=300)
+        assert shard.returncode == 0, output
+        assert "12 done, 0 failed" in output
+    shard_files = [tmp_path / f"maps.shard-{k}-of-2.h5" for k in range(2)]
+    assert [store.open_maps(p).attrs["index_range"] for p in shard_files] == [(0, 12), (12, 24)]
+    merged = run("merge", *shard_files, "--out", out)
+    assert merged.exit_code == 0, merged.output
+    assert_same_store(out, tmp_path / "single.h5")
+    assert store.validate(out, scan(small_folder).keys).status.min() == store.STATUS_DONE
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(small_folder, tmp_path, monkeypatch):
+    out = tmp_path / "maps.h5"
+    original = discovery.tokencut.TokenCut.compute
+    calls = []
+
+    def dies_on_third_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(discovery.tokencut.TokenCut, "compute", dies_on_third_batch)
+    assert isinstance(run(*SMOKE, "--data", small_folder, "--out", out, "--batch-size", "5").exception, RuntimeError)
+    assert store.open_maps(out).status.tolist() == [1] * 10 + [0] * 14
+    monkeypatch.setattr(discovery.tokencut.TokenCut, "compute", original)
+    resumed = run(*SMOKE, "--data", small_folder, "--out", out, "--batch-size", "5")
+    assert resumed.exit_code == 0 and "resuming" in resumed.output and "image 10 of 24" in resumed.output
+    fresh = run(*SMOKE, "--data", small_folder, "--out", tmp_path / "fresh.h5", "--batch-size", "5")
+    assert fresh.exit_code == 0
+    assert_same_store(out, tmp_path / "fresh.h5")
+
+
+def test_a_complete_store_is_kept_unless_overwrite(small_folder, tmp_path):
+    out = tmp_path / "maps.h5"
+    assert run(*SMOKE, "--data", small_folder, "--out", out).exit_code == 0
+    before = contents(out)
+    again = run(*SMOKE, "--data", small_folder, "--out", out)
+    assert again.exit_code == 0 and "already complete" in again.output and "24 done" in again.output
+    np.testing.assert_array_equal(contents(out)[0]["maps"], before[0]["maps"])
+    different = run(*SMOKE, "--data", small_folder, "--out", out, "--tau", "0.5")
+    assert different.exit_code != 0 and "tau" in different.output and "--overwrite" in different.output
+    redone = run(*SMOKE, "--data", small_folder, "--out", out, "--tau", "0.5", "--overwrite")
+    assert redone.exit_code == 0 and store.open_maps(out).attrs["method_options"]["tau"] == 0.5
+
+
+def test_unreadable_files_fail_alone_and_the_failure_budget_decides_the_exit(small_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+    first = sorted(data.glob("*/*.png"))[0]
+    (data / "bad").mkdir()
+    (data / "bad" / "empty.png").write_bytes(b"")
+    (data / "bad" / "text.png").write_text("not an image")
+    (data / "bad" / "truncated.png").write_bytes(first.read_bytes()[:200])
+    lenient = run(*SMOKE, "--data", data, "--out", tmp_path / "a.h5", "--max-failures", "0.2")
+    assert lenient.exit_code == 0, lenient.output
+    assert "24 done, 3 failed" in lenient.output
+    maps = store.open_maps(tmp_path / "a.h5")
+    failed = {key: err for key, err, s in zip(maps.keys, maps.errors, maps.status) if s == store.STATUS_FAILED}
+    assert sorted(failed) == ["bad/empty.png", "bad/text.png", "bad/truncated.png"]
+    assert all(key in err for key, err in failed.items())
+    strict = run(*SMOKE, "--data", data, "--out", tmp_path / "b.h5")
+    assert strict.exit_code == 1 and "3 of 27 images failed" in strict.output
+
+
+def test_defaults_find_masks_and_run_dir_and_non_finite_maps_fail(small_folder, tmp_path, monkeypatch):
+    data = tmp_path / "demo" / "train"
+    shutil.copytree(small_folder.parent, data.parent)
+    missing = sorted((data.parent / "masks" / "train").glob("*/*.png"))[0]
+    missing.unlink()
+    monkeypatch.setenv("AGMAE_RUN_DIR", str(tmp_path / "run"))
+    result = run("--method", "oracle", "--data", data, "--workers", "0", "--max-failures", "0.1")
+    assert result.exit_code == 0, result.output
+    maps = store.open_maps(tmp_path / "run" / "maps-oracle.h5")
+    assert maps.attrs["method_options"]["masks"] == str(data.parent / "masks" / "train")
+    failed = np.flatnonzero(maps.status == store.STATUS_FAILED)
+    assert [maps.keys[i] for i in failed] == [missing.relative_to(missing.parents[1]).as_posix()]
+    assert maps.errors[failed[0]] == "non-finite map"
+
+
+def test_options_of_another_method_and_a_missing_method_are_usage_errors():
+    wrong = run("--method", "dino", "--tau", "0.3")
+    assert wrong.exit_code == 2 and "--tau does not apply to --method dino" in wrong.output
+    assert run().exit_code == 2
+
+
+def test_backbone_without_weights_fails_in_one_line_before_touching_data(tmp_path):
+    result = run("--method", "tokencut", "--backbone", "test_vit", "--out", tmp_path / "x.h5")
+    assert result.exit_code == 1 and "--weights" in result.output and "--random-init" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_inspect_summarises_and_draws_overlays(small_folder, tmp_path):
+    out = tmp_path / "maps.h5"
+    assert run(*SMOKE, "--data", small_folder, "--out", out).exit_code == 0
+    result = run("inspect", out, "--png", tmp_path / "grid.png", "--count", "10", "--data", small_folder)
+    assert result.exit_code == 0, result.output
+    assert "24 done, 0 failed, 0 pending" in result.output and '"fg_rule": "seed"' in result.output
+    histogram = [line for line in result.output.splitlines() if line.startswith("  0.") or line.startswith("  1.")]
+    assert len(histogram) == 10 and sum(int(line.split()[1]) for line in histogram) == 24 * 2 * 2
+    with Image.open(tmp_path / "grid.png") as png:
+        assert png.width > png.height > 0
+
+
+def test_shard_comes_from_the_flag_or_slurm(monkeypatch):
+    assert discover_cli.parse_shard("1/4") == (1, 4)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert discover_cli.parse_shard(None) == (2, 3)
+    ranges = [discover_cli.shard_range(k, 3, 10) for k in range(3)]
+    assert ranges == [(0, 3), (3, 6), (6, 10)]
+    with pytest.raises(Exception, match="0 <= K < N"):
+        discover_cli.parse_shard("4/4")
+
+
+def test_sbatch_submits_one_array_and_a_dependent_merge(tmp_path):
+    log = tmp_path / "sbatch.log"
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {log}\necho 42\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    result = subprocess.run(["bash", str(REPO / "pipeline" / "discover.sbatch"), "3", "--method", "dino",
+                             "--out", "/run/maps-dino.h5"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    array, merge = log.read_text().splitlines()
+    assert array.startswith("--parsable --array=0-2 ") and array.endswith("--method dino --out /run/maps-dino.h5")
+    assert "--dependency=afterok:42" in merge
+    assert ("agmae-discover merge '/run/maps-dino.shard-0-of-3.h5' '/run/maps-dino.shard-1-of-3.h5' "
+            "'/run/maps-dino.shard-2-of-3.h5' --out '/run/maps-dino.h5'") in merge
