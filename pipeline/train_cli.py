@@ -88,6 +88,10 @@ TRAIN_OPTIONS = [
                  help="Seeds initialisation, data order, crops, flips and masks (runs are reproducible)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                  help="auto = CUDA when available."),
+    click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                 help="Autocast precision. auto: bf16 (else fp16 with loss scaling) on CUDA, fp32 on CPU. "
+                      "[default: auto; on the demo dataset bf16 where the CPU has native bf16 (AVX512-BF16/AMX), "
+                      "which halves the step time there]"),
 ]
 
 
@@ -121,7 +125,7 @@ def main(ctx, **options):
 def _config(maps, no_guidance, data, out, **options):
     """TrainConfig from the CLI options: recipe defaults, default paths, the demo dataset."""
     from data.demo import ensure_demo
-    from train.engine import TrainConfig
+    from train.engine import TrainConfig, cpu_has_native_bf16
 
     if maps is not None and no_guidance:
         raise click.UsageError("--maps and --no-guidance exclude each other")
@@ -131,6 +135,9 @@ def _config(maps, no_guidance, data, out, **options):
             options[name] = value
     if data is None:
         data = ensure_demo() / "train"
+        if options["precision"] is None and cpu_has_native_bf16():
+            options["precision"] = "bf16"
+    options["precision"] = options["precision"] or "auto"
     if not no_guidance and maps is None:
         maps = default_maps(default_run_dir())
     return TrainConfig(data=str(data), out=str(out or default_run_dir()), maps=None if no_guidance else str(maps),
