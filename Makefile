@@ -18,7 +18,7 @@ $(PY):
 # two releases are the ones that import together on this machine and install from local disk.
 $(INSTALLED): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,demo]'
 	touch $@
 
 $(FASHION_MNIST):

@@ -46,13 +46,14 @@ METHOD_OPTIONS = {
                                 "foreground component as 0/1 (mask)."),
     "fg_rule": click.option("--fg-rule", type=click.Choice(["seed", "border"]),
                             help="tokencut: the foreground side holds argmax|v| (seed) or touches fewer border "
-                                 "cells (border). Default: seed."),
+                                 "cells (border). Default: seed for ViTs, border for CNNs (measured better there)."),
     "center": click.option("--center/--no-center", default=None,
                            help="tokencut: subtract each image's mean feature first (default: on for CNNs, off "
                                 "for ViT keys)."),
     "layer": click.option("--layer",
                           help="tokencut (CNN) / gradcam: module name of the feature layer, e.g. blocks.5 "
-                               "(default: the head features for CNNs, blocks[-1].norm1 for ViT Grad-CAM)."),
+                               "(default: tokencut on EfficientNets blocks.5, other CNNs their head features; "
+                               "gradcam the head features for CNNs, blocks[-1].norm1 for ViTs)."),
     "target": click.option("--target", type=click.Choice(["predicted", "label"]),
                            help="gradcam: explain the top-1 predicted class (default) or the dataset label."),
     "masks": click.option("--masks", type=path_type(exists=True, file_okay=False),

@@ -105,7 +105,8 @@ class Session:
             self.root = Path(ensure_demo(correlation=opts["demo_correlation"]))
         else:
             self.root = opts["data"]
-        self.test_split = opts["test_split"] or ("original" if (self.root / "original").is_dir() else "val")
+        self.default_test_split = "original" if (self.root / "original").is_dir() else "val"
+        self.test_split = opts["test_split"] or self.default_test_split
         self._source = None
         self._features = {}
 
@@ -134,7 +135,12 @@ class Session:
         return self._features[name]
 
     def protocol_key(self, name: str) -> str:
-        return name if self.opts["pool"] == "cls" else f"{name}[pool={self.opts['pool']}]"
+        """results.json key: the protocol, qualified by every choice that changes its numbers
+        (a non-default pool or test split), so evaluations of one run never overwrite each other."""
+        qualifiers = [f"pool={self.opts['pool']}"] if self.opts["pool"] != "cls" else []
+        if self.test_split != self.default_test_split:
+            qualifiers.append(f"split={self.test_split}")
+        return f"{name}[{','.join(qualifiers)}]" if qualifiers else name
 
     def record(self, protocol: str, options: dict, results: dict, splits, started: float, table: str) -> None:
         """Write results.json's entry for protocol and print the table (rank 0 only)."""

@@ -266,9 +266,10 @@ def _unset_options():
     return {**params, **{name: None for name in ("model", "epochs", "warmup_epochs", "batch_size", "blr")}}
 
 
-def test_sbatch_template_is_valid_bash_that_sets_the_rendezvous():
-    script = REPO / "pipeline" / "train.sbatch"
+@pytest.mark.parametrize("script_name, command", [("train.sbatch", "agmae-train"), ("eval.sbatch", "agmae-eval")])
+def test_sbatch_template_is_valid_bash_that_sets_the_rendezvous(script_name, command):
+    script = REPO / "pipeline" / script_name
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "scontrol show hostnames" in text and "export MASTER_ADDR MASTER_PORT" in text
-    assert "srun" in text and "agmae-train" in text
+    assert f"srun --kill-on-bad-exit=1 {command}" in text

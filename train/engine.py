@@ -338,7 +338,8 @@ class Trainer:
             closes_step = (micro_step + 1) % cfg.accum_iter == 0
             loss_value, share = self.train_step(batch, tau, closes_step)
             if closes_step and tensorboard is not None:
-                for name, value in (("loss", loss_value), ("lr", lr), ("tau", tau)):
+                scalars = {"loss": loss_value, "lr": lr, **({"tau": tau} if self.guided else {})}
+                for name, value in scalars.items():
                     tensorboard.add_scalar(f"train/{name}", value, self.step)
             totals["loss"] += loss_value
             totals["fg_weight_share"] += share
@@ -346,8 +347,10 @@ class Trainer:
             if self.guided:
                 totals["missing_maps"] += int((~batch["has_map"]).sum())
             imgs_per_s = totals["images"] * self.env.world_size / (time.perf_counter() - started)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tau=f"{tau:.3f}",
-                                 imgs_s=f"{imgs_per_s:.0f}", refresh=False)
+            shown = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", imgs_s=f"{imgs_per_s:.0f}")
+            if self.guided:
+                shown["tau"] = f"{tau:.3f}"
+            progress.set_postfix(shown, refresh=False)
         elapsed = time.perf_counter() - started
         images = _sum_over_ranks(totals["images"], self.device)
         return {
