@@ -17,6 +17,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
+from pipeline.checkpoint import file_sha256
+
 DEFAULT_VIT = "vit_small_patch16_224.dino"
 OFFLINE_LITE0 = "tf_efficientnet_lite0"
 # The official DINO checkpoints keep the projection head next to the backbone; it is not a classifier.
@@ -152,14 +154,6 @@ def capture_output(module):
         yield taken
     finally:
         handle.remove()
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def state_dict_sha256(model) -> str:

@@ -28,18 +28,11 @@ from tqdm import tqdm
 from data.folder import ImageFolderIndex, load_rgb, scan
 from data.transforms import eval_transform
 from pipeline import distributed
+from pipeline.checkpoint import file_sha256
 from pipeline.paths import agmae_home
 
 POOLS = ("cls", "mean")
 CACHE_FORMAT = 1
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_encoder(checkpoint) -> tuple[torch.nn.Module, dict]:

@@ -6,6 +6,7 @@ like timm's `VisionTransformer`, decoder keys starting with `decoder_` or being 
 `step`, `rng`, `sampler`, `store_fingerprint`, `version`. An exported encoder is a plain timm
 state dict with its kwargs in a JSON file beside it (`<file>.json`).
 """
+import hashlib
 import json
 import os
 import re
@@ -20,6 +21,15 @@ _REQUIRED_ENCODER_KEYS = ("patch_embed.proj.weight", "cls_token", "pos_embed", "
 # timm's standard ViTs (tiny, small, base, large) use 64-wide attention heads; a plain state dict
 # does not record the head count, so it is assumed from this when no kwargs file says otherwise.
 _ASSUMED_HEAD_DIM = 64
+
+
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks (checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _temporary_beside(path: Path) -> Path:

@@ -21,3 +21,14 @@ def demo_root(_agmae_home):
     from data.demo import ensure_demo
 
     return ensure_demo(n_train=240, n_test=60)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a shared 2-core CPU: OpenMP threads spin-wait far longer than they compute."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,22 +5,14 @@ import torch
 
 import discovery
 from discovery.backbones import RandomInitWarning
+from vit_reference import last_block_qk
 
 
 def reference_cls_attention(model, imgs):
     """softmax(q kᵀ / sqrt(head_dim)) of the last block from its own qkv weights, CLS row over patches:
     [B, heads, N]."""
-    block = model.blocks[-1]
-    taken = []
-    handle = block.register_forward_pre_hook(lambda _m, args: taken.append(args[0]))
-    with torch.no_grad():
-        model.forward_features(imgs)
-        handle.remove()
-        tokens = block.norm1(taken[0])
-        heads = block.attn.num_heads
-        qkv = tokens @ block.attn.qkv.weight.T + block.attn.qkv.bias
-        q, k, _ = qkv.reshape(*tokens.shape[:2], 3, heads, -1).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+    q, k = last_block_qk(model, imgs)
+    attn = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
     return attn[:, :, 0, 1:]
 
 

@@ -11,6 +11,7 @@ from data.folder import load_rgb, scan
 from data.transforms import discovery_transform
 from discovery.backbones import RandomInitWarning, load_backbone
 from discovery.tokencut import ncut, seed_component
+from vit_reference import last_block_qk
 
 
 def scipy_fiedler(feats, tau, eps, binary):
@@ -131,16 +132,9 @@ def test_seed_component_is_four_connected():
 
 
 def last_block_keys(model, imgs):
-    """Keys of the last block recomputed from its weights: [B, patches, dim]."""
-    block = model.blocks[-1]
-    taken = []
-    handle = block.register_forward_pre_hook(lambda _m, args: taken.append(args[0]))
-    with torch.no_grad():
-        model.forward_features(imgs)
-        handle.remove()
-        dim = model.embed_dim
-        keys = block.norm1(taken[0]) @ block.attn.qkv.weight[dim:2 * dim].T + block.attn.qkv.bias[dim:2 * dim]
-    return keys[:, model.num_prefix_tokens:]
+    """Keys of the last block recomputed from its weights, heads concatenated: [B, patches, dim]."""
+    _, k = last_block_qk(model, imgs)
+    return k.transpose(1, 2).flatten(2)[:, model.num_prefix_tokens:]
 
 
 @pytest.mark.parametrize("output", ["soft", "mask"])

@@ -10,7 +10,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from data.demo import load_mask
 from data.folder import scan
-from eval.features import FeatureSource, file_sha256
+from eval.features import FeatureSource
+from pipeline.checkpoint import file_sha256
 from eval.knn import knn_evaluate
 from pipeline import store
 from pipeline.eval_cli import main
@@ -29,13 +30,7 @@ def run_dir(tmp_path):
     return run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core CPU: OpenMP spin-waits would dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_knn_without_arguments_evaluates_the_default_run_on_the_demo(run_dir, demo_root, monkeypatch):

@@ -13,7 +13,8 @@ from timm.models.vision_transformer import VisionTransformer
 from data.folder import load_rgb, scan
 from data.transforms import eval_transform
 from eval import features as features_module
-from eval.features import FeatureSource, file_sha256
+from eval.features import FeatureSource
+from pipeline.checkpoint import file_sha256
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 

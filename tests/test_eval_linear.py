@@ -12,13 +12,7 @@ from eval.linear import build_optimizer, build_probe, build_scheduler, probe_acc
     train_probe_cached
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a shared 2-core CPU, OpenMP threads spin-wait far longer than they compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_probe_head_is_bn_without_affine_and_small_linear():
