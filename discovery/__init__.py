@@ -23,12 +23,13 @@ def method_options(method) -> list:
     return [name for name in params if name not in ("self", "backbone")]
 
 
-def build(method, backbone=None, weights=None, device="auto", random_init=False, seed=0, **opts):
+def build(method, backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
     """A discovery callable. backbone: timm name (method default when None); weights: checkpoint file;
-    random_init/seed: deterministic random weights for smoke tests; opts: the method's options."""
+    random_init/seed: deterministic random weights for smoke tests; precision: auto (bf16 autocast on
+    CUDA, fp32 on CPU), fp32 or bf16; opts: the method's options."""
     unknown = sorted(set(opts) - set(method_options(method)))
     if unknown:
         raise ValueError(f"method {method} has no option {', '.join(unknown)}; "
                          f"its options are {', '.join(method_options(method))}")
     return METHODS[method][0](backbone=backbone, weights=weights, device=device,
-                              random_init=random_init, seed=seed, **opts)
+                              random_init=random_init, seed=seed, precision=precision, **opts)

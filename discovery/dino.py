@@ -49,5 +49,5 @@ class DinoAttention(Discoverer):
         return to_grid(combined, self.grid(imgs.shape[-1]))
 
 
-def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, **opts):
-    return DinoAttention(load_backbone(backbone, weights, random_init, seed, device), **opts)
+def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
+    return DinoAttention(load_backbone(backbone, weights, random_init, seed, device, precision=precision), **opts)

@@ -63,6 +63,7 @@ class GradCAM(Discoverer):
         return (activations * grads.mean((2, 3), keepdim=True)).sum(1).relu()
 
 
-def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, **opts):
-    return GradCAM(load_backbone(backbone or OFFLINE_LITE0, weights, random_init, seed, device, classifier=True),
+def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
+    return GradCAM(load_backbone(backbone or OFFLINE_LITE0, weights, random_init, seed, device, classifier=True,
+                                 precision=precision),
                    **opts)

@@ -32,6 +32,7 @@ def default_masks_dir() -> Path:
 class _NoBackbone:
     name = "none"
     weights_sha256 = ""
+    precision = "fp32"
     mean = tuple(IMAGENET_DEFAULT_MEAN)
     std = tuple(IMAGENET_DEFAULT_STD)
 
@@ -69,7 +70,7 @@ class Oracle(Discoverer):
         return maps
 
 
-def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, **opts):
+def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
     if backbone is not None or weights is not None:
         raise ValueError("oracle uses ground-truth masks and takes no --backbone/--weights")
     return Oracle(**opts)

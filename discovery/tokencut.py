@@ -137,5 +137,5 @@ class TokenCut(Discoverer):
         return seed_component(to_grid(foreground, grid), seed).float()
 
 
-def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, **opts):
-    return TokenCut(load_backbone(backbone, weights, random_init, seed, device), **opts)
+def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
+    return TokenCut(load_backbone(backbone, weights, random_init, seed, device, precision=precision), **opts)

@@ -8,7 +8,6 @@ so the demo measures exactly what users run; a step whose output exists is skipp
 `make demo` (or one after a crash) reuses what is done.
 """
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -40,10 +39,13 @@ COLUMNS = {
 }
 
 
-def _tool(name: str) -> str:
-    """The console script installed beside this interpreter (the .venv's), else the one on PATH."""
-    beside = Path(sys.executable).with_name(name)
-    return str(beside) if beside.exists() else (shutil.which(name) or name)
+def console_script(name: str) -> str:
+    """The console script `name` installed beside this interpreter: the environment's own `agmae-*`."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found; install the package into this environment "
+                                   f"(make install, or pip install -e .) and run with that environment's python")
+    return str(path)
 
 
 def _step(title: str, command: list[str], done: Path) -> None:
@@ -57,13 +59,13 @@ def _step(title: str, command: list[str], done: Path) -> None:
     click.echo(f"[demo] {title}: {time.time() - started:.0f} s")
 
 
-def _dig(results: dict, protocol: str, path: tuple):
-    value = results.get(protocol, {}).get("results", {})
+def nested(results: dict, path: tuple):
+    """results[path[0]][path[1]]... or None where a key is missing."""
     for key in path:
-        if not isinstance(value, dict) or key not in value:
+        if not isinstance(results, dict) or key not in results:
             return None
-        value = value[key]
-    return value
+        results = results[key]
+    return results
 
 
 def comparison(run_root: Path) -> dict:
@@ -72,7 +74,7 @@ def comparison(run_root: Path) -> dict:
     for name in RUNS:
         results_file = run_root / name / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {}
-        table[name] = {column: _dig(results, protocol, path) for column, (protocol, path) in COLUMNS.items()}
+        table[name] = {column: nested(results, (protocol, "results", *path)) for column, (protocol, path) in COLUMNS.items()}
     return table
 
 
@@ -150,21 +152,21 @@ def main(out, epochs, seed):
 
     for method, options in DISCOVERY.items():
         out_file = maps_path(run_root, method)
-        _step(f"discover {method}", [_tool("agmae-discover"), *options, *data, "--out", str(out_file)], out_file)
+        _step(f"discover {method}", [console_script("agmae-discover"), *options, *data, "--out", str(out_file)], out_file)
 
     for name, method in RUNS.items():
         run_dir = run_root / name
         guidance = ["--no-guidance"] if method is None else ["--maps", str(maps_path(run_root, method)), *GUIDANCE]
-        train = [_tool("agmae-train"), *guidance, *data, "--epochs", str(epochs), "--seed", str(seed),
+        train = [console_script("agmae-train"), *guidance, *data, "--epochs", str(epochs), "--seed", str(seed),
                  "--save-every", str(epochs), "--out", str(run_dir)]
         _step(f"train {name}", train, run_dir / "train-done")
         (run_dir / "train-done").touch()
-        evaluate = [_tool("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
+        evaluate = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
                     "--mode", "cached", "--k", "20"]
         _step(f"evaluate {name}", evaluate, run_dir / "results.json")
 
     attention_file = run_root / "results.json"
-    _step("map quality", [_tool("agmae-eval"), "attention", "--run-dir", str(run_root)], attention_file)
+    _step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)], attention_file)
     attention = {name: entry for name, entry in
                  json.loads(attention_file.read_text())["attention"]["results"].items()}
 

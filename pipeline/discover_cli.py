@@ -14,6 +14,7 @@ from data.demo import ensure_demo
 from data.folder import load_rgb, scan
 from data.transforms import discovery_transform
 from pipeline import store
+from pipeline.hardware import default_workers
 from pipeline.paths import default_run_dir, maps_path
 
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
@@ -130,7 +131,7 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
     """Fill the store at `out` (resuming); returns the store's counts."""
     lo, hi = shard_range(*shard, len(index)) if shard else (0, len(index))
     identity = dict(method=d.method, backbone=d.backbone_name, weights_sha256=d.weights_sha256,
-                    image_size=size, method_options=d.options)
+                    image_size=size, method_options={**d.options, "precision": d.backbone.precision})
     if shard:
         identity.update(keys_sha256=index.keys_sha256, shard=shard, index_range=(lo, hi))
     with store.create(out, index.keys[lo:hi], d.grid(size), overwrite=overwrite, **identity) as writer:
@@ -178,9 +179,12 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
               help="Images are resized whole to S×S; S must be a multiple of the patch (CNN: of 32). "
                    "Default: 224; 448 for tokencut on a CNN (measured best).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
+@click.option("--workers", type=int, default=default_workers(4), show_default=True,
               help="DataLoader processes decoding images.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Backbone autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 on a CPU with native bf16 "
+                   "(AVX512-BF16/AMX) runs a CNN about 3x faster. Recorded in the store's method options.")
 @click.option("--shard", help="K/N: compute only the K-th of N contiguous index ranges (K from 0). Default: "
                               "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set, else everything.")
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT exists (default: resume or report "
@@ -190,7 +194,7 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
 @method_options
 @click.pass_context
 def main(ctx, method, backbone, weights, random_init, seed, data, out, image_size, batch_size, workers, device,
-         shard, overwrite, max_failures, **given):
+         precision, shard, overwrite, max_failures, **given):
     """Compute attention maps for every image of a folder into an attention store (HDF5).
 
     `agmae-discover --method tokencut` works as typed on the demo dataset. A killed run resumes where it
@@ -211,7 +215,7 @@ def main(ctx, method, backbone, weights, random_init, seed, data, out, image_siz
             options["masks"] = data.parent / "masks" / data.name
         # The backbone comes first so that missing weights fail before the demo dataset is built.
         d = discovery.build(method, backbone=backbone, weights=weights, device=device,
-                            random_init=random_init, seed=seed, **options)
+                            random_init=random_init, seed=seed, precision=precision, **options)
         data = data or default_data()
         index = scan(data)
         if not len(index):

@@ -9,13 +9,13 @@ updates its own key of RUN_DIR/results.json (atomically) and prints a compact ta
 Distributed: launch with torchrun/srun; extraction and the augmented linear probe use every
 rank, rank 0 writes the results.
 """
-import os
 import time
 from pathlib import Path
 
 import click
 
 from eval.knn import DEFAULT_T, HEADLINE_K, KS
+from pipeline.hardware import default_workers
 
 POOLS = ("cls", "mean")
 LINEAR_MODES = ("augmented", "cached")
@@ -54,7 +54,7 @@ feature_options = _compose(
     click.option("--pool", type=click.Choice(POOLS), default="cls", show_default=True,
                  help="Feature: final-norm CLS token, or mean of the final-norm patch tokens."),
     click.option("--batch-size", type=int, default=128, show_default=True, help="Images per extraction batch (per rank)."),
-    click.option("--workers", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
+    click.option("--workers", type=int, default=default_workers(4), show_default=True,
                  help="DataLoader worker processes (default: up to 4, at most the CPU count)."),
     click.option("--device", default="auto", show_default=True, help="'auto' (CUDA if available), 'cpu' or 'cuda'."),
     click.option("--no-cache", is_flag=True, help="Re-extract features instead of using AGMAE_HOME/features."),

@@ -4,12 +4,12 @@ With no arguments it trains the demo model on the built-in demo dataset, guided 
 store that `agmae-discover` left in the default run directory, and resumes a run found there.
 Under `torchrun` or `srun` every process runs this same command (rank 0 writes the files).
 """
-import os
 from pathlib import Path
 
 import click
 
 from pipeline.checkpoint import export_encoder
+from pipeline.hardware import cpu_has_native_bf16, default_workers
 from pipeline.paths import default_maps, default_run_dir, last_checkpoint
 
 # Recipe defaults: the demo dataset's calibration (ARCHITECTURE.md) and the MAE paper's recipe
@@ -20,10 +20,6 @@ PAPER_RECIPE = dict(model="mae_vit_base_patch16", epochs=800, warmup_epochs=40.0
 
 def _recipe_help(name: str, text: str) -> str:
     return f"{text} [default: {DEMO_RECIPE[name]} on the demo dataset, {PAPER_RECIPE[name]} with --data]"
-
-
-def _available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 TRAIN_OPTIONS = [
@@ -82,7 +78,7 @@ TRAIN_OPTIONS = [
                       "else AGMAE_HOME/runs/default]"),
     click.option("--resume", type=click.Path(path_type=Path, dir_okay=False),
                  help="Checkpoint to resume from. [default: RUN_DIR/checkpoint-last.pth when present]"),
-    click.option("--workers", type=click.IntRange(min=0), default=min(8, _available_cpus()), show_default=True,
+    click.option("--workers", type=click.IntRange(min=0), default=default_workers(), show_default=True,
                  help="DataLoader worker processes per training process."),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Seeds initialisation, data order, crops, flips and masks (runs are reproducible)."),
@@ -125,7 +121,7 @@ def main(ctx, **options):
 def _config(maps, no_guidance, data, out, **options):
     """TrainConfig from the CLI options: recipe defaults, default paths, the demo dataset."""
     from data.demo import ensure_demo
-    from train.engine import TrainConfig, cpu_has_native_bf16
+    from train.engine import TrainConfig
 
     if maps is not None and no_guidance:
         raise click.UsageError("--maps and --no-guidance exclude each other")

@@ -11,7 +11,8 @@ from timm.layers import resample_abs_pos_embed
 
 import discovery
 from data.transforms import eval_transform
-from discovery.backbones import RandomInitWarning, load_backbone
+from discovery.backbones import RandomInitWarning, load_backbone, resolve_precision
+from pipeline.hardware import cpu_has_native_bf16
 
 TINY = "test_vit"  # timm's 6-block, 64-wide ViT made for tests
 
@@ -134,3 +135,20 @@ def test_any_multiple_of_the_patch_is_a_valid_input_size():
         assert d(torch.randn(1, 3, size, size)).shape == (1, size // 16, size // 16)
     with pytest.raises(ValueError, match="multiple of 16"):
         d(torch.randn(1, 3, 40, 40))
+
+
+def test_precision_auto_keeps_fp32_on_cpu_and_bf16_follows_the_fp32_maps():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        resolve_precision("fp16", torch.device("cpu"))
+    imgs = torch.stack([eval_transform(224, (0.5,) * 3, (0.5,) * 3)(Image.fromarray(photo))
+                        for photo in (skimage.data.coffee(), skimage.data.chelsea())])
+    exact = discovery.build("tokencut", backbone="tf_efficientnet_lite0", precision="fp32")(imgs)
+    if not cpu_has_native_bf16():
+        with pytest.raises(ValueError, match="no native bf16"):
+            discovery.build("tokencut", backbone="tf_efficientnet_lite0", precision="bf16")
+        return
+    fast = discovery.build("tokencut", backbone="tf_efficientnet_lite0", precision="bf16")(imgs)
+    for a, b in zip(exact.flatten(1), fast.flatten(1)):
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95

@@ -18,9 +18,10 @@ import train.engine as engine
 from data.folder import keys_sha256, scan
 from pipeline import store
 from pipeline.checkpoint import load_checkpoint
+from pipeline.hardware import cpu_has_native_bf16
 from pipeline.train_cli import _config, main as train_cli
 from train.dataset import GuidedMAEDataset
-from train.engine import NonFiniteLossError, TrainConfig, Trainer, train
+from train.engine import NonFiniteLossError, TrainConfig, Trainer, _amp_dtype, train
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES, GRID = 16, (5, 6)
@@ -273,3 +274,15 @@ def test_sbatch_template_is_valid_bash_that_sets_the_rendezvous(script_name, com
     text = script.read_text()
     assert "scontrol show hostnames" in text and "export MASTER_ADDR MASTER_PORT" in text
     assert f"srun --kill-on-bad-exit=1 {command}" in text
+
+
+def test_precision_choices_resolve_per_device():
+    cpu = torch.device("cpu")
+    assert _amp_dtype(cpu, "auto") is None and _amp_dtype(cpu, "fp32") is None
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        _amp_dtype(cpu, "fp16")
+    if cpu_has_native_bf16():
+        assert _amp_dtype(cpu, "bf16") is torch.bfloat16
+    else:
+        with pytest.raises(ValueError, match="no native bf16"):
+            _amp_dtype(cpu, "bf16")

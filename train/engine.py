@@ -24,6 +24,7 @@ import pipeline
 from data.folder import scan
 from pipeline import distributed
 from pipeline.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from pipeline.hardware import cpu_has_native_bf16
 from pipeline.paths import last_checkpoint
 from pipeline.store import open_maps
 from train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
@@ -133,12 +134,6 @@ def _sum_over_ranks(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return float(tensor.item())
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX): there bf16 autocast
-    roughly halves an MAE step, elsewhere it is emulated and slower than fp32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:

@@ -1,0 +1,200 @@
+"""benchmarks/study.py: the plan, resume, aggregation (fake step runner), and one real tiny train + eval."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from eval.report import update_results
+
+STUDY_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("agmae_study", STUDY_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _option(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_default_plan_rows_sharing_and_equal_compute(study, tmp_path):
+    config = study.make_config(out=tmp_path / "study", docs=tmp_path / "docs", precision="bf16")
+    plan = study.build_plan(config)
+
+    assert [row.name for row in plan.rows] == study.ROW_NAMES
+    assert sorted(seed for name, seed in plan.runs if name == "guided-tokencut") == [0, 1, 2]
+    assert sorted(seed for name, seed in plan.runs if name == "tau-const-2") == [0]
+    # Rows with the same configuration share one run: guided-oracle seed 0 is also tau cos 1->0.5 and wn batch.
+    shared = {plan.runs[name, 0].run_dir for name in ("guided-oracle", "tau-cos-1-0.5", "wn-batch")}
+    assert len(shared) == 1
+    assert len({run.run_dir for run in plan.runs.values()}) == len(plan.runs) - 2
+
+    ids = [step.id for step in plan.steps]
+    assert len(ids) == len(set(ids))
+    assert all(ids.index(need) < ids.index(step.id) for step in plan.steps for need in step.needs)
+    stores = sorted(step.id.split(" ", 1)[1] for step in plan.steps if step.kind == "discover")
+    p0, p08 = (study.demo_name(p, 0, 10000, 2000) for p in (0.0, 0.8))
+    assert stores == sorted([f"{p0}/oracle", f"{p0}/tokencut", f"{p0}/gradcam", f"{p0}/dino-random",
+                             f"{p08}/oracle", f"{p08}/tokencut"])
+    dino = next(step for step in plan.steps if step.id.endswith("/dino-random"))
+    assert {"--random-init", "vit_small_patch8_224"} <= set(dino.argv) and _option(dino.argv, "--image-size") == "64"
+
+    trains = [run.train.argv for run in plan.runs.values()]
+    for name in ("--model", "--epochs", "--warmup-epochs", "--batch-size", "--blr", "--precision"):
+        assert len({_option(argv, name) for argv in trains}) == 1, name
+    assert _option(trains[0], "--epochs") == str(study.FULL_DEFAULTS["epochs"])
+    constant = plan.runs["tau-const-0.25", 0].train.argv
+    assert _option(constant, "--tau-schedule") == "constant" and _option(constant, "--tau-start") == "0.25"
+    assert "--tau-end" not in constant
+    assert _option(plan.runs["wn-none", 0].train.argv, "--weight-norm") == "none"
+    correlated = plan.runs["p0.8-guided-tokencut", 0].train.argv
+    assert p08 in _option(correlated, "--data") and f"maps/{p08}/tokencut.h5" in _option(correlated, "--maps")
+    assert "--no-guidance" in plan.runs["vanilla", 1].train.argv and _option(plan.runs["vanilla", 1].train.argv,
+                                                                              "--seed") == "1"
+
+
+def test_bad_rows_are_rejected(study, tmp_path):
+    with pytest.raises(click.BadParameter, match="bogus"):
+        study.make_config(rows="vanilla,bogus", out=tmp_path)
+
+
+# Hand-made k-NN CLS top-1 per (row, seed); the other metrics are fixed offsets of it.
+KNN = {("vanilla", 0): 20.0, ("vanilla", 1): 23.0, ("vanilla", 2): 29.0,
+       ("guided-oracle", 0): 30.0, ("guided-oracle", 1): 31.0, ("guided-oracle", 2): 35.0,
+       ("p0.8-vanilla", 0): 50.0}
+
+
+class FakeRunner:
+    """Stands in for the subprocesses: eval steps write results.json entries shaped like agmae-eval's."""
+
+    def __init__(self, study, plan, fail=()):
+        self.evals = study.EVALS
+        self.knn = {run.run_dir: KNN[key] for key, run in plan.runs.items()}
+        self.fail, self.calls = set(fail), []
+
+    def __call__(self, step):
+        self.calls.append(step.id)
+        if step.id in self.fail:
+            return 1
+        if step.kind != "eval":
+            return 0
+        k = self.knn[step.run_dir]
+        name = step.id.split(" ", 1)[0]
+        key = self.evals[name][1]
+        if name in ("knn", "knn-mean"):
+            results = {"k=10": {"top1": -1.0}, "k=20": {"top1": k if name == "knn" else k + 1}}
+        elif name == "linear":
+            results = {"top1": k + 2, "top5": 99.0}
+        else:
+            splits = {"original": {"knn_top1": k, "linear_top1": k + 2},
+                      "mixed-rand": {"knn_top1": k - 5, "linear_top1": k - 4},
+                      "only-fg": {"knn_top1": k - 10, "linear_top1": k - 9}}
+            results = {"splits": splits, "clean_fg_knn_top1": k + 3}
+            if "p0.8" in str(step.run_dir):
+                splits["mixed-same"] = {"knn_top1": k + 7, "linear_top1": k + 8}
+                results["bg_gap"] = {"knn_top1": 12.0, "linear_top1": 12.0}
+        update_results(step.run_dir, key, {"results": results})
+        return 0
+
+
+
+def test_aggregation_resume_and_partial_report(study, tmp_path):
+    config = study.make_config(seeds=3, ablation_seeds=1, rows="vanilla,guided-oracle,p0.8-vanilla", epochs=2,
+                               n_train=240, n_test=60, out=tmp_path / "study", docs=tmp_path / "docs",
+                               precision="fp32")
+    plan = study.build_plan(config)
+    broken = plan.runs["guided-oracle", 1].train.id
+    lines = []
+    failing = FakeRunner(study, plan, fail={broken})
+    with pytest.raises(click.ClickException, match="failed or were skipped"):
+        study.run_study(config, runner=failing, echo=lines.append)
+    assert len(failing.calls) == len(plan.steps) - 4  # the broken run's four evaluations are skipped
+    assert sum("skipped" in line for line in lines) == 4 and sum("ETA" in line for line in lines) == len(plan.steps) - 4
+
+    partial = json.loads((config.docs / "results.json").read_text())
+    assert not partial["complete"] and partial["missing"] == ["guided-oracle seed 1"]
+    oracle = next(row for row in partial["rows"] if row["name"] == "guided-oracle")
+    assert oracle["seeds_done"] == [0, 2] and oracle["metrics"]["knn_cls"]["mean"] == 32.5
+    assert math.isclose(oracle["metrics"]["knn_cls"]["std"], math.sqrt(12.5))
+    assert "**PARTIAL**" in (config.docs / "RESULTS.md").read_text()
+
+    resumed = FakeRunner(study, plan)
+    summary = study.run_study(config, runner=resumed, echo=lines.append)
+    assert resumed.calls == [step.id for step in plan.runs["guided-oracle", 1].steps()[-5:]]
+    assert summary["complete"] and summary["missing"] == []
+
+    rows = {row["name"]: row for row in summary["rows"]}
+    vanilla = rows["vanilla"]["metrics"]
+    assert vanilla["knn_cls"]["per_seed"] == {"0": 20.0, "1": 23.0, "2": 29.0}
+    assert vanilla["knn_cls"]["mean"] == 24.0 and math.isclose(vanilla["knn_cls"]["std"], math.sqrt(21.0))
+    assert vanilla["knn_mean"]["mean"] == 25.0 and vanilla["linear"]["mean"] == 26.0
+    assert vanilla["mixed_rand_knn"]["mean"] == 19.0 and vanilla["only_fg_linear"]["mean"] == 15.0
+    assert vanilla["clean_fg_knn"]["mean"] == 27.0 and "bg_gap_knn" not in vanilla
+    assert rows["guided-oracle"]["metrics"]["knn_cls"]["mean"] == 32.0
+    correlated = rows["p0.8-vanilla"]["metrics"]
+    assert correlated["bg_gap_knn"] == {"mean": 12.0, "std": None, "n": 1, "per_seed": {"0": 12.0}}
+
+    markdown = (config.docs / "RESULTS.md").read_text()
+    assert "PARTIAL" not in markdown and config.command() in markdown
+    assert "| vanilla | — | 0 | 3/3 | 24.0 ± 4.6 | 25.0 ± 4.6 | 26.0 ± 4.6 |" in markdown
+    assert "| guided-oracle | oracle, τ cos 1→0.5, batch | 0 | 3/3 | 32.0 ± 2.6 |" in markdown
+    assert "| p0.8-vanilla | 0.8 | 1/1 | 45.0 | 46.0 | 40.0 | 41.0 | 53.0 | 12.0 | 12.0 |" in markdown
+    assert "| vanilla | 0 | 3/3 | 19.0 ± 4.6 |" in markdown and "| — | — |" in markdown
+
+    again = FakeRunner(study, plan)
+    study.run_study(config, runner=again, echo=lines.append)
+    assert again.calls == []
+
+    for step in plan.steps:  # the wall time is the sum of the recorded step times
+        record = json.loads(step.marker.read_text())
+        step.marker.write_text(json.dumps({**record, "seconds": 30.0}))
+    reported = study.run_study(config, runner=again, echo=lines.append, report_only=True)
+    assert reported["wall_seconds"]["total"] == 30.0 * len(plan.steps)
+    assert f"Wall time (sum of the recorded step times): {len(plan.steps) // 2}m00s" in (
+        config.docs / "RESULTS.md").read_text()
+
+
+def test_dry_run_lists_the_quick_plan(study, tmp_path):
+    result = CliRunner().invoke(study.main, ["--quick", "--dry-run", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    steps = [line for line in result.output.splitlines() if line.startswith("pending")]
+    assert len(steps) == 12 and sum(" train runs/" in line for line in steps) == 2
+    assert not (tmp_path / "docs").exists()
+
+
+def test_real_tiny_train_and_eval(study, tmp_path, demo_root):
+    """The quick configuration's vanilla run through the real agmae-train, agmae-eval knn and robustness
+    (the other two protocols faked to stay within the time budget): the table reads the CLI's numbers."""
+    config = study.make_config(quick=True, rows="vanilla", out=tmp_path / "study", docs=tmp_path / "docs")
+    plan = study.build_plan(config)
+    run = plan.runs["vanilla", 0]
+    assert Path(_option(run.train.argv, "--data")).parent == demo_root
+    fake = FakeRunner(study, plan)
+
+    def runner(step):
+        if step.kind == "eval" and step.id.split(" ", 1)[0] in ("knn-mean", "linear"):
+            return fake(step)
+        return study.subprocess_runner(step)
+
+    summary = study.run_study(config, runner=runner, echo=lambda line: None)
+    assert summary["complete"] and (run.run_dir / "checkpoint-last.pth").is_file()
+    assert "epoch 1/1" in run.train.log.read_text()
+    results = json.loads((run.run_dir / "results.json").read_text())
+    metrics = summary["rows"][0]["metrics"]
+    assert metrics["knn_cls"]["mean"] == results["knn"]["results"]["k=20"]["top1"]
+    robustness = results["robustness"]["results"]
+    assert metrics["mixed_rand_knn"]["mean"] == robustness["splits"]["mixed-rand"]["knn_top1"]
+    assert metrics["only_fg_linear"]["mean"] == robustness["splits"]["only-fg"]["linear_top1"]
+    assert metrics["clean_fg_knn"]["mean"] == robustness["clean_fg_knn_top1"]
+    assert all(0.0 <= metrics[name]["mean"] <= 100.0 for name in ("knn_cls", "mixed_rand_knn", "clean_fg_knn"))
+    assert "bg_gap_knn" not in metrics
