@@ -18,7 +18,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from pipeline.checkpoint import file_sha256
-from pipeline.hardware import cpu_has_native_bf16
+from pipeline.hardware import resolve_precision
 
 DEFAULT_VIT = "vit_small_patch16_224.dino"
 OFFLINE_LITE0 = "tf_efficientnet_lite0"
@@ -40,18 +40,6 @@ def resolve_device(device="auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_precision(precision, device) -> str:
-    """"bf16" or "fp32". auto: bf16 on CUDA, fp32 on CPU (exact parity with reference implementations);
-    bf16 on a CPU needs native support (AVX512-BF16/AMX), where it runs a CNN about 3x faster."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision {precision!r}: use auto, fp32 or bf16")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        raise ValueError("precision bf16: this CPU has no native bf16 support; use fp32")
-    return precision
 
 
 class Backbone:

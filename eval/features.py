@@ -29,6 +29,7 @@ from data.folder import ImageFolderIndex, load_rgb, scan
 from data.transforms import eval_transform
 from pipeline import distributed
 from pipeline.checkpoint import file_sha256
+from pipeline.hardware import resolve_precision
 from pipeline.paths import agmae_home
 
 POOLS = ("cls", "mean")
@@ -83,8 +84,9 @@ class FolderImages(Dataset):
 
 
 def extract_features(model, index: ImageFolderIndex, image_size: int, pool: str = "cls", batch_size: int = 128,
-                     workers: int = 4, device="cpu", progress: bool = True) -> torch.Tensor:
-    """Features [N, D] float32 on the CPU, in dataset-index order, on every rank.
+                     workers: int = 4, device="cpu", progress: bool = True, precision: str = "fp32") -> torch.Tensor:
+    """Features [N, D] float32 on the CPU, in dataset-index order, on every rank; the encoder runs
+    under bf16 autocast when precision is "bf16".
 
     Under torch.distributed each rank embeds its DistributedSampler share; the padding
     duplicates the sampler adds are harmless because rows are placed by their dataset index.
@@ -96,7 +98,8 @@ def extract_features(model, index: ImageFolderIndex, image_size: int, pool: str 
     model = model.to(device)
     feats, positions = [], []
     show = progress and not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0)
-    with torch.inference_mode():
+    device_type = torch.device(device).type
+    with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         for imgs, idx in tqdm(loader, desc=f"features {index.root.name}", unit="batch", disable=not show):
             feats.append(pool_tokens(model, imgs.to(device, non_blocking=True), pool).float())
             positions.append(idx.to(device))
@@ -146,7 +149,7 @@ class FeatureSource:
     """
 
     def __init__(self, checkpoint, pool: str = "cls", batch_size: int = 128, workers: int = 4, device="cpu",
-                 use_cache: bool = True, progress: bool = True):
+                 use_cache: bool = True, progress: bool = True, precision: str = "auto"):
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
         self.checkpoint = Path(checkpoint)
@@ -157,6 +160,7 @@ class FeatureSource:
         self.checkpoint_sha256 = file_sha256(self.checkpoint)
         self.pool, self.batch_size, self.workers, self.device = pool, batch_size, workers, device
         self.use_cache, self.progress = use_cache, progress
+        self.precision = resolve_precision(precision, torch.device(device))
         self._model = None
         self.timm_kwargs = None
 
@@ -167,7 +171,7 @@ class FeatureSource:
 
     def cache_key(self, index: ImageFolderIndex) -> dict:
         return dict(format=CACHE_FORMAT, checkpoint_sha256=self.checkpoint_sha256, root=str(index.root.resolve()),
-                    keys_sha256=index.keys_sha256, pool=self.pool)
+                    keys_sha256=index.keys_sha256, pool=self.pool, precision=self.precision)
 
     def features(self, root) -> FolderFeatures:
         index = scan(root)
@@ -182,7 +186,7 @@ class FeatureSource:
                 return FolderFeatures(feats, index, npy_path)
         model = self.encoder()
         feats = extract_features(model, index, image_size_of(self.timm_kwargs), self.pool, self.batch_size,
-                                 self.workers, self.device, self.progress).numpy().astype(np.float16)
+                                 self.workers, self.device, self.progress, self.precision).numpy().astype(np.float16)
         if self.use_cache and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
             _write_atomic(npy_path, lambda f: np.save(f, feats))
             meta = {**key, "checkpoint": str(self.checkpoint.resolve()), "shape": list(feats.shape)}

@@ -18,7 +18,7 @@ from tqdm import tqdm
 KS = (10, 20, 100, 200)
 HEADLINE_K = 20
 DEFAULT_T = 0.07
-QUERY_CHUNK = 2048
+QUERY_CHUNK = 1024
 BANK_BLOCK = 16384
 
 

@@ -18,3 +18,16 @@ def cpu_has_native_bf16() -> bool:
     import torch
 
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision, device) -> str:
+    """Inference autocast, "bf16" or "fp32". auto: bf16 on CUDA, fp32 on CPU (exact parity with reference
+    implementations); bf16 on a CPU needs native support (AVX512-BF16/AMX), where it runs a CNN about 3x
+    and a ViT about 2x faster. device: a torch.device."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: use auto, fp32 or bf16")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError("precision bf16: this CPU has no native bf16 support; use fp32")
+    return precision

@@ -11,8 +11,8 @@ from timm.layers import resample_abs_pos_embed
 
 import discovery
 from data.transforms import eval_transform
-from discovery.backbones import RandomInitWarning, load_backbone, resolve_precision
-from pipeline.hardware import cpu_has_native_bf16
+from discovery.backbones import RandomInitWarning, load_backbone
+from pipeline.hardware import cpu_has_native_bf16, resolve_precision
 
 TINY = "test_vit"  # timm's 6-block, 64-wide ViT made for tests
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
@@ -15,6 +16,7 @@ from data.transforms import eval_transform
 from eval import features as features_module
 from eval.features import FeatureSource
 from pipeline.checkpoint import file_sha256
+from pipeline.hardware import cpu_has_native_bf16
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 
@@ -124,3 +126,17 @@ def test_two_gloo_ranks_match_single_process(tiny_checkpoint, image_folder, tmp_
         np.testing.assert_allclose(np.load(tmp_path / f"rank{rank}.npy"), single, atol=2e-3, rtol=1e-3)
     cached = FeatureSource(path, workers=0).features(image_folder)  # rank 0 wrote the cache
     np.testing.assert_array_equal(np.asarray(cached.feats), np.load(tmp_path / "rank0.npy"))
+
+
+def test_bf16_extraction_follows_fp32_and_is_cached_apart(tiny_checkpoint, image_folder):
+    path, encoder = tiny_checkpoint
+    exact = FeatureSource(path, workers=0, precision="fp32").features(image_folder)
+    if not cpu_has_native_bf16():
+        with pytest.raises(ValueError, match="no native bf16"):
+            FeatureSource(path, workers=0, precision="bf16")
+        return
+    fast = FeatureSource(path, workers=0, precision="bf16").features(image_folder)
+    assert fast.cache_path != exact.cache_path
+    cosine = F.cosine_similarity(torch.from_numpy(np.asarray(fast.feats, np.float32)),
+                                 torch.from_numpy(np.asarray(exact.feats, np.float32)), dim=1)
+    assert cosine.min() > 0.99
