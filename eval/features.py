@@ -15,8 +15,6 @@ by < 1e-3) and a fresh extraction returns the same float16 values a later cache 
 """
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from tqdm import tqdm
 from data.folder import ImageFolderIndex, load_rgb, scan
 from data.transforms import eval_transform
 from pipeline import distributed
-from pipeline.checkpoint import file_sha256
+from pipeline.checkpoint import atomic_write, file_sha256
 from pipeline.hardware import resolve_precision
 from pipeline.paths import agmae_home
 
@@ -113,18 +111,6 @@ def extract_features(model, index: ImageFolderIndex, image_size: int, pool: str 
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _everyone_agrees(flag: bool, device) -> bool:
     """True only if flag is true on every rank (a rank with a different cache view must not skip work).
 
@@ -188,8 +174,8 @@ class FeatureSource:
         feats = extract_features(model, index, image_size_of(self.timm_kwargs), self.pool, self.batch_size,
                                  self.workers, self.device, self.progress, self.precision).numpy().astype(np.float16)
         if self.use_cache and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-            _write_atomic(npy_path, lambda f: np.save(f, feats))
+            atomic_write(npy_path, lambda f: np.save(f, feats))
             meta = {**key, "checkpoint": str(self.checkpoint.resolve()), "shape": list(feats.shape)}
-            _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
         distributed.barrier()
         return FolderFeatures(feats, index, npy_path if self.use_cache else None)

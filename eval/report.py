@@ -7,11 +7,11 @@ so concurrent evaluations of one run neither lose each other's keys nor leave ha
 """
 import fcntl
 import json
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline.checkpoint import atomic_write_text
 
 RESULTS_NAME = "results.json"
 
@@ -44,15 +44,7 @@ def update_results(run_dir, protocol: str, entry: dict) -> Path:
     with _locked(path):
         results = read_results(run_dir)
         results[protocol] = {**entry, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(results, f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", path)
     return path
 
 

@@ -36,29 +36,26 @@ def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_save(obj, path) -> Path:
-    """`torch.save` to a temporary file beside `path`, then rename: a reader never sees half a file."""
+def atomic_write(path, write) -> Path:
+    """`write(f)` into a temporary binary file beside `path`, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temporary_beside(path)
     try:
-        torch.save(obj, temp)
+        with open(temp, "wb") as f:
+            write(f)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
     return path
+
+
+def atomic_save(obj, path) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temporary_beside(path)
-    try:
-        temp.write_text(text)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path) -> dict:
