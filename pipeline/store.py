@@ -64,7 +64,8 @@ def _read_attrs(f: h5py.File) -> dict:
 
 
 def _open_h5(path: Path, mode: str = "r") -> h5py.File:
-    """Open with HDF5's file lock off for readers, so a store can be read while a job writes it."""
+    """Open with HDF5's file lock off for readers, so `inspect` can look at a store a job is writing.
+    Without SWMR such a read can still meet a half-updated /errors heap and fail; retry it."""
     try:
         return h5py.File(path, mode, locking=False if mode == "r" else None)
     except OSError as err:

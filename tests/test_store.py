@@ -39,14 +39,17 @@ def make_store(path, keys=KEYS, grid=GRID, **overrides):
     return store.create(path, keys, grid, **options)
 
 
-def write_range(writer, lo, hi, offset=0, batch=4, pause=0.0, grid=GRID):
-    """Write global indices [lo, hi) to a writer whose local index 0 is global `offset`."""
+def write_range(writer, lo, hi, offset=0, batch=4, pause=0.0, grid=GRID, written=None):
+    """Write global indices [lo, hi) to a writer whose local index 0 is global `offset`;
+    `written` (a shared multiprocessing Value), when given, counts the entries written so far."""
     maps = expected_maps(grid=grid)
     for start in range(lo, hi, batch):
         stop = min(start + batch, hi)
         status = expected_status(start, stop)
         errors = ["unreadable image" if s == STATUS_FAILED else "" for s in status]
         writer.write(start - offset, maps[start:stop], status, errors)
+        if written is not None:
+            written.value = stop
         time.sleep(pause)
 
 
@@ -170,20 +173,22 @@ def test_incompatible_existing_store_needs_overwrite(tmp_path, change, attr):
         assert writer.first_pending() == 0
 
 
-def _slow_writer(path):
+def _slow_writer(path, written):
     with make_store(path) as writer:
-        write_range(writer, 0, N, batch=2, pause=0.005)
+        write_range(writer, 0, N, batch=2, pause=0.005, written=written)
 
 
 def test_killed_writer_leaves_correct_done_entries_and_resumes(tmp_path):
     path = tmp_path / "maps.h5"
-    child = multiprocessing.get_context("fork").Process(target=_slow_writer, args=(path,))
+    context = multiprocessing.get_context("fork")
+    # The writer reports its progress through shared memory: opening the HDF5 file while the writer
+    # appends its variable-length error strings can read a half-updated heap (no SWMR).
+    written = context.Value("i", 0)
+    child = context.Process(target=_slow_writer, args=(path, written))
     child.start()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if path.exists() and (store.open_maps(path).status != STATUS_PENDING).sum() >= 8:
-            break
-        time.sleep(0.01)
+    while time.monotonic() < deadline and written.value < 8:
+        time.sleep(0.002)
     os.kill(child.pid, signal.SIGKILL)
     child.join()
     assert child.exitcode == -signal.SIGKILL
