@@ -13,6 +13,7 @@ from data.folder import scan
 from eval.features import FeatureSource
 from pipeline.checkpoint import file_sha256
 from eval.knn import knn_evaluate
+from eval.linear import DEMO_BLR, MAE_BLR
 from pipeline import store
 from pipeline.eval_cli import main
 
@@ -71,6 +72,7 @@ def test_all_writes_every_protocol_and_keeps_earlier_keys(run_dir, demo_root):
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results) == {"finetune", "knn", "linear-cached", "retrieval", "robustness", "attention"}
     assert results["linear-cached"]["results"]["mode"] == "cached-features (no augmentation)"
+    assert results["linear-cached"]["options"]["blr"] == DEMO_BLR  # the demo's probe lr, not MAE's 0.1
     assert set(results["knn"]["results"]) == {"k=5", "k=20"}
     assert 0 <= results["retrieval"]["results"]["mAP"] <= 100
     robustness = results["robustness"]["results"]
@@ -96,3 +98,16 @@ def test_split_missing_from_dataset_is_rejected(run_dir, demo_root):
                                        "--data", str(demo_root), "--test-split", "val", "--workers", "0"])
     assert result.exit_code != 0 and "val does not exist" in result.output
     assert not (run_dir / "results.json").exists()
+
+
+def test_probe_lr_is_maes_outside_the_demo_dataset(run_dir, demo_root, tmp_path):
+    root = tmp_path / "folders"  # the demo's images without its demo.json: an ordinary dataset
+    root.mkdir()
+    for split in ("train", "original"):
+        (root / split).symlink_to(demo_root / split)
+    result = CliRunner().invoke(main, ["linear", "--checkpoint", str(run_dir / "checkpoint-last.pth"), "--data",
+                                       str(root), "--workers", "0", "--mode", "cached",
+                                       "--epochs", "1", "--warmup-epochs", "0", "--linear-batch-size", "64"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((run_dir / "results.json").read_text())["linear-cached"]
+    assert entry["options"]["blr"] == MAE_BLR and entry["results"]["lr"] == pytest.approx(MAE_BLR * 64 / 256)
