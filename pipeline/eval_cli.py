@@ -30,26 +30,27 @@ def _compose(*decorators):
     return apply
 
 
-checkpoint_options = _compose(
-    click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                 help="agmae-train checkpoint or exported timm ViT state dict. Default: RUN_DIR/checkpoint-last.pth."),
-    click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                 help="Where results.json is written (and the default checkpoint and map stores are found). "
-                      "Default: the checkpoint's folder if --checkpoint is given, else the default run directory "
-                      "(AGMAE_RUN_DIR or AGMAE_HOME/runs/default)."),
-)
-data_options = _compose(
+checkpoint_option = click.option(
+    "--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="agmae-train checkpoint or exported timm ViT state dict. Default: RUN_DIR/checkpoint-last.pth.")
+run_dir_option = click.option(
+    "--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where results.json is written (and the default checkpoint and map stores are found). Default: the "
+         "checkpoint's folder if --checkpoint is given, else the default run directory (AGMAE_RUN_DIR or "
+         "AGMAE_HOME/runs/default).")
+dataset_options = _compose(
     click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                  help="Dataset root holding one image folder per split (ROOT/<split>/<class>/<image>). "
                       "Default: the built-in demo dataset."),
     click.option("--train-split", default="train", show_default=True,
                  help="Split used as the k-NN / retrieval bank and the linear probe's training set."),
-    click.option("--test-split", default=None,
-                 help="Split used as queries / test set. Default: 'original' where ROOT has it (demo), else 'val'."),
     click.option("--demo-correlation", type=float, default=0.0, show_default=True,
                  help="Background-class correlation of the demo dataset to use when --data is not given "
                       "(> 0 adds the mixed-same split and the BG-gap)."),
 )
+test_split_option = click.option(
+    "--test-split", default=None,
+    help="Split used as queries / test set. Default: 'original' where ROOT has it (demo), else 'val'.")
 feature_options = _compose(
     click.option("--pool", type=click.Choice(POOLS), default="cls", show_default=True,
                  help="Feature: final-norm CLS token, or mean of the final-norm patch tokens."),
@@ -100,8 +101,8 @@ class Session:
         from pipeline.paths import default_run_dir, last_checkpoint
 
         self.opts = opts
-        self.env, self.device = distributed.init(opts["device"])
-        checkpoint = opts["checkpoint"]
+        self.env, self.device = distributed.init(opts.get("device", "auto"))
+        checkpoint = opts.get("checkpoint")
         self.run_dir = opts["run_dir"] or (checkpoint.parent if checkpoint else default_run_dir())
         self.checkpoint = checkpoint or last_checkpoint(self.run_dir)
         if opts["data"] is None:
@@ -115,7 +116,7 @@ class Session:
 
             opts["blr"] = DEMO_BLR if (self.root / "demo.json").is_file() else MAE_BLR
         self.default_test_split = "original" if (self.root / "original").is_dir() else "val"
-        self.test_split = opts["test_split"] or self.default_test_split
+        self.test_split = opts.get("test_split") or self.default_test_split
         self._source = None
         self._features = {}
 
@@ -313,7 +314,7 @@ def run_attention(session: Session) -> None:
     def mask_of(key):
         return load_mask(session.root, split, key)
 
-    results, rows = {}, []
+    results, rows, grids = {}, [], []
     for path in stores:
         store = open_maps(path)
         unknown = set(store.keys) - set(index.keys)
@@ -325,10 +326,14 @@ def run_attention(session: Session) -> None:
         results[name] = dict(path=str(path.resolve()), method=store.attrs["method"], grid=list(store.attrs["grid"]),
                              **scores)
         rows.append([name, scores["mean_iou"], scores["pointing"], scores["images"], scores["skipped"]])
-        grid = tuple(store.attrs["grid"])
-    prior = evaluate_prior(centre_prior(*grid, sigma=opts["prior_sigma"]), index.keys, mask_of)
-    results["centre-prior"] = dict(grid=list(grid), sigma=opts["prior_sigma"], **prior)
-    rows.append([f"centre prior (σ={opts['prior_sigma']})", prior["mean_iou"], prior["pointing"], prior["images"], 0])
+        grids += [tuple(store.attrs["grid"])] if tuple(store.attrs["grid"]) not in grids else []
+    # The baseline at each store's grid: a coarser grid scores differently, even for the same prior.
+    for grid in grids:
+        prior = evaluate_prior(centre_prior(*grid, sigma=opts["prior_sigma"]), index.keys, mask_of)
+        at_grid = "" if len(grids) == 1 else f" {grid[0]}x{grid[1]}"
+        results["centre-prior" + at_grid] = dict(grid=list(grid), sigma=opts["prior_sigma"], **prior)
+        rows.append([f"centre prior{at_grid} (σ={opts['prior_sigma']})", prior["mean_iou"], prior["pointing"],
+                     prior["images"], 0])
     table = format_table(["method", "mean IoU", "pointing", "images", "skipped"], rows)
     entry = dict(dataset=dict(root=str(session.root.resolve()), split=split, keys_sha256=index.keys_sha256),
                  protocol="attention", options=dict(prior_sigma=opts["prior_sigma"], threshold="map mean"),
@@ -355,7 +360,7 @@ def main():
     """Evaluate a frozen encoder: k-NN, linear probe, retrieval, background robustness, attention quality."""
 
 
-common_options = _compose(checkpoint_options, data_options, feature_options)
+common_options = _compose(checkpoint_option, run_dir_option, dataset_options, test_split_option, feature_options)
 
 
 @main.command()
@@ -392,7 +397,8 @@ def robustness(**opts):
 
 
 @main.command()
-@common_options
+@run_dir_option
+@dataset_options
 @attention_options
 def attention(**opts):
     """Mean IoU and pointing accuracy of map stores against ground-truth masks, plus a centre-prior row."""

@@ -51,10 +51,10 @@ def test_knn_without_arguments_evaluates_the_default_run_on_the_demo(run_dir, de
     assert entry["results"] == expected and set(expected) == {"k=10", "k=20", "k=100", "k=200"}
 
 
-def _oracle_store(path, demo_root, keys):
+def _oracle_store(path, demo_root, keys, grid=(4, 4)):
     masks = torch.from_numpy(np.stack([load_mask(demo_root, "train", key) for key in keys]))
-    maps = F.adaptive_avg_pool2d(masks[:, None], (4, 4))[:, 0].numpy()
-    with store.create(path, keys, (4, 4), method="oracle", backbone=None, weights_sha256=None, image_size=32,
+    maps = F.adaptive_avg_pool2d(masks[:, None], grid)[:, 0].numpy()
+    with store.create(path, keys, grid, method="oracle", backbone=None, weights_sha256=None, image_size=32,
                       method_options={}, keys_sha256=scan(demo_root / "train").keys_sha256) as writer:
         status = np.full(len(keys), store.STATUS_DONE, dtype=np.uint8)
         status[-1] = store.STATUS_FAILED
@@ -111,3 +111,16 @@ def test_probe_lr_is_maes_outside_the_demo_dataset(run_dir, demo_root, tmp_path)
     assert result.exit_code == 0, result.output
     entry = json.loads((run_dir / "results.json").read_text())["linear-cached"]
     assert entry["options"]["blr"] == MAE_BLR and entry["results"]["lr"] == pytest.approx(MAE_BLR * 64 / 256)
+
+
+def test_attention_scores_a_centre_prior_at_each_stores_grid_and_takes_no_feature_options(run_dir, demo_root):
+    keys = scan(demo_root / "train").keys
+    _oracle_store(run_dir / "maps-coarse.h5", demo_root, keys, grid=(2, 2))
+    _oracle_store(run_dir / "maps-fine.h5", demo_root, keys, grid=(8, 8))
+    result = CliRunner().invoke(main, ["attention", "--run-dir", str(run_dir), "--data", str(demo_root)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((run_dir / "results.json").read_text())["attention"]["results"]
+    coarse, fine = scores["centre-prior 2x2"], scores["centre-prior 8x8"]
+    assert (coarse["grid"], fine["grid"]) == ([2, 2], [8, 8]) and coarse["mean_iou"] != fine["mean_iou"]
+    options = {param.name for param in main.commands["attention"].params}
+    assert {"run_dir", "data", "map_stores"} <= options and not options & {"checkpoint", "pool", "precision"}
