@@ -73,6 +73,9 @@ TRAIN_OPTIONS = [
                  help="Fail when a training image's map is missing or failed (default: train it unguided)."),
     click.option("--save-every", type=click.IntRange(min=1), default=5, show_default=True,
                  help="Write RUN_DIR/checkpoint-last.pth every this many epochs (and at the end)."),
+    click.option("--keep-every", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Also keep RUN_DIR/checkpoint-<epoch>.pth every this many epochs, for evaluating the "
+                      "encoder along training (0: keep only checkpoint-last.pth)."),
     click.option("--out", type=click.Path(path_type=Path, file_okay=False),
                  help="Run directory for checkpoints, metrics.jsonl, config.json. [default: AGMAE_RUN_DIR, "
                       "else AGMAE_HOME/runs/default]"),

@@ -286,3 +286,12 @@ def test_precision_choices_resolve_per_device():
     else:
         with pytest.raises(ValueError, match="no native bf16"):
             _amp_dtype(cpu, "bf16")
+
+
+def test_keep_every_keeps_each_epochs_weights_beside_the_last(image_root, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_config_for(image_root, run_dir, epochs=3, keep_every=2, save_every=5))
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pth")) == ["checkpoint-2.pth", "checkpoint-last.pth"]
+    epoch2, last = load_checkpoint(run_dir / "checkpoint-2.pth"), load_checkpoint(run_dir / "checkpoint-last.pth")
+    assert (epoch2["epoch"], last["epoch"]) == (2, 3)
+    assert not all(torch.equal(epoch2["model"][k], last["model"][k]) for k in last["model"])

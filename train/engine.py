@@ -6,7 +6,9 @@ masking noise) follows (seed, epoch, index) (train/dataset.py); the sampler's or
 uninterrupted run would have, and N ranks with batch B reproduce one process with batch N*B.
 """
 import json
+import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -76,6 +78,7 @@ class TrainConfig:
     gamma: float = 1.0
     require_maps: bool = False
     save_every: int = 5
+    keep_every: int = 0  # also keep checkpoint-<epoch>.pth every this many epochs (0: never)
     resume: str | None = None  # None: RUN_DIR/checkpoint-last.pth when present
     workers: int = 2
     seed: int = 0
@@ -264,6 +267,16 @@ class Trainer:
             self.checkpoint_path,
         )
 
+    def _keep(self, epoch: int) -> None:
+        """checkpoint-<epoch>.pth beside checkpoint-last.pth (a hard link where the file system allows:
+        the next save replaces checkpoint-last.pth by rename, so the link keeps this epoch's file)."""
+        kept = self.run_dir / f"checkpoint-{epoch}.pth"
+        kept.unlink(missing_ok=True)
+        try:
+            os.link(self.checkpoint_path, kept)
+        except OSError:
+            shutil.copyfile(self.checkpoint_path, kept)
+
     def _start_logs(self) -> None:
         """config.json, and metrics.jsonl cut back to the epochs the resumed checkpoint holds
         (a run killed after logging an epoch but before saving it re-logs that epoch)."""
@@ -303,8 +316,11 @@ class Trainer:
                     self._log_epoch(record, tensorboard)
                     tqdm.write(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f}, "
                                f"lr {record['lr']:.2e}, {record['imgs_per_s']:.0f} imgs/s")
-                    if (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
+                    keep = self.cfg.keep_every > 0 and (epoch + 1) % self.cfg.keep_every == 0
+                    if keep or (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
                         self._save(epoch + 1)
+                    if keep:
+                        self._keep(epoch + 1)
                 distributed.barrier()
         finally:
             if tensorboard is not None:
