@@ -1,0 +1,74 @@
+"""k-NN top-1 along training: when do guided and vanilla MAEs separate?
+
+Evaluates every kept checkpoint (`agmae-train --keep-every N` writes RUN_DIR/checkpoint-<epoch>.pth)
+of each run directory with the weighted k-NN protocol (CLS features, k = 20, train split as the
+bank, the test split as queries) and prints one row per epoch and one column per run; `--json`
+also writes the numbers. Features are not cached (one use per checkpoint).
+
+    python benchmarks/learning_curve.py RUN_A RUN_B [--data DEMO_ROOT] [--every 4] [--json curve.json]
+"""
+import json
+import re
+from pathlib import Path
+
+import click
+
+from eval.features import FeatureSource
+from eval.knn import HEADLINE_K, knn_evaluate
+from pipeline.checkpoint import atomic_write_text
+
+KEPT = re.compile(r"checkpoint-(\d+)\.pth")
+
+
+def kept_checkpoints(run_dir: Path) -> dict:
+    """{epoch: path} of the run's kept checkpoints."""
+    found = {int(m.group(1)): path for path in run_dir.glob("checkpoint-*.pth") if (m := KEPT.fullmatch(path.name))}
+    return dict(sorted(found.items()))
+
+
+def knn_top1(checkpoint: Path, root: Path, test_split: str, workers: int, precision: str) -> float:
+    source = FeatureSource(checkpoint, workers=workers, use_cache=False, progress=False, precision=precision)
+    bank, queries = source.features(root / "train"), source.features(root / test_split)
+    results = knn_evaluate(bank.feats, bank.index.labels, queries.feats, queries.index.labels,
+                           len(bank.index.classes), ks=(HEADLINE_K,))
+    return results[f"k={HEADLINE_K}"]["top1"]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Dataset root with ROOT/train and the test split. [default: the built-in demo dataset]")
+@click.option("--test-split", default="original", show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Extraction DataLoader workers.")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Evaluate only the kept epochs that are multiples of this.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Extraction autocast (bf16 on a CPU with native bf16 halves the time).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the curves here.")
+def main(run_dirs, data, test_split, workers, every, precision, json_out):
+    """Print k-NN top-1 (k = 20, CLS) of every kept checkpoint of each run."""
+    if data is None:
+        from data.demo import ensure_demo
+
+        data = ensure_demo()
+    curves = {}
+    for run_dir in run_dirs:
+        kept = {epoch: path for epoch, path in kept_checkpoints(run_dir).items() if epoch % every == 0}
+        if not kept:
+            raise click.ClickException(f"{run_dir}: no checkpoint-<epoch>.pth (at multiples of --every {every}); "
+                                       "train with agmae-train --keep-every N")
+        with click.progressbar(kept.items(), label=run_dir.name) as progress:
+            curves[run_dir.name] = {epoch: knn_top1(path, data, test_split, workers, precision)
+                                    for epoch, path in progress}
+    epochs = sorted({epoch for curve in curves.values() for epoch in curve})
+    click.echo("epoch | " + " | ".join(curves))
+    for epoch in epochs:
+        click.echo(f"{epoch:>5} | " + " | ".join(f"{curve[epoch]:.1f}" if epoch in curve else "—"
+                                                for curve in curves.values()))
+    if json_out:
+        atomic_write_text(json.dumps({"test_split": test_split, "k": HEADLINE_K, "top1": curves}, indent=1) + "\n",
+                          json_out)
+
+
+if __name__ == "__main__":
+    main()

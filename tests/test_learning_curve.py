@@ -1,0 +1,52 @@
+"""benchmarks/learning_curve.py: k-NN of every kept checkpoint, equal to agmae-eval's k-NN of that checkpoint."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from timm.models.vision_transformer import VisionTransformer
+
+from eval.features import FeatureSource
+from eval.knn import knn_evaluate
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_curve.py"
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def curve():
+    spec = importlib.util.spec_from_file_location("agmae_learning_curve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_kept_epoch_is_scored_like_agmae_eval_knn(curve, demo_root, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for epoch in (2, 4, 5):
+        torch.manual_seed(epoch)
+        encoder = VisionTransformer(**TINY_VIT, num_classes=0)
+        torch.save({"model": encoder.state_dict(), "config": {"encoder": TINY_VIT}, "epoch": epoch},
+                   run / f"checkpoint-{epoch}.pth")
+    (run / "checkpoint-last.pth").write_bytes((run / "checkpoint-5.pth").read_bytes())
+    out = tmp_path / "curve.json"
+    result = CliRunner().invoke(curve.main, [str(run), "--data", str(demo_root), "--every", "2", "--workers", "0",
+                                             "--precision", "fp32", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    top1 = json.loads(out.read_text())["top1"]["run"]
+    assert set(top1) == {"2", "4"}  # epoch 5 is not a multiple of --every, checkpoint-last is not an epoch
+    source = FeatureSource(run / "checkpoint-4.pth", workers=0, use_cache=False, progress=False)
+    bank, queries = source.features(demo_root / "train"), source.features(demo_root / "original")
+    expected = knn_evaluate(bank.feats, bank.index.labels, queries.feats, queries.index.labels, 10, ks=(20,))
+    assert top1["4"] == expected["k=20"]["top1"]
+    assert top1["2"] != top1["4"]
+
+
+def test_a_run_without_kept_checkpoints_is_refused(curve, demo_root, tmp_path):
+    result = CliRunner().invoke(curve.main, [str(tmp_path), "--data", str(demo_root)])
+    assert result.exit_code != 0 and "--keep-every" in result.output
