@@ -158,10 +158,13 @@ def test_aggregation_resume_and_partial_report(study, tmp_path):
     for step in plan.steps:  # the wall time is the sum of the recorded step times
         record = json.loads(step.marker.read_text())
         step.marker.write_text(json.dumps({**record, "seconds": 30.0}))
+    (config.docs / study.FINDINGS).write_text("## Findings\n\nGuidance wins by 8 points.\n")
     reported = study.run_study(config, runner=again, echo=lines.append, report_only=True)
     assert reported["wall_seconds"]["total"] == 30.0 * len(plan.steps)
-    assert f"Wall time (sum of the recorded step times): {len(plan.steps) // 2}m00s" in (
-        config.docs / "RESULTS.md").read_text()
+    markdown = (config.docs / "RESULTS.md").read_text()
+    assert f"Wall time (sum of the recorded step times): {len(plan.steps) // 2}m00s" in markdown
+    # the hand-written findings come first, the generated tables after them
+    assert markdown.index("Guidance wins by 8 points.") < markdown.index("| vanilla | — | 0 | 3/3 |")
 
 
 def test_dry_run_lists_the_quick_plan(study, tmp_path):
