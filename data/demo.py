@@ -41,6 +41,8 @@ from pipeline.paths import agmae_home
 
 # Bump when the generator changes, so that cached builds of older versions are not reused.
 GENERATOR_VERSION = 1
+# The build's parameters, written last: its presence marks a complete demo dataset.
+BUILD_MARKER = "demo.json"
 FASHION_MNIST_DIR = Path(os.environ.get("AGMAE_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 CLASS_NAMES = (
     "0-tshirt", "1-trouser", "2-pullover", "3-dress", "4-coat",
@@ -256,7 +258,12 @@ def _build(root: Path, params: dict) -> None:
         "bank_a": list(BANK_A),
         "bank_b": list(BANK_B),
     }
-    (root / "demo.json").write_text(json.dumps(info, indent=1))
+    (root / BUILD_MARKER).write_text(json.dumps(info, indent=1))
+
+
+def is_demo_root(root) -> bool:
+    """Whether `root` is a completely built demo dataset."""
+    return (Path(root) / BUILD_MARKER).is_file()
 
 
 def demo_name(correlation: float, seed: int, n_train: int, n_test: int) -> str:
@@ -282,12 +289,12 @@ def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=2000) -> Path:
     name = demo_name(correlation, seed, n_train, n_test)
     demo_dir = agmae_home() / "demo"
     root = demo_dir / name
-    if (root / "demo.json").exists():
+    if is_demo_root(root):
         return root
     demo_dir.mkdir(parents=True, exist_ok=True)
     with open(demo_dir / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (root / "demo.json").exists():
+        if is_demo_root(root):
             return root
         # Holding the lock, anything named like our temp dir or an unmarked root is a killed build.
         for stale in [*demo_dir.glob(f".tmp-{name}-*"), root]:

@@ -112,9 +112,10 @@ class Session:
         else:
             self.root = opts["data"]
         if "blr" in opts and opts["blr"] is None:
+            from data.demo import is_demo_root
             from eval.linear import DEMO_BLR, MAE_BLR
 
-            opts["blr"] = DEMO_BLR if (self.root / "demo.json").is_file() else MAE_BLR
+            opts["blr"] = DEMO_BLR if is_demo_root(self.root) else MAE_BLR
         self.default_test_split = "original" if (self.root / "original").is_dir() else "val"
         self.test_split = opts.get("test_split") or self.default_test_split
         self._source = None
@@ -326,7 +327,8 @@ def run_attention(session: Session) -> None:
         results[name] = dict(path=str(path.resolve()), method=store.attrs["method"], grid=list(store.attrs["grid"]),
                              **scores)
         rows.append([name, scores["mean_iou"], scores["pointing"], scores["images"], scores["skipped"]])
-        grids += [tuple(store.attrs["grid"])] if tuple(store.attrs["grid"]) not in grids else []
+        if tuple(store.attrs["grid"]) not in grids:
+            grids.append(tuple(store.attrs["grid"]))
     # The baseline at each store's grid: a coarser grid scores differently, even for the same prior.
     for grid in grids:
         prior = evaluate_prior(centre_prior(*grid, sigma=opts["prior_sigma"]), index.keys, mask_of)

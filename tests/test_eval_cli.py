@@ -17,7 +17,7 @@ from eval.linear import DEMO_BLR, MAE_BLR
 from pipeline import store
 from pipeline.eval_cli import main
 
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+from helpers import TINY_VIT
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from eval.features import FeatureSource
 from pipeline.checkpoint import file_sha256
 from pipeline.hardware import cpu_has_native_bf16
 
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+from helpers import TINY_VIT
 
 
 @pytest.fixture

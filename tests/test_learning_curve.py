@@ -1,7 +1,5 @@
 """benchmarks/learning_curve.py: k-NN of every kept checkpoint, equal to agmae-eval's k-NN of that checkpoint."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +9,14 @@ from timm.models.vision_transformer import VisionTransformer
 from eval.features import FeatureSource
 from eval.knn import knn_evaluate
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_curve.py"
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+from helpers import TINY_VIT, load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def curve():
-    spec = importlib.util.spec_from_file_location("agmae_learning_curve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("learning_curve")
 
 
 def test_each_kept_epoch_is_scored_like_agmae_eval_knn(curve, demo_root, tmp_path):

@@ -1,8 +1,6 @@
 """benchmarks/study.py: the plan, resume, aggregation (fake step runner), and one real tiny train + eval."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import click
@@ -11,16 +9,12 @@ from click.testing import CliRunner
 
 from eval.report import update_results
 
-STUDY_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "study.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("agmae_study", STUDY_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("study")
 
 
 def _option(argv, name):
@@ -105,7 +99,6 @@ class FakeRunner:
                 results["bg_gap"] = {"knn_top1": 12.0, "linear_top1": 12.0}
         update_results(step.run_dir, key, {"results": results})
         return 0
-
 
 
 def test_aggregation_resume_and_partial_report(study, tmp_path):
