@@ -4,9 +4,11 @@ Builds the demo dataset, discovers maps (oracle masks, TokenCut and Grad-CAM on 
 EfficientNet-Lite0), trains a vanilla MAE and guided MAEs (TokenCut and oracle maps) with equal
 compute, evaluates them (k-NN, cached linear probe, background robustness, map quality), prints
 one comparison table and writes `report.png`. Every step is the stage's own CLI in a subprocess,
-so the demo measures exactly what users run; a step whose output exists is skipped, so a second
-`make demo` (or one after a crash) reuses what is done.
+so the demo measures exactly what users run. A finished step leaves a marker holding its command;
+a second `make demo` (or one after a crash) skips the steps whose marker holds the same command
+and redoes those whose options changed.
 """
+import hashlib
 import json
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 import click
 
 from data.demo import ensure_demo
+from pipeline.checkpoint import atomic_write_text
 from pipeline.hardware import cpu_has_native_bf16
 from pipeline.paths import agmae_home, maps_path
 
@@ -28,9 +31,6 @@ DISCOVERY = {
     "gradcam": ["--method", "gradcam", "--backbone", "tf_efficientnet_lite0", "--image-size", "128"],
 }
 RUNS = {"vanilla": None, "guided-tokencut": "tokencut", "guided-oracle": "oracle"}
-# Constant tau = 0.5: the best setting of the calibration runs (ARCHITECTURE.md), a fg/bg weight
-# ratio of e^2 ~ 7 at a map value of 1.
-GUIDANCE = ["--tau-schedule", "constant", "--tau-start", "0.5"]
 # First kept epoch at which guided (oracle maps) led vanilla by > 2 k-NN points in the study's learning curve.
 SEPARATION_EPOCH = 12
 COLUMNS = {
@@ -52,15 +52,40 @@ def console_script(name: str) -> str:
     return str(path)
 
 
-def _step(title: str, command: list[str], done: Path) -> None:
-    """Run one stage command unless its output `done` exists; stream its progress to the terminal."""
-    if done.exists():
-        click.echo(f"[demo] {title}: done already ({done})")
-        return
+def recipe(command: list[str], inputs: tuple[Path, ...] = ()) -> dict:
+    """What a step's result is made of: its command (the script by name, so a fresh clone's .venv
+    reuses another clone's results) and the recipes recorded in the markers of the steps it reads."""
+    return {"command": [Path(command[0]).name, *command[1:]],
+            "inputs": [json.loads(marker.read_text())["recipe"] for marker in inputs]}
+
+
+def run_step(title: str, command: list[str], marker: Path, inputs: tuple[Path, ...] = (),
+             stale_output: Path | None = None) -> None:
+    """Run one stage command, streaming its progress, unless `marker` records the same recipe.
+
+    A marker with another recipe (other --epochs, options changed by a newer version, an input
+    step redone) means the result was made another way: `stale_output` is removed, the step redone."""
+    wanted = recipe(command, inputs)
+    if marker.is_file():
+        if json.loads(marker.read_text())["recipe"] == wanted:
+            click.echo(f"[demo] {title}: done already ({marker})")
+            return
+        click.echo(f"[demo] {title}: its options or inputs changed since the last run; redoing it")
+        if stale_output is not None:
+            stale_output.unlink(missing_ok=True)
     click.echo(f"[demo] {title}: {' '.join(command)}")
     started = time.time()
     subprocess.run(command, check=True)
-    click.echo(f"[demo] {title}: {time.time() - started:.0f} s")
+    seconds = time.time() - started
+    atomic_write_text(json.dumps({"recipe": wanted, "seconds": round(seconds, 1)}, indent=1) + "\n", marker)
+    click.echo(f"[demo] {title}: {seconds:.0f} s")
+
+
+def run_directory(run_root: Path, name: str, train_recipe: dict) -> Path:
+    """RUN_ROOT/runs/NAME-<digest of the training recipe>: a run made another way gets a directory of
+    its own, since agmae-train resumes (or refuses) whatever checkpoint its directory holds."""
+    digest = hashlib.sha256(json.dumps(train_recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return run_root / "runs" / f"{name}-{digest}"
 
 
 def nested(results: dict, path: tuple):
@@ -72,11 +97,11 @@ def nested(results: dict, path: tuple):
     return results
 
 
-def comparison(run_root: Path) -> dict:
+def comparison(run_dirs: dict) -> dict:
     """{run name: {column: value}} from each run's results.json."""
     table = {}
-    for name in RUNS:
-        results_file = run_root / name / "results.json"
+    for name, run_dir in run_dirs.items():
+        results_file = run_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {}
         table[name] = {column: nested(results, (protocol, "results", *path)) for column, (protocol, path) in COLUMNS.items()}
     return table
@@ -158,30 +183,36 @@ def main(out, epochs, seed):
     # bf16 autocast where the CPU has it natively: 2-3x faster discovery and feature extraction here.
     precision = ["--precision", "bf16" if cpu_has_native_bf16() else "auto"]
 
+    discovered = {}
     for method, options in DISCOVERY.items():
         out_file = maps_path(run_root, method)
+        discovered[method] = out_file.with_suffix(".done.json")
         command = [console_script("agmae-discover"), *options, *data, *precision, "--out", str(out_file)]
-        _step(f"discover {method}", command, out_file)
+        run_step(f"discover {method}", command, discovered[method], stale_output=out_file)
 
+    run_dirs = {}
     for name, method in RUNS.items():
-        run_dir = run_root / name
-        guidance = ["--no-guidance"] if method is None else ["--maps", str(maps_path(run_root, method)), *GUIDANCE]
-        # no --data: agmae-train's demo recipe (model, batch, blr, bf16 where native) applies to the demo dataset
-        train = [console_script("agmae-train"), *guidance, "--epochs", str(epochs), "--seed", str(seed),
-                 "--save-every", str(epochs), "--out", str(run_dir)]
-        _step(f"train {name}", train, run_dir / "train-done")
-        (run_dir / "train-done").touch()
+        # no --data: agmae-train's demo recipe (model, batch, blr, bf16 where native) applies to the demo dataset;
+        # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md)
+        train = [console_script("agmae-train"),
+                 *(["--no-guidance"] if method is None else ["--maps", str(maps_path(run_root, method))]),
+                 "--epochs", str(epochs), "--seed", str(seed), "--save-every", str(epochs)]
+        maps_marker = () if method is None else (discovered[method],)
+        run_dir = run_dirs[name] = run_directory(run_root, name, recipe(train, maps_marker))
+        train_marker = run_dir / "train.done.json"
+        run_step(f"train {name}", [*train, "--out", str(run_dir)], train_marker, maps_marker)
         evaluate = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
                     "--mode", "cached", "--k", "20", *precision]
-        _step(f"evaluate {name}", evaluate, run_dir / "results.json")
+        run_step(f"evaluate {name}", evaluate, run_dir / "eval.done.json", (train_marker,))
 
     attention_file = run_root / "results.json"
-    _step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)], attention_file)
+    run_step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)],
+             run_root / "attention.done.json", tuple(discovered.values()))
     # keys look like "tokencut (maps-tokencut.h5)"; the method alone labels the table and the chart
     attention = {name.split(" (")[0]: entry for name, entry in
                  json.loads(attention_file.read_text())["attention"]["results"].items()}
 
-    table = comparison(run_root)
+    table = comparison(run_dirs)
     click.echo(f"\n[demo] {epochs} epochs per MAE, seed {seed}; top-1 % (k-NN k=20, linear = cached-feature probe)")
     click.echo(format_comparison(table))
     if epochs < SEPARATION_EPOCH:

@@ -1,0 +1,63 @@
+"""`make demo` reuses a step only when it would be made the same way (pipeline.demo.run_step)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import recipe, run_directory, run_step
+
+
+def appender(out, text):
+    """A stage stand-in: appends `text` to `out`, so the file shows how often it ran."""
+    return [sys.executable, "-c", f"open({str(out)!r}, 'a').write({text!r})"]
+
+
+def test_a_finished_step_is_not_run_again(tmp_path):
+    out, marker = tmp_path / "out.txt", tmp_path / "step.done.json"
+    run_step("s", appender(out, "a"), marker)
+    run_step("s", appender(out, "a"), marker)
+    assert out.read_text() == "a"
+    recorded = json.loads(marker.read_text())
+    # the script by name: another clone's .venv (another absolute path) reuses the result
+    assert recorded["recipe"]["command"] == [Path(sys.executable).name, *appender(out, "a")[1:]]
+    assert recorded["seconds"] >= 0
+
+
+def test_changed_options_redo_the_step_and_drop_its_stale_output(tmp_path):
+    out, marker = tmp_path / "out.txt", tmp_path / "step.done.json"
+    run_step("s", appender(out, "old"), marker, stale_output=out)
+    run_step("s", appender(out, "new"), marker, stale_output=out)
+    assert out.read_text() == "new"
+    assert json.loads(marker.read_text())["recipe"] == recipe(appender(out, "new"))
+
+
+def test_a_redone_input_redoes_the_steps_that_read_it(tmp_path):
+    maps, maps_marker = tmp_path / "maps.txt", tmp_path / "maps.done.json"
+    result, result_marker = tmp_path / "result.txt", tmp_path / "result.done.json"
+    run_step("discover", appender(maps, "m1"), maps_marker, stale_output=maps)
+    run_step("train", appender(result, "r"), result_marker, (maps_marker,))
+    run_step("train", appender(result, "r"), result_marker, (maps_marker,))
+    assert result.read_text() == "r"
+    run_step("discover", appender(maps, "m2"), maps_marker, stale_output=maps)
+    run_step("train", appender(result, "r"), result_marker, (maps_marker,))
+    assert result.read_text() == "rr"
+
+
+def test_a_failed_step_leaves_no_marker_and_runs_again(tmp_path):
+    marker = tmp_path / "step.done.json"
+    with pytest.raises(subprocess.CalledProcessError):
+        run_step("s", [sys.executable, "-c", "raise SystemExit(3)"], marker)
+    assert not marker.exists()
+    out = tmp_path / "out.txt"
+    run_step("s", appender(out, "a"), marker)
+    assert out.read_text() == "a" and marker.is_file()
+
+
+def test_runs_trained_another_way_get_their_own_directory(tmp_path):
+    six = recipe(["agmae-train", "--epochs", "6"])
+    twenty = recipe(["agmae-train", "--epochs", "20"])
+    assert run_directory(tmp_path, "vanilla", six) == run_directory(tmp_path, "vanilla", dict(six))
+    assert run_directory(tmp_path, "vanilla", six) != run_directory(tmp_path, "vanilla", twenty)
+    assert run_directory(tmp_path, "vanilla", six).parent == tmp_path / "runs"
