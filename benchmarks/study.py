@@ -10,8 +10,10 @@ vanilla / oracle / TokenCut on the background-correlated demo dataset (p = 0.8, 
 The study only orchestrates: each step (build a dataset, discover a map store, train a run,
 one evaluation protocol) is a subprocess of the console scripts users run (agmae-discover,
 agmae-train, agmae-eval), logging to a file beside its output. A step that finished leaves a
-marker (command, seconds) and is skipped when the study is run again; a killed step resumes
-(the CLIs resume a half-written store or a half-trained run by themselves). Rows whose runs
+marker (command, seconds) and is skipped when the study is run again with the same command; a
+step whose command changed (a new discovery recipe, other eval options) is redone, its stale
+map store removed first. A killed step resumes (the CLIs resume a half-written store or a
+half-trained run by themselves). Rows whose runs
 have the same configuration share them (guided-oracle seed 0 is also the τ row `cosine 1→0.5`
 and the weight-norm row `batch`); rows that use one discovery method on one dataset share
 its map store.
@@ -65,6 +67,9 @@ GUIDANCE_DEFAULTS = {"tau-schedule": "cosine", "tau-start": 1.0, "tau-end": 0.5,
 MAIN, ABLATION = "main", "ablation"
 # Kept checkpoints per run (outside the run's identity), for benchmarks/learning_curve.py.
 KEEP_EVERY = 4
+# Options that change how a step runs but not what it computes: a marker that differs from the
+# step's command only in these still counts as done (runs trained before --keep-every existed).
+RESULT_NEUTRAL_OPTIONS = ("--keep-every",)
 # Hand-written reading of the numbers, kept beside them: RESULTS.md embeds it above the generated tables.
 FINDINGS = "FINDINGS.md"
 
@@ -170,7 +175,7 @@ class Config:
         python = python.relative_to(REPO) if python.is_relative_to(REPO) else python
         parts = [str(python), "benchmarks/study.py", "--epochs", self.epochs, "--seeds", self.seeds,
                  "--ablation-seeds", self.ablation_seeds, "--n-train", self.n_train, "--n-test", self.n_test,
-                 "--batch-size", self.batch_size, "--rows", ",".join(self.rows)]
+                 "--batch-size", self.batch_size, "--rows", ",".join(self.rows), "--precision", self.precision]
         if self.out != agmae_home() / "study":
             parts += ["--out", self.out]
         if self.docs != DEFAULT_DOCS:
@@ -179,9 +184,24 @@ class Config:
         return env + shlex.join(str(part) for part in parts)
 
 
+def result_argv(argv: list) -> list:
+    """A command as far as its result goes: the program by name (another clone's .venv computes the
+    same) and without RESULT_NEUTRAL_OPTIONS and their values."""
+    kept, skip_value = [Path(argv[0]).name], False
+    for arg in argv[1:]:
+        if skip_value:
+            skip_value = False
+        elif arg in RESULT_NEUTRAL_OPTIONS:
+            skip_value = True
+        else:
+            kept.append(arg)
+    return kept
+
+
 @dataclass
 class Step:
-    """One subprocess of the plan. Done when its marker exists (written after exit status 0)."""
+    """One subprocess of the plan. Done when its marker (written after exit status 0) records the
+    same command, up to result_argv."""
     id: str
     kind: str  # dataset, discover, train, eval
     argv: list
@@ -190,9 +210,19 @@ class Step:
     needs: tuple = ()
     estimate: float = 0.0
     run_dir: Path | None = None
+    stale_output: Path | None = None  # removed before the step is redone with another command
+
+    def _recorded_argv(self) -> list | None:
+        return json.loads(self.marker.read_text())["argv"] if self.marker.is_file() else None
 
     def done(self) -> bool:
-        return self.marker.is_file()
+        recorded = self._recorded_argv()
+        return recorded is not None and result_argv(recorded) == result_argv(self.argv)
+
+    def stale(self) -> bool:
+        """Finished once, with a command other than the plan's now."""
+        recorded = self._recorded_argv()
+        return recorded is not None and result_argv(recorded) != result_argv(self.argv)
 
     def seconds(self) -> float:
         return json.loads(self.marker.read_text())["seconds"] if self.done() else 0.0
@@ -248,7 +278,7 @@ def _discover_step(config: Config, maps: str, dataset: Step, root: Path) -> tupl
     step = Step(id=f"discover {root.name}/{maps}", kind="discover",
                 argv=[console_script("agmae-discover"), *MAPS[maps], "--data", str(root / "train"), "--out", str(store)],
                 log=folder / f"{maps}.log", marker=folder / f"{maps}.done.json", needs=(dataset.id,),
-                estimate=DISCOVER_SECONDS[maps] * config.n_train / 10000)
+                estimate=DISCOVER_SECONDS[maps] * config.n_train / 10000, stale_output=store)
     return step, store
 
 
@@ -372,6 +402,10 @@ def execute(plan: Plan, runner=subprocess_runner, echo=click.echo, on_run_comple
             failed.append(step.id)
             echo(f"[{position:>3}/{len(pending)}] skipped {step.id}: a step it needs failed")
             continue
+        if step.stale():
+            echo(f"[{position:>3}/{len(pending)}] {step.id}: its command changed since it ran; redoing it")
+            if step.stale_output is not None:
+                step.stale_output.unlink(missing_ok=True)
         step_started = time.monotonic()
         status = runner(step)
         seconds = time.monotonic() - step_started
@@ -558,7 +592,8 @@ def print_plan(plan: Plan, echo=click.echo) -> None:
     """One line per step (done with its recorded time, or pending with its first estimate), then the total
     estimate of what is pending."""
     for step in plan.steps:
-        state, seconds = ("done   ", step.seconds()) if step.done() else ("pending", step.estimate)
+        state, seconds = (("done   ", step.seconds()) if step.done() else
+                          ("stale  " if step.stale() else "pending", step.estimate))
         echo(f"{state} {_duration(seconds):>7}  {step.id}")
     pending = [step for step in plan.steps if not step.done()]
     echo(f"{len(pending)} of {len(plan.steps)} steps pending, first estimate "

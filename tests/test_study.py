@@ -24,6 +24,8 @@ def _option(argv, name):
 def test_default_plan_rows_sharing_and_equal_compute(study, tmp_path):
     config = study.make_config(out=tmp_path / "study", docs=tmp_path / "docs", precision="bf16")
     plan = study.build_plan(config)
+    # precision is part of every run's identity, so the reproducing command must carry it
+    assert "--precision bf16" in config.command()
 
     assert [row.name for row in plan.rows] == study.ROW_NAMES
     assert sorted(seed for name, seed in plan.runs if name == "guided-tokencut") == [0, 1, 2]
@@ -158,6 +160,40 @@ def test_aggregation_resume_and_partial_report(study, tmp_path):
     assert f"Wall time (sum of the recorded step times): {len(plan.steps) // 2}m00s" in markdown
     # the hand-written findings come first, the generated tables after them
     assert markdown.index("Guidance wins by 8 points.") < markdown.index("| vanilla | — | 0 | 3/3 |")
+
+
+def test_a_changed_command_redoes_the_step_and_a_result_neutral_change_does_not(study, tmp_path):
+    config = study.make_config(seeds=1, rows="vanilla,guided-oracle", epochs=1, n_train=240, n_test=60,
+                               out=tmp_path / "study", docs=tmp_path / "docs", precision="fp32")
+    plan = study.build_plan(config)
+    study.run_study(config, runner=FakeRunner(study, plan), echo=lambda line: None)
+    discover = next(step for step in plan.steps if step.kind == "discover")
+    train = plan.runs["vanilla", 0].train
+
+    def rewrite_marker(step, argv):
+        record = json.loads(step.marker.read_text())
+        step.marker.write_text(json.dumps({**record, "argv": argv}))
+
+    # the store was made by an older recipe; a train marker from another clone, before --keep-every existed
+    rewrite_marker(discover, [*discover.argv[:-4], "--patch", "16", *discover.argv[-4:]])
+    discover.stale_output.parent.mkdir(parents=True, exist_ok=True)
+    discover.stale_output.write_text("a store of the old recipe")
+    keep = train.argv.index("--keep-every")
+    rewrite_marker(train, ["/elsewhere/.venv/bin/agmae-train", *train.argv[1:keep], *train.argv[keep + 2:]])
+    assert discover.stale() and not discover.done() and train.done() and not train.stale()
+
+    store_when_rerun = []
+    rerun = FakeRunner(study, plan)
+
+    def runner(step):
+        store_when_rerun.append(discover.stale_output.exists())
+        return rerun(step)
+
+    lines = []
+    study.run_study(config, runner=runner, echo=lines.append)
+    assert rerun.calls == [discover.id] and store_when_rerun == [False]
+    assert any("its command changed since it ran; redoing it" in line for line in lines)
+    assert discover.done() and json.loads(discover.marker.read_text())["argv"] == discover.argv
 
 
 def test_dry_run_lists_the_quick_plan(study, tmp_path):
