@@ -276,6 +276,25 @@ def test_sbatch_template_is_valid_bash_that_sets_the_rendezvous(script_name, com
     assert f"srun --kill-on-bad-exit=1 {command}" in text
 
 
+@pytest.mark.parametrize("subcommand, launched", [
+    ("knn", "srun --kill-on-bad-exit=1 agmae-eval knn --run-dir R --workers 3"),
+    ("attention", "agmae-eval attention --run-dir R"),  # no encoder: once, without srun and --workers
+])
+def test_eval_sbatch_launches_each_subcommand_with_options_it_takes(tmp_path, subcommand, launched):
+    log, bin_dir = tmp_path / "launched.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"scontrol": "echo node1", "srun": f'echo "srun $*" >> {log}',
+                       "agmae-eval": f'echo "agmae-eval $*" >> {log}'}.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "3"}
+    result = subprocess.run(["bash", str(REPO / "pipeline" / "eval.sbatch"), subcommand, "--run-dir", "R"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == [launched]
+
+
 def test_precision_choices_resolve_per_device():
     cpu = torch.device("cpu")
     assert _amp_dtype(cpu, "auto") is None and _amp_dtype(cpu, "fp32") is None
