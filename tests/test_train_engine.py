@@ -314,3 +314,35 @@ def test_keep_every_keeps_each_epochs_weights_beside_the_last(image_root, tmp_pa
     epoch2, last = load_checkpoint(run_dir / "checkpoint-2.pth"), load_checkpoint(run_dir / "checkpoint-last.pth")
     assert (epoch2["epoch"], last["epoch"]) == (2, 3)
     assert not all(torch.equal(epoch2["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_a_kill_between_saving_and_keeping_an_epoch_is_mended_on_resume(image_root, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_keep = Trainer._keep
+
+    def killed(self, kept):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_keep", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config_for(image_root, run_dir, epochs=4, keep_every=2, save_every=5))
+    assert load_checkpoint(run_dir / "checkpoint-last.pth")["epoch"] == 2 and not (run_dir / "checkpoint-2.pth").exists()
+    at_kill = load_checkpoint(run_dir / "checkpoint-last.pth")["model"]
+
+    monkeypatch.setattr(Trainer, "_keep", real_keep)
+    train(_config_for(image_root, run_dir, epochs=4, keep_every=2, save_every=5))
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pth")) == [
+        "checkpoint-2.pth", "checkpoint-4.pth", "checkpoint-last.pth"]
+    epoch2 = load_checkpoint(run_dir / "checkpoint-2.pth")
+    assert epoch2["epoch"] == 2 and all(torch.equal(epoch2["model"][k], at_kill[k]) for k in at_kill)
+
+
+def test_kept_checkpoints_fall_back_to_a_copy_where_hard_links_fail(image_root, tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError("hard links are not supported here")
+
+    monkeypatch.setattr(engine.os, "link", no_links)
+    run_dir = tmp_path / "run"
+    train(_config_for(image_root, run_dir, epochs=2, keep_every=1, save_every=5))
+    assert [load_checkpoint(run_dir / f"checkpoint-{e}.pth")["epoch"] for e in (1, 2)] == [1, 2]
+    assert not list(run_dir.glob(".*tmp*"))

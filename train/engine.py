@@ -25,7 +25,7 @@ from tqdm import tqdm
 import pipeline
 from data.folder import scan
 from pipeline import distributed
-from pipeline.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from pipeline.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint
 from pipeline.hardware import cpu_has_native_bf16
 from pipeline.paths import last_checkpoint
 from pipeline.store import open_maps
@@ -267,15 +267,21 @@ class Trainer:
             self.checkpoint_path,
         )
 
-    def _keep(self, epoch: int) -> None:
-        """checkpoint-<epoch>.pth beside checkpoint-last.pth (a hard link where the file system allows:
-        the next save replaces checkpoint-last.pth by rename, so the link keeps this epoch's file)."""
-        kept = self.run_dir / f"checkpoint-{epoch}.pth"
+    def _kept_path(self, epoch: int) -> Path | None:
+        """checkpoint-<epoch>.pth where `--keep-every` keeps this epoch, else None."""
+        keep = self.cfg.keep_every > 0 and epoch % self.cfg.keep_every == 0
+        return self.run_dir / f"checkpoint-{epoch}.pth" if keep else None
+
+    def _keep(self, kept: Path) -> None:
+        """Keep checkpoint-last.pth as `kept`: a hard link where the file system allows (the next save
+        replaces checkpoint-last.pth by rename, so the link keeps this epoch's file), else an atomic copy.
+        Either way `kept` appears whole or not at all."""
         kept.unlink(missing_ok=True)
         try:
             os.link(self.checkpoint_path, kept)
         except OSError:
-            shutil.copyfile(self.checkpoint_path, kept)
+            with open(self.checkpoint_path, "rb") as source:
+                atomic_write(kept, lambda f: shutil.copyfileobj(source, f))
 
     def _start_logs(self) -> None:
         """config.json, and metrics.jsonl cut back to the epochs the resumed checkpoint holds
@@ -308,6 +314,10 @@ class Trainer:
                            f"map (missing or failed) and train with uniform weights")
             if self.resumed_from:
                 tqdm.write(f"resumed from {self.resumed_from} at epoch {self.start_epoch}")
+                # a run killed between saving a kept epoch and keeping it resumes from exactly that file
+                missed = self._kept_path(self.start_epoch)
+                if missed is not None and not missed.exists() and self.resumed_from == self.checkpoint_path:
+                    self._keep(missed)
         record = None
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
@@ -316,11 +326,11 @@ class Trainer:
                     self._log_epoch(record, tensorboard)
                     tqdm.write(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f}, "
                                f"lr {record['lr']:.2e}, {record['imgs_per_s']:.0f} imgs/s")
-                    keep = self.cfg.keep_every > 0 and (epoch + 1) % self.cfg.keep_every == 0
-                    if keep or (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
+                    kept = self._kept_path(epoch + 1)
+                    if kept or (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
                         self._save(epoch + 1)
-                    if keep:
-                        self._keep(epoch + 1)
+                    if kept:
+                        self._keep(kept)
                 distributed.barrier()
         finally:
             if tensorboard is not None:
