@@ -19,7 +19,7 @@ from data.folder import keys_sha256, scan
 from pipeline import store
 from pipeline.checkpoint import load_checkpoint
 from pipeline.hardware import cpu_has_native_bf16
-from pipeline.train_cli import _config, main as train_cli
+from pipeline.train_cli import _config, demo_precision, main as train_cli
 from train.dataset import GuidedMAEDataset
 from train.engine import NonFiniteLossError, TrainConfig, Trainer, _amp_dtype, train
 
@@ -293,6 +293,15 @@ def test_eval_sbatch_launches_each_subcommand_with_options_it_takes(tmp_path, su
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert log.read_text().splitlines() == [launched]
+
+
+def test_demo_precision_is_bf16_only_for_a_cpu_with_native_bf16(monkeypatch):
+    native = "bf16" if cpu_has_native_bf16() else "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo_precision("auto") == native and demo_precision("cpu") == native
+    # on a GPU (a V100 or T4 has no bf16) auto picks bf16 or fp16 by the device, not by the host CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo_precision("auto") == "auto" and demo_precision("cuda") == "auto" and demo_precision("cpu") == native
 
 
 def test_precision_choices_resolve_per_device():
