@@ -146,11 +146,11 @@ class Session:
             self._features[name] = self.source.features(self.split_root(name))
         return self._features[name]
 
-    def protocol_key(self, name: str) -> str:
+    def protocol_key(self, name: str, uses_test_split: bool = True) -> str:
         """results.json key: the protocol, qualified by every choice that changes its numbers
         (a non-default pool or test split), so evaluations of one run never overwrite each other."""
         qualifiers = [f"pool={self.opts['pool']}"] if self.opts["pool"] != "cls" else []
-        if self.test_split != self.default_test_split:
+        if uses_test_split and self.test_split != self.default_test_split:
             qualifiers.append(f"split={self.test_split}")
         return f"{name}[{','.join(qualifiers)}]" if qualifiers else name
 
@@ -286,7 +286,8 @@ def run_robustness(session: Session) -> None:
     options = dict(**_feature_opts(opts), **_linear_opts(opts), k=k, T=opts["temperature"],
                    train_split=opts["train_split"], splits=names)
     used = [opts["train_split"], *names] + ([CLEAN_FG_BANK] if clean_fg else [])
-    session.record(session.protocol_key("robustness"), options, results, used, started, table)
+    # robustness reads its own --splits, so `all --test-split X` must not label it with X
+    session.record(session.protocol_key("robustness", uses_test_split=False), options, results, used, started, table)
 
 
 def attention_stores(session: Session) -> list[Path]:
@@ -362,7 +363,8 @@ def main():
     """Evaluate a frozen encoder: k-NN, linear probe, retrieval, background robustness, attention quality."""
 
 
-common_options = _compose(checkpoint_option, run_dir_option, dataset_options, test_split_option, feature_options)
+encoder_options = _compose(checkpoint_option, run_dir_option, dataset_options, feature_options)
+common_options = _compose(encoder_options, test_split_option)
 
 
 @main.command()
@@ -389,7 +391,7 @@ def retrieval(**opts):
 
 
 @main.command()
-@common_options
+@encoder_options
 @splits_option
 @knn_options
 @linear_options

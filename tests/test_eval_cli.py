@@ -124,3 +124,9 @@ def test_attention_scores_a_centre_prior_at_each_stores_grid_and_takes_no_featur
     assert (coarse["grid"], fine["grid"]) == ([2, 2], [8, 8]) and coarse["mean_iou"] != fine["mean_iou"]
     options = {param.name for param in main.commands["attention"].params}
     assert {"run_dir", "data", "map_stores"} <= options and not options & {"checkpoint", "pool", "precision"}
+
+
+def test_robustness_reads_its_splits_and_takes_no_test_split():
+    options = {param.name for param in main.commands["robustness"].params}
+    assert {"splits", "checkpoint", "train_split"} <= options and "test_split" not in options
+    assert "test_split" in {param.name for param in main.commands["knn"].params}
