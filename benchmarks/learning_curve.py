@@ -47,6 +47,11 @@ def knn_top1(checkpoint: Path, root: Path, test_split: str, workers: int, precis
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the curves here.")
 def main(run_dirs, data, test_split, workers, every, precision, json_out):
     """Print k-NN top-1 (k = 20, CLS) of every kept checkpoint of each run."""
+    names = [run_dir.name for run_dir in run_dirs]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise click.BadParameter(f"two run directories are named {twice}; the curves are labelled by directory "
+                                 "name, so pass runs with distinct names", param_hint="RUN_DIRS")
     if data is None:
         from data.demo import ensure_demo
 

@@ -44,3 +44,11 @@ def test_each_kept_epoch_is_scored_like_agmae_eval_knn(curve, demo_root, tmp_pat
 def test_a_run_without_kept_checkpoints_is_refused(curve, demo_root, tmp_path):
     result = CliRunner().invoke(curve.main, [str(tmp_path), "--data", str(demo_root)])
     assert result.exit_code != 0 and "--keep-every" in result.output
+
+
+def test_runs_with_one_name_are_rejected_before_any_extraction(curve, tmp_path):
+    runs = [tmp_path / parent / "vanilla" for parent in ("p0", "p0.8")]
+    for run in runs:
+        run.mkdir(parents=True)
+    result = CliRunner().invoke(curve.main, [*map(str, runs), "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "two run directories are named vanilla" in result.output
