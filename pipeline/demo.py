@@ -196,7 +196,7 @@ def main(out, epochs, seed):
         # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md)
         train = [console_script("agmae-train"),
                  *(["--no-guidance"] if method is None else ["--maps", str(maps_path(run_root, method))]),
-                 "--epochs", str(epochs), "--seed", str(seed), "--save-every", str(epochs)]
+                 "--epochs", str(epochs), "--seed", str(seed), "--save-every", "1"]  # a killed demo resumes per epoch
         maps_marker = () if method is None else (discovered[method],)
         run_dir = run_dirs[name] = run_directory(run_root, name, recipe(train, maps_marker))
         train_marker = run_dir / "train.done.json"
