@@ -61,23 +61,27 @@ def recipe(command: list[str], inputs: tuple[Path, ...] = ()) -> dict:
 
 def run_step(title: str, command: list[str], marker: Path, inputs: tuple[Path, ...] = (),
              stale_output: Path | None = None) -> None:
-    """Run one stage command, streaming its progress, unless `marker` records the same recipe.
+    """Run one stage command, streaming its progress, unless `marker` records it finished with the same recipe.
 
-    A marker with another recipe (other --epochs, options changed by a newer version, an input
-    step redone) means the result was made another way: `stale_output` is removed, the step redone."""
+    The marker is written before the command starts (finished: false) and again when it exits 0. The same
+    recipe unfinished is a killed step: it runs again and the stage resumes its own output. Another recipe
+    (other --epochs, options changed by a newer version, an input step redone), or an output with no marker
+    at all, means `stale_output` was made another way: it is removed and the step redone."""
     wanted = recipe(command, inputs)
-    if marker.is_file():
-        if json.loads(marker.read_text())["recipe"] == wanted:
-            click.echo(f"[demo] {title}: done already ({marker})")
-            return
-        click.echo(f"[demo] {title}: its options or inputs changed since the last run; redoing it")
-        if stale_output is not None:
-            stale_output.unlink(missing_ok=True)
+    recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    if recorded is not None and recorded["recipe"] == wanted and recorded.get("finished"):
+        click.echo(f"[demo] {title}: done already ({marker})")
+        return
+    if (recorded is None or recorded["recipe"] != wanted) and stale_output is not None and stale_output.exists():
+        click.echo(f"[demo] {title}: {stale_output} was made with other options or inputs; redoing it")
+        stale_output.unlink()
+    atomic_write_text(json.dumps({"recipe": wanted, "finished": False}, indent=1) + "\n", marker)
     click.echo(f"[demo] {title}: {' '.join(command)}")
     started = time.time()
     subprocess.run(command, check=True)
     seconds = time.time() - started
-    atomic_write_text(json.dumps({"recipe": wanted, "seconds": round(seconds, 1)}, indent=1) + "\n", marker)
+    atomic_write_text(json.dumps({"recipe": wanted, "finished": True, "seconds": round(seconds, 1)}, indent=1) + "\n",
+                      marker)
     click.echo(f"[demo] {title}: {seconds:.0f} s")
 
 

@@ -22,7 +22,7 @@ def test_a_finished_step_is_not_run_again(tmp_path):
     recorded = json.loads(marker.read_text())
     # the script by name: another clone's .venv (another absolute path) reuses the result
     assert recorded["recipe"]["command"] == [Path(sys.executable).name, *appender(out, "a")[1:]]
-    assert recorded["seconds"] >= 0
+    assert recorded["finished"] and recorded["seconds"] >= 0
 
 
 def test_changed_options_redo_the_step_and_drop_its_stale_output(tmp_path):
@@ -45,14 +45,24 @@ def test_a_redone_input_redoes_the_steps_that_read_it(tmp_path):
     assert result.read_text() == "rr"
 
 
-def test_a_failed_step_leaves_no_marker_and_runs_again(tmp_path):
-    marker = tmp_path / "step.done.json"
+def test_a_killed_step_runs_again_and_keeps_its_partial_output_to_resume(tmp_path):
+    out, marker = tmp_path / "out.txt", tmp_path / "step.done.json"
+    killed = [sys.executable, "-c", f"open({str(out)!r}, 'a').write('half'); raise SystemExit(3)"]
     with pytest.raises(subprocess.CalledProcessError):
-        run_step("s", [sys.executable, "-c", "raise SystemExit(3)"], marker)
-    assert not marker.exists()
-    out = tmp_path / "out.txt"
-    run_step("s", appender(out, "a"), marker)
-    assert out.read_text() == "a" and marker.is_file()
+        run_step("s", killed, marker, stale_output=out)
+    assert not json.loads(marker.read_text())["finished"]
+    with pytest.raises(subprocess.CalledProcessError):  # the same recipe: the partial output stays
+        run_step("s", killed, marker, stale_output=out)
+    assert out.read_text() == "halfhalf"
+    run_step("s", appender(out, "a"), marker, stale_output=out)  # another recipe: made afresh
+    assert out.read_text() == "a" and json.loads(marker.read_text())["finished"]
+
+
+def test_an_output_without_a_marker_is_of_unknown_making_and_redone(tmp_path):
+    out, marker = tmp_path / "maps.h5", tmp_path / "maps.done.json"
+    out.write_text("a store from an older demo version")
+    run_step("discover", appender(out, "new"), marker, stale_output=out)
+    assert out.read_text() == "new"
 
 
 def test_runs_trained_another_way_get_their_own_directory(tmp_path):
