@@ -53,7 +53,8 @@ DEMO_SEED = 0
 
 # Discovery recipes, one map store per (recipe, dataset). The CNN methods use the offline
 # ImageNet EfficientNet-Lite0 at 224 px (the 64-px images up-sampled; 448, the tokencut CNN
-# default, costs 4x the time); the oracle pools the masks onto the demo model's 8x8 patch grid;
+# default, costs 4x the time); the oracle area-averages the masks onto a 28x28 grid (224 px / patch 8),
+# finer than the model's 8x8 patch grid so that a random crop cuts it between cells;
 # the negative control is DINO's CLS attention of a randomly initialised ViT-S/8 at 64 px.
 MAPS = {
     "oracle": ("--method", "oracle", "--patch", "8"),
@@ -510,7 +511,8 @@ def render_markdown(summary: dict, findings: str = "") -> str:
         f"`{plan['model']}`, epochs {plan['epochs']} (warm-up {plan['warmup_epochs']:g}), batch {plan['batch_size']}, "
         f"blr {plan['blr']:g}, precision {plan['precision']}, identical for every row. Numbers are top-1 % "
         f"(k-NN: k = {plan['knn_k']}, CLS features unless marked; linear: cached-feature probe), "
-        "mean ± sample std (n − 1) over the n finished seeds. Maps: oracle = masks pooled to the 8×8 grid; "
+        "mean ± sample std (n − 1) over the n finished seeds. Maps: oracle = masks area-averaged to a 28×28 "
+        "grid (resampled with each crop onto the 8×8 patch grid); "
         "tokencut / gradcam = EfficientNet-Lite0 at 224 px; dino-random = CLS attention of a random ViT-S/8 "
         "at 64 px. BG-gap = mixed-same − mixed-rand (only with correlated backgrounds, p > 0). "
         "clean-fg = k-NN of only-fg queries against the training objects on black.",
