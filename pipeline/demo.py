@@ -223,8 +223,9 @@ def main(out, epochs, seed):
         click.echo(f"[demo] {epochs} epochs show the pipeline, not the effect: guided and vanilla MAEs separate from "
                    f"epoch ~{SEPARATION_EPOCH} (docs/RESULTS.md, benchmarks/study.py)")
     click.echo("\n[demo] map quality against the ground-truth masks (demo train split)")
+    width = max(map(len, attention))
     for name, entry in attention.items():
-        click.echo(f"  {name:14s} mean IoU {entry['mean_iou']:5.1f} %   pointing {entry['pointing']:5.1f} %")
+        click.echo(f"  {name:{width}s}  mean IoU {entry['mean_iou']:5.1f} %   pointing {entry['pointing']:5.1f} %")
     report = write_report(run_root, table, attention, demo_root)
     click.echo(f"\n[demo] report: {report}\n[demo] total {(time.time() - started) / 60:.1f} min")
 
