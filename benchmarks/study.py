@@ -213,17 +213,14 @@ class Step:
     run_dir: Path | None = None
     stale_output: Path | None = None  # removed before the step is redone with another command
 
-    def _recorded_argv(self) -> list | None:
-        return json.loads(self.marker.read_text())["argv"] if self.marker.is_file() else None
-
     def done(self) -> bool:
-        recorded = self._recorded_argv()
-        return recorded is not None and result_argv(recorded) == result_argv(self.argv)
+        if not self.marker.is_file():
+            return False
+        return result_argv(json.loads(self.marker.read_text())["argv"]) == result_argv(self.argv)
 
     def stale(self) -> bool:
         """Finished once, with a command other than the plan's now."""
-        recorded = self._recorded_argv()
-        return recorded is not None and result_argv(recorded) != result_argv(self.argv)
+        return self.marker.is_file() and not self.done()
 
     def seconds(self) -> float:
         return json.loads(self.marker.read_text())["seconds"] if self.done() else 0.0
