@@ -29,8 +29,11 @@ $(FASHION_MNIST):
 test: install
 	$(PY) -m pytest -q tests
 
+# DEMO_ARGS passes options through, e.g. make demo DEMO_ARGS='--epochs 20'
+DEMO_ARGS ?=
+
 demo: install
-	$(PY) -m pipeline.demo
+	$(PY) -m pipeline.demo $(DEMO_ARGS)
 
 bench: install
 	for b in benchmarks/*_bench.py; do $(PY) $$b || exit 1; done
