@@ -1,9 +1,9 @@
 """k-NN top-1 along training: when do guided and vanilla MAEs separate?
 
 Evaluates every kept checkpoint (`agmae-train --keep-every N` writes RUN_DIR/checkpoint-<epoch>.pth)
-of each run directory with the weighted k-NN protocol (CLS features, k = 20, train split as the
-bank, the test split as queries) and prints one row per epoch and one column per run; `--json`
-also writes the numbers. Features are not cached (one use per checkpoint).
+of each run directory with the weighted k-NN protocol (k = 20; mean-pooled patch tokens by default,
+the demo's headline metric, or CLS; train split as the bank, the test split as queries) and prints
+one row per epoch and one column per run; `--json` also writes the numbers. Features are not cached (one use per checkpoint).
 
     python benchmarks/learning_curve.py RUN_A RUN_B [--data DEMO_ROOT] [--every 4] [--json curve.json]
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from eval.features import FeatureSource
+from eval.features import POOLS, FeatureSource
 from eval.knn import HEADLINE_K, knn_evaluate
 from pipeline.checkpoint import atomic_write_text
 
@@ -26,8 +26,9 @@ def kept_checkpoints(run_dir: Path) -> dict:
     return dict(sorted(found.items()))
 
 
-def knn_top1(checkpoint: Path, root: Path, test_split: str, workers: int, precision: str) -> float:
-    source = FeatureSource(checkpoint, workers=workers, use_cache=False, progress=False, precision=precision)
+def knn_top1(checkpoint: Path, root: Path, test_split: str, pool: str, workers: int, precision: str) -> float:
+    source = FeatureSource(checkpoint, pool=pool, workers=workers, use_cache=False, progress=False,
+                           precision=precision)
     bank, queries = source.features(root / "train"), source.features(root / test_split)
     results = knn_evaluate(bank.feats, bank.index.labels, queries.feats, queries.index.labels,
                            len(bank.index.classes), ks=(HEADLINE_K,))
@@ -39,14 +40,16 @@ def knn_top1(checkpoint: Path, root: Path, test_split: str, workers: int, precis
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Dataset root with ROOT/train and the test split. [default: the built-in demo dataset]")
 @click.option("--test-split", default="original", show_default=True)
+@click.option("--pool", type=click.Choice(POOLS), default="mean", show_default=True,
+              help="Feature: mean of the patch tokens (the demo's headline metric) or the CLS token.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Extraction DataLoader workers.")
 @click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Evaluate only the kept epochs that are multiples of this.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Extraction autocast (bf16 on a CPU with native bf16 halves the time).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the curves here.")
-def main(run_dirs, data, test_split, workers, every, precision, json_out):
-    """Print k-NN top-1 (k = 20, CLS) of every kept checkpoint of each run."""
+def main(run_dirs, data, test_split, pool, workers, every, precision, json_out):
+    """Print k-NN top-1 (k = 20) of every kept checkpoint of each run."""
     names = [run_dir.name for run_dir in run_dirs]
     if len(set(names)) < len(names):
         twice = next(name for name in names if names.count(name) > 1)
@@ -63,7 +66,7 @@ def main(run_dirs, data, test_split, workers, every, precision, json_out):
             raise click.ClickException(f"{run_dir}: no checkpoint-<epoch>.pth (at multiples of --every {every}); "
                                        "train with agmae-train --keep-every N")
         with click.progressbar(kept.items(), label=run_dir.name) as progress:
-            curves[run_dir.name] = {epoch: knn_top1(path, data, test_split, workers, precision)
+            curves[run_dir.name] = {epoch: knn_top1(path, data, test_split, pool, workers, precision)
                                     for epoch, path in progress}
     epochs = sorted({epoch for curve in curves.values() for epoch in curve})
     click.echo("epoch | " + " | ".join(curves))
@@ -71,7 +74,7 @@ def main(run_dirs, data, test_split, workers, every, precision, json_out):
         click.echo(f"{epoch:>5} | " + " | ".join(f"{curve[epoch]:.1f}" if epoch in curve else "—"
                                                 for curve in curves.values()))
     if json_out:
-        atomic_write_text(json.dumps({"test_split": test_split, "k": HEADLINE_K, "top1": curves}, indent=1) + "\n",
+        atomic_write_text(json.dumps({"test_split": test_split, "pool": pool, "k": HEADLINE_K, "top1": curves}, indent=1) + "\n",
                           json_out)
 
 

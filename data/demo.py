@@ -1,7 +1,7 @@
 """The built-in demo dataset: Fashion-MNIST garments pasted on crops of real photographs.
 
 Each image is a 64x64 random crop of one of the photographs bundled with scikit-image,
-with one Fashion-MNIST garment (scaled to 36-60 px, tinted with a random colour, alpha =
+with one Fashion-MNIST garment (scaled to GARMENT_SIZES px by default, tinted with a random colour, alpha =
 the garment's intensity) pasted at a random place. Label = garment class; the ground-truth
 mask is where alpha is above MASK_THRESHOLD (alpha is zero elsewhere, so outside the mask
 every pixel is exactly the background photograph).
@@ -49,6 +49,7 @@ CLASS_NAMES = (
     "5-sandal", "6-shirt", "7-sneaker", "8-bag", "9-boot",
 )  # fmt: skip
 IMAGE_SIZE = 64
+# Garment side in pixels, drawn uniformly in [lo, hi] per image (the default recipe's range).
 GARMENT_SIZES = (36, 60)
 # alpha (0-255) at or below this is made fully transparent, so mask = (alpha > 0) exactly.
 MASK_THRESHOLD = 25
@@ -111,13 +112,13 @@ def _fashion_mnist(part: str):
     return images, labels.astype(np.int64)
 
 
-def _sample_objects(labels_pool: np.ndarray, n: int, rng: np.random.Generator) -> dict:
+def _sample_objects(labels_pool: np.ndarray, n: int, garment_sizes, rng: np.random.Generator) -> dict:
     """Class-balanced garments (n // 10 per class, the remainder to the first classes) with size, place and tint."""
     per_class = [n // len(CLASS_NAMES) + (c < n % len(CLASS_NAMES)) for c in range(len(CLASS_NAMES))]
     garments = np.concatenate(
         [rng.choice(np.flatnonzero(labels_pool == c), size=k, replace=False) for c, k in enumerate(per_class)]
     )
-    sizes = rng.integers(GARMENT_SIZES[0], GARMENT_SIZES[1] + 1, size=n)
+    sizes = rng.integers(garment_sizes[0], garment_sizes[1] + 1, size=n)
     places = (rng.random((n, 2)) * (IMAGE_SIZE - sizes + 1)[:, None]).astype(np.int64)
     hsv = np.stack(
         [rng.random(n), rng.uniform(*TINT_SATURATION, size=n), rng.uniform(*TINT_VALUE, size=n)], axis=1
@@ -222,8 +223,9 @@ def _build(root: Path, params: dict) -> None:
         if n > available:
             raise ValueError(f"Fashion-MNIST {part} holds {available} class-balanced garments; asked for {n}")
 
-    train_objects = _sample_objects(train_labels, params["n_train"], _sample_stream(seed, "objects-train"))
-    test_objects = _sample_objects(test_labels, params["n_test"], _sample_stream(seed, "objects-test"))
+    sizes = params["garment_sizes"]
+    train_objects = _sample_objects(train_labels, params["n_train"], sizes, _sample_stream(seed, "objects-train"))
+    test_objects = _sample_objects(test_labels, params["n_test"], sizes, _sample_stream(seed, "objects-test"))
     train_alpha = _alpha_canvases(train_images, train_objects)
     test_alpha = _alpha_canvases(test_images, test_objects)
 
@@ -266,17 +268,20 @@ def is_demo_root(root) -> bool:
     return (Path(root) / BUILD_MARKER).is_file()
 
 
-def demo_name(correlation: float, seed: int, n_train: int, n_test: int) -> str:
-    return f"fmnist-v{GENERATOR_VERSION}-p{correlation:g}-seed{seed}-train{n_train}-test{n_test}"
+def demo_name(correlation: float, seed: int, n_train: int, n_test: int, garment_sizes=GARMENT_SIZES) -> str:
+    """The cache folder's name: every parameter of the build, so another recipe never reuses this one's images."""
+    lo, hi = garment_sizes
+    return f"fmnist-v{GENERATOR_VERSION}-p{correlation:g}-seed{seed}-train{n_train}-test{n_test}-garment{lo}-{hi}"
 
 
-def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=2000) -> Path:
+def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=2000, garment_sizes=GARMENT_SIZES) -> Path:
     """Root of the demo dataset with these parameters, building it (once) into AGMAE_HOME/demo/ if needed.
 
     correlation: probability that an image's background is its class's own photograph
     (0 = backgrounds carry no label information). n_train / n_test: images in `train` and in
-    each test split. The build is deterministic in the parameters and atomic (temp dir,
-    then rename; `demo.json` marks completion); concurrent callers wait for one build.
+    each test split. garment_sizes: (lo, hi), the garment's side in pixels, uniform in [lo, hi].
+    The build is deterministic in the parameters and atomic (temp dir, then rename; `demo.json`
+    marks completion); concurrent callers wait for one build.
     """
     correlation, seed, n_train, n_test = float(correlation), int(seed), int(n_train), int(n_test)
     if not 0.0 <= correlation <= 1.0:
@@ -285,8 +290,12 @@ def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=2000) -> Path:
         raise ValueError(f"demo seed {seed} is negative; use a seed >= 0")
     if min(n_train, n_test) < len(CLASS_NAMES):
         raise ValueError(f"demo n_train={n_train}, n_test={n_test}: need at least {len(CLASS_NAMES)} (one per class)")
-    params = {"correlation": correlation, "seed": seed, "n_train": n_train, "n_test": n_test}
-    name = demo_name(correlation, seed, n_train, n_test)
+    lo, hi = (int(size) for size in garment_sizes)
+    if not 1 <= lo <= hi <= IMAGE_SIZE:
+        raise ValueError(f"demo garment sizes {lo}-{hi}: need 1 <= lo <= hi <= {IMAGE_SIZE} (the image side)")
+    params = {"correlation": correlation, "seed": seed, "n_train": n_train, "n_test": n_test,
+              "garment_sizes": [lo, hi]}
+    name = demo_name(correlation, seed, n_train, n_test, (lo, hi))
     demo_dir = agmae_home() / "demo"
     root = demo_dir / name
     if is_demo_root(root):

@@ -42,7 +42,8 @@ def backgrounds(manifest):
 
 def test_layout_and_image_folder_view(demo_root):
     info = json.loads((demo_root / "demo.json").read_text())
-    assert info["params"] == {"correlation": 0.0, "seed": 0, "n_train": 240, "n_test": 60}
+    assert info["params"] == {"correlation": 0.0, "seed": 0, "n_train": 240, "n_test": 60,
+                              "garment_sizes": list(demo.GARMENT_SIZES)}
     assert sorted(info["splits"]) == sorted(ALL_SPLITS) and not (demo_root / "mixed-same").exists()
     for split in ALL_SPLITS:
         index = scan(demo_root / split)
@@ -144,6 +145,16 @@ def test_build_is_deterministic_and_seeded(demo_root, tmp_path, monkeypatch):
     assert load_manifest(other_seed, "train")["garments"] != load_manifest(demo_root, "train")["garments"][:20]
 
 
+def test_garment_sizes_are_a_recipe_parameter_with_a_cache_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGMAE_HOME", str(tmp_path))
+    small = ensure_demo(n_train=40, n_test=20, garment_sizes=(20, 24))
+    assert small.name.endswith("-garment20-24") and small != ensure_demo(n_train=40, n_test=20)
+    sizes = load_manifest(small, "train")["sizes"]
+    assert min(sizes) >= 20 and max(sizes) <= 24 and len(set(sizes)) > 1
+    masks = np.stack([load_mask(small, "train", key) for key in load_manifest(small, "train")["keys"]])
+    assert masks.mean() < 0.15  # 20-24 px garments cover a small part of a 64 px image
+
+
 def test_correlation_ties_backgrounds_to_classes_and_adds_mixed_same(demo_root, tmp_path, monkeypatch):
     monkeypatch.setenv("AGMAE_HOME", str(tmp_path))
     root = ensure_demo(correlation=1.0, n_train=40, n_test=20)
@@ -189,6 +200,8 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
         ({"seed": -1}, "seed -1 is negative"),
         ({"n_train": 5}, "at least 10"),
         ({"n_test": 20000}, "t10k holds 10000"),
+        ({"garment_sizes": (40, 30)}, "garment sizes 40-30"),
+        ({"garment_sizes": (20, 70)}, "hi <= 64"),
     ],
 )
 def test_bad_parameters_are_rejected(tmp_path, monkeypatch, kwargs, message):

@@ -34,11 +34,15 @@ def test_each_kept_epoch_is_scored_like_agmae_eval_knn(curve, demo_root, tmp_pat
     assert result.exit_code == 0, result.output
     top1 = json.loads(out.read_text())["top1"]["run"]
     assert set(top1) == {"2", "4"}  # epoch 5 is not a multiple of --every, checkpoint-last is not an epoch
-    source = FeatureSource(run / "checkpoint-4.pth", workers=0, use_cache=False, progress=False)
+    source = FeatureSource(run / "checkpoint-4.pth", pool="mean", workers=0, use_cache=False, progress=False)
     bank, queries = source.features(demo_root / "train"), source.features(demo_root / "original")
     expected = knn_evaluate(bank.feats, bank.index.labels, queries.feats, queries.index.labels, 10, ks=(20,))
     assert top1["4"] == expected["k=20"]["top1"]
     assert top1["2"] != top1["4"]
+    cls = CliRunner().invoke(curve.main, [str(run), "--data", str(demo_root), "--every", "4", "--workers", "0",
+                                          "--precision", "fp32", "--pool", "cls", "--json", str(out)])
+    assert cls.exit_code == 0, cls.output
+    assert json.loads(out.read_text())["top1"]["run"]["4"] != top1["4"]
 
 
 def test_a_run_without_kept_checkpoints_is_refused(curve, demo_root, tmp_path):
