@@ -16,8 +16,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-import discovery
-from discovery.backbones import RandomInitWarning, capture_output
+from agmae import discovery
+from agmae.discovery.backbones import RandomInitWarning, capture_output
 
 BACKBONE = "vit_small_patch16_224.dino"
 

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import discovery
-from data.demo import ensure_demo, load_mask
-from data.folder import load_rgb, scan
-from data.transforms import discovery_transform
-from discovery.base import normalise_maps, to_grid
-from discovery.tokencut import FG_RULES, ncut
-from eval.attention import centre_prior, map_scores
+from agmae import discovery
+from agmae.data.demo import ensure_demo, load_mask
+from agmae.data.folder import load_rgb, scan
+from agmae.data.transforms import discovery_transform
+from agmae.discovery.base import normalise_maps, to_grid
+from agmae.discovery.tokencut import FG_RULES, ncut
+from agmae.eval.attention import centre_prior, map_scores
 
 BACKBONE = "tf_efficientnet_lite0"
 

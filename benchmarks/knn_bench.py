@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.knn import KS, knn_evaluate
+from agmae.eval.knn import KS, knn_evaluate
 
 GIB = 2**30
 

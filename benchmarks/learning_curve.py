@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from eval.features import POOLS, FeatureSource
-from eval.knn import HEADLINE_K, knn_evaluate
-from pipeline.checkpoint import atomic_write_text
+from agmae.eval.features import POOLS, FeatureSource
+from agmae.eval.knn import HEADLINE_K, knn_evaluate
+from agmae.checkpoint import atomic_write_text
 
 KEPT = re.compile(r"checkpoint-(\d+)\.pth")
 
@@ -56,7 +56,7 @@ def main(run_dirs, data, test_split, pool, workers, every, precision, json_out):
         raise click.BadParameter(f"two run directories are named {twice}; the curves are labelled by directory "
                                  "name, so pass runs with distinct names", param_hint="RUN_DIRS")
     if data is None:
-        from data.demo import ensure_demo
+        from agmae.data.demo import ensure_demo
 
         data = ensure_demo()
     curves = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline import store
+from agmae import store
 
 GRID = (14, 14)
 BATCH = 1024

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import click
 
-from data.demo import demo_name
-from pipeline.checkpoint import atomic_write_text
-from pipeline.demo import console_script, nested
-from pipeline.hardware import cpu_has_native_bf16
-from pipeline.paths import agmae_home
-from pipeline.train_cli import DEMO_RECIPE
+from agmae.data.demo import demo_name
+from agmae.checkpoint import atomic_write_text
+from agmae.cli.demo import console_script, nested
+from agmae.hardware import cpu_has_native_bf16
+from agmae.paths import agmae_home
+from agmae.cli.train import DEMO_RECIPE
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOCS = REPO / "docs"
@@ -307,7 +307,7 @@ def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, up
     train = Step(id=f"train {label}", kind="train",
                  argv=[console_script("agmae-train"), *maps, *options, "--data", str(root / "train"), "--out", str(run_dir),
                        "--save-every", "1", "--keep-every", str(KEEP_EVERY)],
-                 log=step_dir / "train.log", marker=step_dir / "train.done.json",
+                 log=step_dir / "train.log", marker=step_dir / "agmae.train.done.json",
                  needs=tuple(step.id for step in upstream), run_dir=run_dir,
                  estimate=3 * STARTUP_SECONDS + TRAIN_EPOCH_SECONDS * config.epochs * config.n_train / 10000)
     evals = {

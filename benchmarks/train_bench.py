@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.folder import scan
-from pipeline import distributed, store
-from train.engine import TrainConfig, Trainer
+from agmae.data.folder import scan
+from agmae import distributed, store
+from agmae.train.engine import TrainConfig, Trainer
 
 CASES = {
     # model: (input size, source image size (h, w), image format, map grid of the store)

@@ -36,8 +36,8 @@ from PIL import Image
 from skimage.color import hsv2rgb
 from tqdm import tqdm
 
-from data.idx import read_idx
-from pipeline.paths import agmae_home
+from agmae.data.idx import read_idx
+from agmae.paths import agmae_home
 
 # Bump when the generator changes, so that cached builds of older versions are not reused.
 GENERATOR_VERSION = 1

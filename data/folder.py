@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.paths import agmae_home
+from agmae.paths import agmae_home
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 EXPECTED_LAYOUT = "ROOT/<class>/<image>.jpg"

@@ -5,7 +5,7 @@
 """
 import inspect
 
-from discovery import dino, gradcam, oracle, tokencut
+from agmae.discovery import dino, gradcam, oracle, tokencut
 
 METHODS = {
     "tokencut": (tokencut.build, tokencut.TokenCut),

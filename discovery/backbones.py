@@ -17,8 +17,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from pipeline.checkpoint import file_sha256
-from pipeline.hardware import resolve_precision
+from agmae.checkpoint import file_sha256
+from agmae.hardware import resolve_precision
 
 DEFAULT_VIT = "vit_small_patch16_224.dino"
 OFFLINE_LITE0 = "tf_efficientnet_lite0"

@@ -1,8 +1,8 @@
 """`dino`: the last block's CLS-to-patch self-attention of a (DINO) ViT."""
 import torch
 
-from discovery.backbones import load_backbone
-from discovery.base import Discoverer, to_grid
+from agmae.discovery.backbones import load_backbone
+from agmae.discovery.base import Discoverer, to_grid
 
 HEAD_COMBINE = ("mean", "max")
 

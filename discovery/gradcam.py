@@ -3,8 +3,8 @@ import contextlib
 
 import torch
 
-from discovery.backbones import OFFLINE_LITE0, load_backbone
-from discovery.base import Discoverer, to_grid
+from agmae.discovery.backbones import OFFLINE_LITE0, load_backbone
+from agmae.discovery.base import Discoverer, to_grid
 
 TARGETS = ("predicted", "label")
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from discovery.base import Discoverer
+from agmae.discovery.base import Discoverer
 
 
 def area_matrix(n_in, n_out):
@@ -24,7 +24,7 @@ def area_average(mask, grid):
 
 
 def default_masks_dir() -> Path:
-    from data.demo import ensure_demo
+    from agmae.data.demo import ensure_demo
 
     return ensure_demo() / "masks" / "train"
 

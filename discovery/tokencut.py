@@ -7,8 +7,8 @@ handles the whole batch.
 import torch
 import torch.nn.functional as F
 
-from discovery.backbones import load_backbone
-from discovery.base import Discoverer, to_grid
+from agmae.discovery.backbones import load_backbone
+from agmae.discovery.base import Discoverer, to_grid
 
 FG_RULES = ("seed", "border")
 GRAPHS = ("binary", "weighted")

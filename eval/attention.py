@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.store import STATUS_DONE
+from agmae.store import STATUS_DONE
 
 # Upsampling a whole store at once would hold N masks' worth of float32 maps; chunks keep it small.
 _CHUNK = 256
@@ -81,7 +81,7 @@ def _summary(iou: np.ndarray, pointing: np.ndarray, skipped: int) -> dict:
 def evaluate_store(store, load_mask, chunk: int = 512, progress: bool = False) -> dict:
     """Mean IoU and pointing accuracy (percent) of a map store against ground-truth masks.
 
-    store: a `pipeline.store.MapStore` (.maps [N, h, w], .keys, .status); load_mask(key) ->
+    store: a `agmae.store.MapStore` (.maps [N, h, w], .keys, .status); load_mask(key) ->
     [H, W] mask of that image. Only maps with status done count; the rest are `skipped`.
     Returns dict(mean_iou, pointing, images, skipped).
     """

@@ -1,7 +1,7 @@
 """Frozen-encoder features of an image folder, extracted once (optionally on many ranks) and cached.
 
 The encoder comes from an `agmae-train` checkpoint or an exported timm state dict
-(`pipeline.checkpoint.load_encoder`) and is a timm VisionTransformer without a head. The
+(`agmae.checkpoint.load_encoder`) and is a timm VisionTransformer without a head. The
 feature of an image is the final-norm CLS token (`pool="cls"`) or the mean of the final-norm
 patch tokens (`pool="mean"`), on the eval view: resize S/0.875, centre crop S
 (`data.transforms.eval_transform`), S = the encoder's image size.
@@ -23,12 +23,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from data.folder import ImageFolderIndex, load_rgb, scan
-from data.transforms import eval_transform
-from pipeline import distributed
-from pipeline.checkpoint import atomic_write, file_sha256
-from pipeline.hardware import resolve_precision
-from pipeline.paths import agmae_home
+from agmae.data.folder import ImageFolderIndex, load_rgb, scan
+from agmae.data.transforms import eval_transform
+from agmae import distributed
+from agmae.checkpoint import atomic_write, file_sha256
+from agmae.hardware import resolve_precision
+from agmae.paths import agmae_home
 
 POOLS = ("cls", "mean")
 CACHE_FORMAT = 1
@@ -38,7 +38,7 @@ def build_encoder(checkpoint) -> tuple[torch.nn.Module, dict]:
     """Frozen timm VisionTransformer (no head, eval mode) from a checkpoint; returns (model, timm kwargs)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from pipeline.checkpoint import load_encoder
+    from agmae.checkpoint import load_encoder
 
     timm_kwargs, state_dict = load_encoder(checkpoint)
     model = VisionTransformer(**{**timm_kwargs, "num_classes": 0})

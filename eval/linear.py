@@ -21,10 +21,10 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data.folder import ImageFolderIndex
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from eval.features import FolderImages, pool_tokens
-from eval.knn import topk_accuracy
+from agmae.data.folder import ImageFolderIndex
+from agmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from agmae.eval.features import FolderImages, pool_tokens
+from agmae.eval.knn import topk_accuracy
 
 AUGMENTED_MODE = "augmented (RandomResizedCrop + flip)"
 CACHED_MODE = "cached-features (no augmentation)"

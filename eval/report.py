@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.checkpoint import atomic_write_text
+from agmae.checkpoint import atomic_write_text
 
 RESULTS_NAME = "results.json"
 

@@ -10,7 +10,7 @@ Queries are ranked in chunks sized so one chunk's full ranking fits `max_chunk_e
 import numpy as np
 import torch
 
-from eval.knn import BANK_BLOCK, normalised_rows
+from agmae.eval.knn import BANK_BLOCK, normalised_rows
 
 RECALL_AT = (1, 5)
 

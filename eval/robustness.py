@@ -7,8 +7,8 @@ both exist. Clean-fg k-NN: bank = the training objects on black (`train-fg`), qu
 `only-fg`, which measures object information with no background on either side (only-fg
 queries against a bank with backgrounds are degenerate: they vote for the darkest backgrounds).
 """
-from eval.knn import DEFAULT_T, HEADLINE_K, knn_predict, topk_accuracy
-from eval.linear import probe_accuracy
+from agmae.eval.knn import DEFAULT_T, HEADLINE_K, knn_predict, topk_accuracy
+from agmae.eval.linear import probe_accuracy
 
 DEMO_SPLITS = ("original", "mixed-rand", "only-fg", "mixed-same")
 CLEAN_FG_BANK, CLEAN_FG_QUERIES = "train-fg", "only-fg"

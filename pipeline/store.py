@@ -16,8 +16,8 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-import pipeline
-from data import folder
+import agmae
+from agmae.data import folder
 
 FORMAT_VERSION = 1
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
@@ -235,7 +235,7 @@ def create(path, keys: Sequence[str], grid, *, method: str, backbone: str | None
                 if value is not None:
                     f.attrs[name] = value
             f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-            f.attrs["agmae_version"] = pipeline.__version__
+            f.attrs["agmae_version"] = agmae.__version__
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)

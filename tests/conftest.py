@@ -18,7 +18,7 @@ def _agmae_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_root(_agmae_home):
     """A small demo dataset (240 train, 60 per test split), built once into the session's AGMAE_HOME."""
-    from data.demo import ensure_demo
+    from agmae.data.demo import ensure_demo
 
     return ensure_demo(n_train=240, n_test=60)
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import demo
-from data.demo import BANK_A, BANK_B, CLASS_NAMES, ensure_demo, load_manifest, load_mask, load_photograph
-from data.folder import scan
-from data.idx import read_idx
+from agmae.data import demo
+from agmae.data.demo import BANK_A, BANK_B, CLASS_NAMES, ensure_demo, load_manifest, load_mask, load_photograph
+from agmae.data.folder import scan
+from agmae.data.idx import read_idx
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 BACKGROUND_SPLITS = ("train", "original", "mixed-rand")

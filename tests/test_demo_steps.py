@@ -1,4 +1,4 @@
-"""`make demo` reuses a step only when it would be made the same way (pipeline.demo.run_step)."""
+"""`make demo` reuses a step only when it would be made the same way (agmae.cli.demo.run_step)."""
 import json
 import subprocess
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import recipe, run_directory, run_step
+from agmae.cli.demo import recipe, run_directory, run_step
 
 
 def appender(out, text):

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
-import discovery
-from data.transforms import eval_transform
-from discovery.backbones import RandomInitWarning, load_backbone
-from pipeline.hardware import cpu_has_native_bf16, resolve_precision
+from agmae import discovery
+from agmae.data.transforms import eval_transform
+from agmae.discovery.backbones import RandomInitWarning, load_backbone
+from agmae.hardware import cpu_has_native_bf16, resolve_precision
 
 TINY = "test_vit"  # timm's 6-block, 64-wide ViT made for tests
 

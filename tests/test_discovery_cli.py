@@ -12,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import discovery.tokencut
-from data.folder import scan
-from pipeline import discover_cli, store
+import agmae.discovery.tokencut
+from agmae.data.folder import scan
+from agmae import store
+from agmae.cli import discover as discover_cli
 
-pytestmark = pytest.mark.filterwarnings("ignore::discovery.backbones.RandomInitWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::agmae.discovery.backbones.RandomInitWarning")
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--method", "tokencut", "--backbone", "test_vit", "--random-init", "--image-size", "32", "--workers", "0"]
 
@@ -53,7 +54,7 @@ def assert_same_store(a, b):
 
 def test_shards_run_concurrently_and_merge_into_the_single_run(small_folder, tmp_path):
     out = tmp_path / "maps.h5"
-    shards = [subprocess.Popen([sys.executable, "-m", "pipeline.discover_cli", *SMOKE, "--data", str(small_folder),
+    shards = [subprocess.Popen([sys.executable, "-m", "agmae.cli.discover", *SMOKE, "--data", str(small_folder),
                                 "--out", str(out), "--batch-size", "5", "--shard", f"{k}/2"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for k in range(2)]
@@ -73,7 +74,7 @@ def test_shards_run_concurrently_and_merge_into_the_single_run(small_folder, tmp
 
 def test_an_interrupted_run_resumes_where_it_stopped(small_folder, tmp_path, monkeypatch):
     out = tmp_path / "maps.h5"
-    original = discovery.tokencut.TokenCut.compute
+    original = agmae.discovery.tokencut.TokenCut.compute
     calls = []
 
     def dies_on_third_batch(self, *args, **kwargs):
@@ -82,10 +83,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(small_folder, tmp_path, mon
             raise RuntimeError("killed")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(discovery.tokencut.TokenCut, "compute", dies_on_third_batch)
+    monkeypatch.setattr(agmae.discovery.tokencut.TokenCut, "compute", dies_on_third_batch)
     assert isinstance(run(*SMOKE, "--data", small_folder, "--out", out, "--batch-size", "5").exception, RuntimeError)
     assert store.open_maps(out).status.tolist() == [1] * 10 + [0] * 14
-    monkeypatch.setattr(discovery.tokencut.TokenCut, "compute", original)
+    monkeypatch.setattr(agmae.discovery.tokencut.TokenCut, "compute", original)
     resumed = run(*SMOKE, "--data", small_folder, "--out", out, "--batch-size", "5")
     assert resumed.exit_code == 0 and "resuming" in resumed.output and "image 10 of 24" in resumed.output
     fresh = run(*SMOKE, "--data", small_folder, "--out", tmp_path / "fresh.h5", "--batch-size", "5")

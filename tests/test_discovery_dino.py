@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-import discovery
-from discovery.backbones import RandomInitWarning
+from agmae import discovery
+from agmae.discovery.backbones import RandomInitWarning
 from vit_reference import last_block_qk
 
 

@@ -14,9 +14,9 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM as PackageGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-import discovery
-from data.transforms import discovery_transform
-from discovery.backbones import RandomInitWarning
+from agmae import discovery
+from agmae.data.transforms import discovery_transform
+from agmae.discovery.backbones import RandomInitWarning
 
 
 class GridGradCAM(PackageGradCAM):

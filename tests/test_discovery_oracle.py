@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import discovery
-from data.demo import load_mask
-from data.folder import scan
-from discovery.oracle import area_average
+from agmae import discovery
+from agmae.data.demo import load_mask
+from agmae.data.folder import scan
+from agmae.discovery.oracle import area_average
 
 
 def area_average_by_supersampling(mask, grid):

@@ -6,11 +6,11 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-import discovery
-from data.folder import load_rgb, scan
-from data.transforms import discovery_transform
-from discovery.backbones import RandomInitWarning, load_backbone
-from discovery.tokencut import ncut, seed_component
+from agmae import discovery
+from agmae.data.folder import load_rgb, scan
+from agmae.data.transforms import discovery_transform
+from agmae.discovery.backbones import RandomInitWarning, load_backbone
+from agmae.discovery.tokencut import ncut, seed_component
 from vit_reference import last_block_qk
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.attention import centre_prior, map_scores
+from agmae.eval.attention import centre_prior, map_scores
 
 
 def _top_left_mask(rows=2, cols=2):

@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from timm.models.vision_transformer import VisionTransformer
 
-from data.demo import load_mask
-from data.folder import scan
-from eval.features import FeatureSource
-from pipeline.checkpoint import file_sha256
-from eval.knn import knn_evaluate
-from eval.linear import DEMO_BLR, MAE_BLR
-from pipeline import store
-from pipeline.eval_cli import main
+from agmae.data.demo import load_mask
+from agmae.data.folder import scan
+from agmae.eval.features import FeatureSource
+from agmae.checkpoint import file_sha256
+from agmae.eval.knn import knn_evaluate
+from agmae.eval.linear import DEMO_BLR, MAE_BLR
+from agmae import store
+from agmae.cli.eval import main
 
 from helpers import TINY_VIT
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_knn_without_arguments_evaluates_the_default_run_on_the_demo(run_dir, demo_root, monkeypatch):
     monkeypatch.setenv("AGMAE_RUN_DIR", str(run_dir))
-    monkeypatch.setattr("data.demo.ensure_demo", lambda **params: demo_root)
+    monkeypatch.setattr("agmae.data.demo.ensure_demo", lambda **params: demo_root)
     result = CliRunner().invoke(main, ["knn"])
     assert result.exit_code == 0, result.output
     assert "top-1" in result.output and "results.json" in result.output

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from data.folder import load_rgb, scan
-from data.transforms import eval_transform
-from eval import features as features_module
-from eval.features import FeatureSource
-from pipeline.checkpoint import file_sha256
-from pipeline.hardware import cpu_has_native_bf16
+from agmae.data.folder import load_rgb, scan
+from agmae.data.transforms import eval_transform
+from agmae.eval import features as features_module
+from agmae.eval.features import FeatureSource
+from agmae.checkpoint import file_sha256
+from agmae.hardware import cpu_has_native_bf16
 
 from helpers import TINY_VIT
 
@@ -100,7 +100,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def _extract_on_rank(rank, world_size, port, checkpoint, root, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    from pipeline import distributed
+    from agmae import distributed
 
     distributed.init("cpu")
     try:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.knn import knn_evaluate, knn_predict, nearest_neighbours
+from agmae.eval.knn import knn_evaluate, knn_predict, nearest_neighbours
 
 
 def brute_force_scores(train, train_labels, test, num_classes, k, T):

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from data.folder import scan
-from eval.linear import build_optimizer, build_probe, build_scheduler, probe_accuracy, train_probe_augmented, \
+from agmae.data.folder import scan
+from agmae.eval.linear import build_optimizer, build_probe, build_scheduler, probe_accuracy, train_probe_augmented, \
     train_probe_cached
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from eval.retrieval import retrieval_metrics
+from agmae.eval.retrieval import retrieval_metrics
 
 
 def at_angles(degrees, length=1.0):

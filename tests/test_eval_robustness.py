@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from eval.features import FolderFeatures
-from eval.report import format_table, read_results, update_results
-from eval.robustness import robustness_results
+from agmae.eval.features import FolderFeatures
+from agmae.eval.report import format_table, read_results, update_results
+from agmae.eval.robustness import robustness_results
 
 CLASSES = ["a", "b"]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import folder
-from data.folder import UnreadableImageError, keys_sha256, load_rgb, scan
+from agmae.data import folder
+from agmae.data.folder import UnreadableImageError, keys_sha256, load_rgb, scan
 
 AN_HOUR_AGO_NS = time.time_ns() - 3600 * 10**9
 

@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from data.idx import read_idx
+from agmae.data.idx import read_idx
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 TYPE_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}

@@ -6,8 +6,8 @@ import torch
 from click.testing import CliRunner
 from timm.models.vision_transformer import VisionTransformer
 
-from eval.features import FeatureSource
-from eval.knn import knn_evaluate
+from agmae.eval.features import FeatureSource
+from agmae.eval.knn import knn_evaluate
 
 from helpers import TINY_VIT, load_benchmark
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline
-from data.folder import keys_sha256
-from pipeline import store
-from pipeline.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING
+import agmae
+from agmae.data.folder import keys_sha256
+from agmae import store
+from agmae.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING
 
 GRID = (4, 5)
 N = 30
@@ -102,7 +102,7 @@ def test_round_trip(tmp_path):
     assert attrs["method_options"] == {"tau": 0.2, "output": "soft"}
     assert attrs["keys_sha256"] == keys_sha256(KEYS)
     assert attrs["shard"] is None and attrs["index_range"] is None
-    assert attrs["agmae_version"] == pipeline.__version__ and attrs["created"][:2] == "20"
+    assert attrs["agmae_version"] == agmae.__version__ and attrs["created"][:2] == "20"
     with h5py.File(path, "r") as f:
         assert f["maps"].chunks is None and f["maps"].compression is None
 

@@ -7,7 +7,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from eval.report import update_results
+from agmae.eval.report import update_results
 
 from helpers import load_benchmark
 

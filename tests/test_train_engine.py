@@ -14,14 +14,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import train.engine as engine
-from data.folder import keys_sha256, scan
-from pipeline import store
-from pipeline.checkpoint import load_checkpoint
-from pipeline.hardware import cpu_has_native_bf16
-from pipeline.train_cli import _config, demo_precision, main as train_cli
-from train.dataset import GuidedMAEDataset
-from train.engine import NonFiniteLossError, TrainConfig, Trainer, _amp_dtype, train
+import agmae.train.engine as engine
+from agmae.data.folder import keys_sha256, scan
+from agmae import store
+from agmae.checkpoint import load_checkpoint
+from agmae.hardware import cpu_has_native_bf16
+from agmae.cli.train import _config, demo_precision, main as train_cli
+from agmae.train.dataset import GuidedMAEDataset
+from agmae.train.engine import NonFiniteLossError, TrainConfig, Trainer, _amp_dtype, train
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES, GRID = 16, (5, 6)
@@ -110,8 +110,8 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(image_root, maps_fil
 _RANK_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from pipeline import distributed
-from train.engine import TrainConfig, Trainer
+from agmae import distributed
+from agmae.train.engine import TrainConfig, Trainer
 cfg = TrainConfig.from_dict(eval(sys.argv[1]))
 env, device = distributed.init("cpu")
 trainer = Trainer(cfg, env, device)
@@ -252,7 +252,7 @@ def test_cli_trains_with_gradient_accumulation_and_exports(image_root, maps_file
 
 
 def test_cli_defaults_to_the_demo_recipe_and_names_missing_maps(demo_root, monkeypatch):
-    monkeypatch.setattr("data.demo.ensure_demo", lambda: demo_root)
+    monkeypatch.setattr("agmae.data.demo.ensure_demo", lambda: demo_root)
     vanilla = _config(maps=None, no_guidance=True, data=None, out=None, **_unset_options())
     assert (vanilla.model, vanilla.epochs, vanilla.batch_size, vanilla.blr) == ("mae_vit_demo_patch8", 30, 256, 1e-3)
     assert vanilla.data == str(demo_root / "train") and vanilla.maps is None

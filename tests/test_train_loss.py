@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from train.loss import foreground_weight_share, guided_mae_loss
-from train.schedules import lr_at, tau_at
+from agmae.train.loss import foreground_weight_share, guided_mae_loss
+from agmae.train.schedules import lr_at, tau_at
 
 E = math.e
 

@@ -7,9 +7,9 @@ import timm
 import torch
 from click.testing import CliRunner
 
-from pipeline.checkpoint import atomic_save, load_encoder
-from pipeline.train_cli import main as train_cli
-from train.model import MODELS, create_model, sincos_pos_embed_2d
+from agmae.checkpoint import atomic_save, load_encoder
+from agmae.cli.train import main as train_cli
+from agmae.train.model import MODELS, create_model, sincos_pos_embed_2d
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)

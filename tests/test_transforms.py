@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from data.transforms import (
+from agmae.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     JointRandomResizedCrop,

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from data.folder import ImageFolderIndex, load_rgb
-from data.transforms import JointRandomResizedCrop, crop_maps
-from pipeline.store import STATUS_DONE, MapStore, open_maps
+from agmae.data.folder import ImageFolderIndex, load_rgb
+from agmae.data.transforms import JointRandomResizedCrop, crop_maps
+from agmae.store import STATUS_DONE, MapStore, open_maps
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -22,17 +22,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-import pipeline
-from data.folder import scan
-from pipeline import distributed
-from pipeline.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint
-from pipeline.hardware import cpu_has_native_bf16
-from pipeline.paths import last_checkpoint
-from pipeline.store import open_maps
-from train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
-from train.loss import foreground_weight_share, guided_mae_loss
-from train.model import DEMO_MODEL, MaskedAutoencoderViT, create_model
-from train.schedules import lr_at, tau_at
+import agmae
+from agmae.data.folder import scan
+from agmae import distributed
+from agmae.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint
+from agmae.hardware import cpu_has_native_bf16
+from agmae.paths import last_checkpoint
+from agmae.store import open_maps
+from agmae.train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
+from agmae.train.loss import foreground_weight_share, guided_mae_loss
+from agmae.train.model import DEMO_MODEL, MaskedAutoencoderViT, create_model
+from agmae.train.schedules import lr_at, tau_at
 
 ADAMW_BETAS = (0.9, 0.95)
 LR_REFERENCE_BATCH = 256
@@ -219,7 +219,7 @@ class Trainer:
             "effective_batch": self.effective_batch,
             "lr": self.lr,
             "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32",
-            "version": pipeline.__version__,
+            "version": agmae.__version__,
         }
         self.start_epoch, self.step, self.epoch = 0, 0, 0
         self.resumed_from = self._resume()
@@ -262,7 +262,7 @@ class Trainer:
                 "sampler": {"epoch": epoch, "seed": self.cfg.seed},
                 "config": self.config,
                 "store_fingerprint": self.store_fingerprint,
-                "version": pipeline.__version__,
+                "version": agmae.__version__,
             },
             self.checkpoint_path,
         )

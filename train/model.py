@@ -9,7 +9,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
 
-from pipeline.checkpoint import DECODER_PREFIXES
+from agmae.checkpoint import DECODER_PREFIXES
 
 # (embed_dim, depth, num_heads) of the standard ViT sizes
 _VIT_SIZES = {

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import click
 
-from data.demo import ensure_demo
-from pipeline.checkpoint import atomic_write_text
-from pipeline.hardware import cpu_has_native_bf16
-from pipeline.paths import agmae_home, maps_path
+from agmae.data.demo import ensure_demo
+from agmae.checkpoint import atomic_write_text
+from agmae.hardware import cpu_has_native_bf16
+from agmae.paths import agmae_home, maps_path
 
 DISCOVERY = {
     "oracle": ["--method", "oracle", "--patch", "8"],
@@ -120,8 +120,8 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
     import numpy as np
     from PIL import Image
 
-    from data.folder import scan
-    from pipeline.store import open_maps
+    from agmae.data.folder import scan
+    from agmae.store import open_maps
 
     methods = [m for m in DISCOVERY if maps_path(run_root, m).exists()]
     fig = plt.figure(figsize=(14, 4 + 1.6 * len(methods)))
@@ -162,7 +162,7 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
 
 
 def format_comparison(table: dict) -> str:
-    from eval.report import format_table
+    from agmae.eval.report import format_table
 
     columns = list(COLUMNS)
     return format_table(["run", *columns], [[name, *(row[c] for c in columns)] for name, row in table.items()])
@@ -203,11 +203,11 @@ def main(out, epochs, seed):
                  "--epochs", str(epochs), "--seed", str(seed), "--save-every", "1"]  # a killed demo resumes per epoch
         maps_marker = () if method is None else (discovered[method],)
         run_dir = run_dirs[name] = run_directory(run_root, name, recipe(train, maps_marker))
-        train_marker = run_dir / "train.done.json"
+        train_marker = run_dir / "agmae.train.done.json"
         run_step(f"train {name}", [*train, "--out", str(run_dir)], train_marker, maps_marker)
         evaluate = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
                     "--mode", "cached", "--k", "20", *precision]
-        run_step(f"evaluate {name}", evaluate, run_dir / "eval.done.json", (train_marker,))
+        run_step(f"evaluate {name}", evaluate, run_dir / "agmae.eval.done.json", (train_marker,))
 
     attention_file = run_root / "results.json"
     run_step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)],

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from eval.knn import DEFAULT_T, HEADLINE_K, KS
-from pipeline.hardware import default_workers
+from agmae.eval.knn import DEFAULT_T, HEADLINE_K, KS
+from agmae.hardware import default_workers
 
 POOLS = ("cls", "mean")
 LINEAR_MODES = ("augmented", "cached")
@@ -97,8 +97,8 @@ class Session:
     """What every subcommand shares: process group, run directory, dataset root, cached features."""
 
     def __init__(self, opts: dict):
-        from pipeline import distributed
-        from pipeline.paths import default_run_dir, last_checkpoint
+        from agmae import distributed
+        from agmae.paths import default_run_dir, last_checkpoint
 
         self.opts = opts
         self.env, self.device = distributed.init(opts.get("device", "auto"))
@@ -106,14 +106,14 @@ class Session:
         self.run_dir = opts["run_dir"] or (checkpoint.parent if checkpoint else default_run_dir())
         self.checkpoint = checkpoint or last_checkpoint(self.run_dir)
         if opts["data"] is None:
-            from data.demo import ensure_demo
+            from agmae.data.demo import ensure_demo
 
             self.root = Path(ensure_demo(correlation=opts["demo_correlation"]))
         else:
             self.root = opts["data"]
         if "blr" in opts and opts["blr"] is None:
-            from data.demo import is_demo_root
-            from eval.linear import DEMO_BLR, MAE_BLR
+            from agmae.data.demo import is_demo_root
+            from agmae.eval.linear import DEMO_BLR, MAE_BLR
 
             opts["blr"] = DEMO_BLR if is_demo_root(self.root) else MAE_BLR
         self.default_test_split = "original" if (self.root / "original").is_dir() else "val"
@@ -124,7 +124,7 @@ class Session:
     @property
     def source(self):
         if self._source is None:
-            from eval.features import FeatureSource
+            from agmae.eval.features import FeatureSource
 
             self._source = FeatureSource(self.checkpoint, pool=self.opts["pool"], batch_size=self.opts["batch_size"],
                                          workers=self.opts["workers"], device=self.device,
@@ -158,7 +158,7 @@ class Session:
         """Write results.json's entry for protocol and print the table (rank 0 only)."""
         if not self.env.is_main:
             return
-        from eval.report import update_results
+        from agmae.eval.report import update_results
 
         entry = dict(
             checkpoint=str(Path(self.checkpoint).resolve()), checkpoint_sha256=self.source.checkpoint_sha256,
@@ -179,9 +179,9 @@ def _linear_opts(opts: dict) -> dict:
 
 
 def run_knn(session: Session) -> None:
-    from eval.knn import knn_evaluate
-    from eval.report import format_table
-    from eval.robustness import check_same_classes
+    from agmae.eval.knn import knn_evaluate
+    from agmae.eval.report import format_table
+    from agmae.eval.robustness import check_same_classes
 
     opts, started = session.opts, time.time()
     train, test = session.features(opts["train_split"]), session.features(session.test_split)
@@ -200,10 +200,10 @@ def run_knn(session: Session) -> None:
 
 
 def run_linear(session: Session) -> None:
-    from eval.features import image_size_of
-    from eval.linear import MODES, probe_accuracy, train_probe_augmented, train_probe_cached
-    from eval.report import format_table
-    from eval.robustness import check_same_classes
+    from agmae.eval.features import image_size_of
+    from agmae.eval.linear import MODES, probe_accuracy, train_probe_augmented, train_probe_cached
+    from agmae.eval.report import format_table
+    from agmae.eval.robustness import check_same_classes
 
     opts, started = session.opts, time.time()
     train, test = session.features(opts["train_split"]), session.features(session.test_split)
@@ -233,9 +233,9 @@ def run_linear(session: Session) -> None:
 
 
 def run_retrieval(session: Session) -> None:
-    from eval.report import format_table
-    from eval.retrieval import retrieval_metrics
-    from eval.robustness import check_same_classes
+    from agmae.eval.report import format_table
+    from agmae.eval.retrieval import retrieval_metrics
+    from agmae.eval.robustness import check_same_classes
 
     opts, started = session.opts, time.time()
     train, test = session.features(opts["train_split"]), session.features(session.test_split)
@@ -251,15 +251,15 @@ def run_retrieval(session: Session) -> None:
 
 
 def robustness_splits(session: Session) -> list[str]:
-    from eval.robustness import DEMO_SPLITS
+    from agmae.eval.robustness import DEMO_SPLITS
 
     return list(session.opts["splits"]) or [name for name in DEMO_SPLITS if session.has_split(name)]
 
 
 def run_robustness(session: Session) -> None:
-    from eval.linear import train_probe_cached
-    from eval.report import format_table
-    from eval.robustness import CLEAN_FG_BANK, CLEAN_FG_QUERIES, robustness_results
+    from agmae.eval.linear import train_probe_cached
+    from agmae.eval.report import format_table
+    from agmae.eval.robustness import CLEAN_FG_BANK, CLEAN_FG_QUERIES, robustness_results
 
     opts, started = session.opts, time.time()
     names = robustness_splits(session)
@@ -295,11 +295,11 @@ def attention_stores(session: Session) -> list[Path]:
 
 
 def run_attention(session: Session) -> None:
-    from data.demo import load_mask
-    from data.folder import scan
-    from eval.attention import centre_prior, evaluate_prior, evaluate_store
-    from eval.report import format_table, update_results
-    from pipeline.store import open_maps
+    from agmae.data.demo import load_mask
+    from agmae.data.folder import scan
+    from agmae.eval.attention import centre_prior, evaluate_prior, evaluate_store
+    from agmae.eval.report import format_table, update_results
+    from agmae.store import open_maps
 
     opts, started = session.opts, time.time()
     if not session.env.is_main:
@@ -346,7 +346,7 @@ def run_attention(session: Session) -> None:
 
 
 def _run(protocols, opts: dict) -> None:
-    from pipeline import distributed
+    from agmae import distributed
 
     try:
         session = Session(opts)
@@ -428,3 +428,7 @@ def run_all(**opts):
             run_attention(session)
 
     _run([run_knn, run_linear, run_retrieval, robustness_if_any, attention_if_any], opts)
+
+
+if __name__ == "__main__":
+    main()

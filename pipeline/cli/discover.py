@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import discovery
-from data.demo import ensure_demo
-from data.folder import load_rgb, scan
-from data.transforms import discovery_transform
-from pipeline import store
-from pipeline.hardware import default_workers
-from pipeline.paths import default_run_dir, maps_path
+from agmae import discovery
+from agmae.data.demo import ensure_demo
+from agmae.data.folder import load_rgb, scan
+from agmae.data.transforms import discovery_transform
+from agmae import store
+from agmae.hardware import default_workers
+from agmae.paths import default_run_dir, maps_path
 
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
 INSPECT_BINS = 10

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.checkpoint import export_encoder
-from pipeline.hardware import cpu_has_native_bf16, default_workers
-from pipeline.paths import default_maps, default_run_dir, last_checkpoint
+from agmae.checkpoint import export_encoder
+from agmae.hardware import cpu_has_native_bf16, default_workers
+from agmae.paths import default_maps, default_run_dir, last_checkpoint
 
 # Recipe defaults: the demo dataset's calibration (ARCHITECTURE.md) and the MAE paper's recipe
 # for user datasets. Options left unset take the value of the recipe that fits --data.
@@ -111,7 +111,7 @@ def main(ctx, **options):
     """
     if ctx.invoked_subcommand is not None:
         return
-    from train.engine import NonFiniteLossError, train  # torch-heavy: not needed for export or --help
+    from agmae.train.engine import NonFiniteLossError, train  # torch-heavy: not needed for export or --help
 
     try:
         metrics = train(_config(**options))
@@ -132,8 +132,8 @@ def demo_precision(device: str) -> str:
 
 def _config(maps, no_guidance, data, out, **options):
     """TrainConfig from the CLI options: recipe defaults, default paths, the demo dataset."""
-    from data.demo import ensure_demo
-    from train.engine import TrainConfig
+    from agmae.data.demo import ensure_demo
+    from agmae.train.engine import TrainConfig
 
     if maps is not None and no_guidance:
         raise click.UsageError("--maps and --no-guidance exclude each other")
@@ -164,3 +164,7 @@ def export(checkpoint, out):
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"wrote {out} (+ {out.name}.json)")
+
+
+if __name__ == "__main__":
+    main()
