@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from agmae.paths import agmae_home
+from agmae.store import keys_fingerprint
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 EXPECTED_LAYOUT = "ROOT/<class>/<image>.jpg"
@@ -27,11 +28,6 @@ RACY_MTIME_NS = 2_000_000_000
 
 class UnreadableImageError(OSError, ValueError):
     """An image file that PIL cannot decode (missing, empty, truncated or not an image)."""
-
-
-def keys_sha256(keys) -> str:
-    """Fingerprint of a dataset order: hex SHA-256 of the keys joined by newlines, UTF-8."""
-    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -139,7 +135,7 @@ def _load_cache(path: Path, root: Path):
             labels = npz["labels"].astype(np.int64)
     except (OSError, KeyError, ValueError):
         return None
-    return ImageFolderIndex(root, keys, labels, classes, keys_sha256(keys))
+    return ImageFolderIndex(root, keys, labels, classes, keys_fingerprint(keys))
 
 
 def _save_cache(path: Path, root: Path, index: ImageFolderIndex, stamps: dict) -> bool:
@@ -191,7 +187,7 @@ def scan(root, cache_dir=None) -> ImageFolderIndex:
     keys, classes, stamps = _walk(root)
     if not keys:
         raise ValueError(f"dataset root {root} holds no class folders with images; expected {EXPECTED_LAYOUT}")
-    index = ImageFolderIndex(root, keys, _labels(keys, classes), classes, keys_sha256(keys))
+    index = ImageFolderIndex(root, keys, _labels(keys, classes), classes, keys_fingerprint(keys))
     if max(stamps.values()) < scan_started_ns - RACY_MTIME_NS:
         for path in candidates:
             if _save_cache(path, root, index, stamps):

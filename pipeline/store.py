@@ -8,6 +8,7 @@ them done, so a killed job leaves only correct done entries and resumes at `firs
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,6 @@ import h5py
 import numpy as np
 
 import agmae
-from agmae.data import folder
 
 FORMAT_VERSION = 1
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
@@ -28,6 +28,12 @@ _MERGE_ATTRS = ("method", "backbone", "weights_sha256", "image_size", "grid", "m
                 "keys_sha256")
 _STRINGS = h5py.string_dtype("utf-8")
 _ROWS_PER_STEP = 65536  # maps validated or merged per step: ~25 MB of float32 at 14x14
+
+
+def keys_fingerprint(keys) -> str:
+    """Fingerprint of a dataset order: hex SHA-256 of the keys joined by newlines, UTF-8 (the store's
+    `keys_sha256` attribute; image-folder indexes carry the same fingerprint)."""
+    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
 
 
 def _identity(keys, grid, method, backbone, weights_sha256, image_size, method_options,
@@ -46,7 +52,7 @@ def _identity(keys, grid, method, backbone, weights_sha256, image_size, method_o
             "weights_sha256": weights_sha256 or "", "image_size": int(image_size),
             "grid": tuple(int(g) for g in grid),
             "method_options": json.dumps(method_options or {}, sort_keys=True),
-            "keys_sha256": keys_sha256 or folder.keys_sha256(keys),
+            "keys_sha256": keys_sha256 or keys_fingerprint(keys),
             "shard": None if shard is None else tuple(int(s) for s in shard),
             "index_range": None if index_range is None else tuple(int(i) for i in index_range)}
 
@@ -284,8 +290,8 @@ def merge(shard_paths: Sequence, out_path) -> Path:
                              f"(rerun its job, it resumes) before merging")
         end = hi
     keys = [key for shard in shards for key in shard.keys]
-    if folder.keys_sha256(keys) != first.attrs["keys_sha256"]:
-        raise ValueError(f"{out_path}: the shards' keys hash to {folder.keys_sha256(keys)}, not the "
+    if keys_fingerprint(keys) != first.attrs["keys_sha256"]:
+        raise ValueError(f"{out_path}: the shards' keys hash to {keys_fingerprint(keys)}, not the "
                          f"dataset fingerprint {first.attrs['keys_sha256']}; a shard is missing at the end "
                          f"or the shards come from another dataset")
     temp = out_path.with_name(f".{out_path.name}.merging-{os.getpid()}")
@@ -308,12 +314,12 @@ def validate(path, dataset_keys: Sequence[str] | None = None) -> MapStore:
     problem: format version, layout, truncation, key fingerprints, status codes, map values."""
     store = open_maps(path)
     attrs, path = store.attrs, store.path
-    if attrs["shard"] is None and folder.keys_sha256(store.keys) != attrs["keys_sha256"]:
-        raise ValueError(f"{path}: its keys hash to {folder.keys_sha256(store.keys)} but keys_sha256 "
+    if attrs["shard"] is None and keys_fingerprint(store.keys) != attrs["keys_sha256"]:
+        raise ValueError(f"{path}: its keys hash to {keys_fingerprint(store.keys)} but keys_sha256 "
                          f"says {attrs['keys_sha256']}; the file was altered, recompute it")
     if dataset_keys is not None:
         dataset_keys = list(dataset_keys)
-        expected = folder.keys_sha256(dataset_keys)
+        expected = keys_fingerprint(dataset_keys)
         if attrs["keys_sha256"] != expected:
             raise ValueError(f"{path}: keys fingerprint {attrs['keys_sha256']} differs from the "
                              f"dataset's {expected}; the maps are for another dataset, recompute them")

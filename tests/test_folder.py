@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from agmae.data import folder
-from agmae.data.folder import UnreadableImageError, keys_sha256, load_rgb, scan
+from agmae.data.folder import UnreadableImageError, load_rgb, scan
+from agmae.store import keys_fingerprint
 
 AN_HOUR_AGO_NS = time.time_ns() - 3600 * 10**9
 
@@ -51,7 +52,7 @@ def test_sorted_keys_labels_classes_and_fingerprint(tmp_path):
     assert index.labels.dtype == np.int64 and index.labels.tolist() == [0, 1, 1, 2, 2]
     assert len(index) == 5 and index.path(3) == tmp_path / "data" / "dog" / "a.jpg"
     expected = hashlib.sha256("ant/1.webp\ncat/sub/y.JPG\ncat/z.jpeg\ndog/a.jpg\ndog/b.PNG".encode()).hexdigest()
-    assert index.keys_sha256 == keys_sha256(index.keys) == expected
+    assert index.keys_sha256 == keys_fingerprint(index.keys) == expected
 
 
 def test_cached_index_is_reused_while_the_tree_is_unchanged(tmp_path, monkeypatch):
@@ -85,7 +86,7 @@ def test_cache_invalidated_when_the_tree_changes(tmp_path, change, keys):
         make_tree(root, [added])
     index = scan(root)
     assert index.keys == keys
-    assert index.keys_sha256 == keys_sha256(keys)
+    assert index.keys_sha256 == keys_fingerprint(keys)
     if change == "add class":
         assert index.classes == ["ant", "bee", "cat", "dog"] and index.labels.tolist() == [0, 1, 2, 2, 3, 3]
 

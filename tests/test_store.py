@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import agmae
-from agmae.data.folder import keys_sha256
+from agmae.store import keys_fingerprint
 from agmae import store
 from agmae.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING
 
@@ -100,7 +100,7 @@ def test_round_trip(tmp_path):
     assert attrs["backbone"] == "vit_small_patch16_224" and attrs["weights_sha256"] == "ab" * 32
     assert attrs["image_size"] == 64 and attrs["grid"] == GRID
     assert attrs["method_options"] == {"tau": 0.2, "output": "soft"}
-    assert attrs["keys_sha256"] == keys_sha256(KEYS)
+    assert attrs["keys_sha256"] == keys_fingerprint(KEYS)
     assert attrs["shard"] is None and attrs["index_range"] is None
     assert attrs["agmae_version"] == agmae.__version__ and attrs["created"][:2] == "20"
     with h5py.File(path, "r") as f:
@@ -215,7 +215,7 @@ SHARD_RANGES = [(0, 10), (10, 20), (20, N)]
 
 def make_shard(directory, k, lo, hi, n=3, keys=KEYS, finish=True, **overrides):
     path = directory / f"shard-{k}-{lo}-{hi}.h5"
-    with make_store(path, keys=keys[lo:hi], keys_sha256=keys_sha256(keys),
+    with make_store(path, keys=keys[lo:hi], keys_sha256=keys_fingerprint(keys),
                     shard=(k, n), index_range=(lo, hi), **overrides) as writer:
         write_range(writer, lo, hi if finish else lo + 2, offset=lo, grid=overrides.get("grid", GRID))
     return path
@@ -228,7 +228,7 @@ def test_merge_equals_single_file_write(tmp_path):
     assert_same_content(merged, full_store(tmp_path / "single.h5"))
     read = store.validate(merged, dataset_keys=KEYS)
     assert read.keys == KEYS and read.attrs["shard"] is None and read.attrs["index_range"] is None
-    assert read.attrs["keys_sha256"] == keys_sha256(KEYS)
+    assert read.attrs["keys_sha256"] == keys_fingerprint(KEYS)
     assert read.errors[FAILED_INDEX] == "unreadable image"
 
 
@@ -311,7 +311,7 @@ def test_validate_refuses_wrong_dataset_fingerprint(good_store):
     with pytest.raises(ValueError, match="differs from the dataset's") as err:
         store.validate(good_store, dataset_keys=KEYS[:-1])
     assert str(good_store) in str(err.value)
-    assert keys_sha256(KEYS[:-1]) in str(err.value)
+    assert keys_fingerprint(KEYS[:-1]) in str(err.value)
 
 
 def test_validate_refuses_truncated_file(good_store, tmp_path):

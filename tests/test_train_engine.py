@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import agmae.train.engine as engine
-from agmae.data.folder import keys_sha256, scan
+from agmae.data.folder import scan
+from agmae.store import keys_fingerprint
 from agmae import store
 from agmae.checkpoint import load_checkpoint
 from agmae.hardware import cpu_has_native_bf16
@@ -193,7 +194,7 @@ def test_store_of_another_dataset_is_refused_naming_both_fingerprints(image_root
                          np.full(N_IMAGES, store.STATUS_DONE, np.uint8))
     with pytest.raises(ValueError) as err:
         train(_config_for(image_root, tmp_path / "run", other))
-    assert keys_sha256(other_keys) in str(err.value)
+    assert keys_fingerprint(other_keys) in str(err.value)
     assert scan(image_root).keys_sha256 in str(err.value)
     assert not (tmp_path / "run" / "checkpoint-last.pth").exists()
 
