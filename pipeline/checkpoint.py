@@ -3,7 +3,7 @@
 A training checkpoint is a `torch.save`d dict: `model` (the MAE state dict; encoder keys named
 like timm's `VisionTransformer`, decoder keys starting with `decoder_` or being `mask_token`),
 `config` (with `encoder` = the timm `VisionTransformer` kwargs), `optimizer`, `scaler`, `epoch`,
-`step`, `rng`, `sampler`, `store_fingerprint`, `version`. An exported encoder is a plain timm
+`step`, `rng`, `sampler`, `version`. An exported encoder is a plain timm
 state dict with its kwargs in a JSON file beside it (`<file>.json`).
 """
 import hashlib

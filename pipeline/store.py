@@ -127,6 +127,12 @@ class MapStore:
         self.maps = np.memmap(self.path, np.float16, "r", maps_offset, (n, *self.attrs["grid"]))
         self.status = np.memmap(self.path, np.uint8, "r", status_offset, (n,))
 
+    def identity(self) -> dict:
+        """What the maps are, independent of where the file lies: method, backbone, weights, method
+        options, image size, grid and the keys' fingerprint. Two stores with one identity hold the same maps."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in self.attrs.items() if name in _MERGE_ATTRS}
+
     def __len__(self) -> int:
         return len(self.keys)
 

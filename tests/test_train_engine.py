@@ -98,11 +98,10 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(image_root, maps_fil
     assert _metrics(tmp_path / "a", timing=False) == _metrics(tmp_path / "b", timing=False)
     assert [m["epoch"] for m in _metrics(tmp_path / "b")] == [1, 2, 3]
     checkpoint = load_checkpoint(tmp_path / "b" / "checkpoint-last.pth")
-    assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "sampler", "config", "store_fingerprint",
-            "version"} <= checkpoint.keys()
+    assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "sampler", "config", "version"} <= checkpoint.keys()
     assert (checkpoint["epoch"], checkpoint["step"]) == (3, 12)
     assert checkpoint["config"]["encoder"]["embed_dim"] == 32
-    assert checkpoint["store_fingerprint"] == scan(image_root).keys_sha256
+    assert checkpoint["config"]["store_identity"] == store.open_maps(maps_file).identity()
     # every image but the failed one is seen once per epoch
     assert [m["missing_maps"] for m in _metrics(tmp_path / "a")] == [1, 1, 1]
     assert json.loads((tmp_path / "b" / "config.json").read_text())["lr"] == pytest.approx(1e-3 * 4 / 256)
@@ -186,6 +185,27 @@ def test_samples_depend_only_on_seed_epoch_and_index(image_root):
     assert all(torch.equal(torch.as_tensor(first[k]), torch.as_tensor(again[k])) for k in first)
     assert not torch.equal(first["noise"], next_epoch["noise"])
     assert "map" not in first
+
+
+def test_resuming_with_another_store_of_the_same_images_is_refused_naming_both_files(image_root, maps_file,
+                                                                                    tmp_path):
+    run = tmp_path / "run"
+    train(_config_for(image_root, run, maps_file, epochs=1))
+    opened = store.open_maps(maps_file)
+    other = tmp_path / "maps-tokencut.h5"
+    with store.create(other, opened.keys, GRID, method="tokencut", backbone="vit_small_patch16_224",
+                      weights_sha256="ab" * 32, image_size=48, method_options={"tau": 0.2}) as writer:
+        writer.write(0, np.asarray(opened.maps, np.float32), np.asarray(opened.status), opened.errors)
+    assert store.open_maps(other).attrs["keys_sha256"] == opened.attrs["keys_sha256"]  # same images
+    with pytest.raises(ValueError) as err:
+        train(_config_for(image_root, run, other, epochs=2))
+    message = str(err.value)
+    assert str(maps_file) in message and str(other) in message and "method tokencut" in message
+    assert load_checkpoint(run / "checkpoint-last.pth")["epoch"] == 1
+    with pytest.raises(ValueError, match="no maps, vanilla MAE"):
+        train(_config_for(image_root, run, None, epochs=2))
+    train(_config_for(image_root, run, maps_file, epochs=2))  # the same store resumes
+    assert load_checkpoint(run / "checkpoint-last.pth")["epoch"] == 2
 
 
 def test_store_of_another_dataset_is_refused_naming_both_fingerprints(image_root, tmp_path):

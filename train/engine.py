@@ -39,7 +39,7 @@ LR_REFERENCE_BATCH = 256
 FOREGROUND_THRESHOLD = 0.5
 # Settings that decide what a checkpoint's weights mean; resuming with any of them changed is refused.
 RUN_IDENTITY = ("model", "input_size", "patch_size", "embed_dim", "depth", "num_heads",
-                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "keys_sha256", "store_fingerprint")
+                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "keys_sha256", "store_identity")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -158,6 +158,12 @@ def _amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | N
     return torch.bfloat16
 
 
+def _describe(store_identity: dict | None) -> str:
+    if store_identity is None:
+        return "no maps, vanilla MAE"
+    return ", ".join(f"{name} {store_identity[name]}" for name in ("method", "backbone", "grid", "image_size"))
+
+
 def _tensorboard(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -175,12 +181,12 @@ class Trainer:
         seed_everything(cfg.seed)
         self.index = scan(cfg.data)
         self.guided = cfg.maps is not None
-        self.store_fingerprint = None
+        self.store_identity = None
         self.images_without_map = 0
         if self.guided:
             store = open_maps(cfg.maps)
             self.images_without_map = check_store(store, self.index, cfg.require_maps)
-            self.store_fingerprint = store.attrs["keys_sha256"]
+            self.store_identity = store.identity()
 
         self.model: MaskedAutoencoderViT = create_model(cfg.model, **cfg.model_overrides()).to(device)
         self.model.set_fused_attn(device.type == "cuda" if cfg.fused_attn is None else cfg.fused_attn)
@@ -214,7 +220,7 @@ class Trainer:
             "input_size": input_size,
             "encoder": self.model.encoder_kwargs,
             "keys_sha256": self.index.keys_sha256,
-            "store_fingerprint": self.store_fingerprint,
+            "store_identity": self.store_identity,
             "world_size": env.world_size,
             "effective_batch": self.effective_batch,
             "lr": self.lr,
@@ -237,6 +243,12 @@ class Trainer:
         state = load_checkpoint(path)
         for name in RUN_IDENTITY:
             theirs, ours = state["config"].get(name), self.config[name]
+            if name == "store_identity" and theirs != ours:
+                raise ValueError(
+                    f"{path}: was trained with the maps of {state['config'].get('maps')} ({_describe(theirs)}), "
+                    f"this run has {self.cfg.maps} ({_describe(ours)}); resume with the same store or write "
+                    f"to another --out"
+                )
             if theirs != ours:
                 raise ValueError(
                     f"{path}: was trained with {name}={theirs!r}, this run has {name}={ours!r}; "
@@ -261,7 +273,6 @@ class Trainer:
                 "rng": _rng_state(),
                 "sampler": {"epoch": epoch, "seed": self.cfg.seed},
                 "config": self.config,
-                "store_fingerprint": self.store_fingerprint,
                 "version": agmae.__version__,
             },
             self.checkpoint_path,
