@@ -70,8 +70,6 @@ BANK_A = (
 BANK_B = ("motorcycle", "retina", "gravel", "page")
 BLACK = "black"
 
-TRAIN_SPLITS = ("train", "train-fg")
-TEST_SPLITS = ("original", "mixed-rand", "only-fg", "mixed-same")
 CHUNK = 250
 
 

@@ -148,10 +148,18 @@ class Backbone:
 
 
 @contextlib.contextmanager
-def capture_output(module):
-    """Collect `module`'s forward outputs in a list while the context is open."""
+def capture_output(module, as_leaf: bool = False):
+    """Collect `module`'s forward outputs in a list while the context is open. as_leaf: replace each
+    output by a fresh leaf that requires grad, so autograd records only what follows it (Grad-CAM)."""
     taken = []
-    handle = module.register_forward_hook(lambda _m, _i, out: taken.append(out))
+
+    def hook(_module, _inputs, out):
+        if as_leaf:
+            out = out.detach().requires_grad_(True)
+        taken.append(out)
+        return out
+
+    handle = module.register_forward_hook(hook)
     try:
         yield taken
     finally:

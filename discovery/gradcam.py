@@ -1,29 +1,10 @@
 """`gradcam`: Grad-CAM of a classifier's target class at one layer, one backward pass per batch."""
-import contextlib
-
 import torch
 
-from agmae.discovery.backbones import OFFLINE_LITE0, load_backbone
+from agmae.discovery.backbones import OFFLINE_LITE0, capture_output, load_backbone
 from agmae.discovery.base import Discoverer, to_grid
 
 TARGETS = ("predicted", "label")
-
-
-@contextlib.contextmanager
-def gradient_leaf(module):
-    """Make `module`'s output a fresh leaf that requires grad, so autograd records only what follows it."""
-    taken = []
-
-    def hook(_module, _inputs, out):
-        leaf = out.detach().requires_grad_(True)
-        taken.append(leaf)
-        return leaf
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield taken
-    finally:
-        handle.remove()
 
 
 class GradCAM(Discoverer):
@@ -45,7 +26,7 @@ class GradCAM(Discoverer):
         if self.options["target"] == "label" and labels is None:
             raise ValueError("gradcam target=label needs the images' labels")
         backbone = self.backbone
-        with torch.enable_grad(), gradient_leaf(backbone.module(self.options["layer"])) as taken:
+        with torch.enable_grad(), capture_output(backbone.module(self.options["layer"]), as_leaf=True) as taken:
             with backbone.autocast():
                 logits = backbone.model(backbone.prepare(imgs)).float()
             if self.options["target"] == "label":

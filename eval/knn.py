@@ -82,7 +82,7 @@ def vote(neighbour_sims: torch.Tensor, neighbour_labels: torch.Tensor, num_class
     return scores.scatter_add_(1, neighbour_labels, (neighbour_sims / T).exp())
 
 
-def _labels_tensor(labels) -> torch.Tensor:
+def labels_tensor(labels) -> torch.Tensor:
     return labels.long() if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
 
@@ -95,12 +95,12 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes: int, k: int 
     Returns scores: [M, num_classes] float32 (sum over the k neighbours of exp(cos / T) per class).
     """
     sims, indices = nearest_neighbours(train_feats, test_feats, k, **chunking)
-    return vote(sims, _labels_tensor(train_labels)[indices], num_classes, T)
+    return vote(sims, labels_tensor(train_labels)[indices], num_classes, T)
 
 
 def topk_accuracy(scores: torch.Tensor, labels, ks=(1, 5)) -> dict:
     """Percent of rows whose label is among the top-k scores, for each k (k capped at the class count)."""
-    labels = _labels_tensor(labels)
+    labels = labels_tensor(labels)
     ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = ranked == labels[:, None]
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
@@ -114,7 +114,7 @@ def knn_evaluate(train_feats, train_labels, test_feats, test_labels, num_classes
     so its key still names the k asked for.
     """
     sims, indices = nearest_neighbours(train_feats, test_feats, max(ks), **chunking)
-    neighbour_labels = _labels_tensor(train_labels)[indices]
+    neighbour_labels = labels_tensor(train_labels)[indices]
     return {
         f"k={k}": topk_accuracy(vote(sims[:, :k], neighbour_labels[:, :k], num_classes, T), test_labels)
         for k in ks

@@ -10,13 +10,9 @@ Queries are ranked in chunks sized so one chunk's full ranking fits `max_chunk_e
 import numpy as np
 import torch
 
-from agmae.eval.knn import BANK_BLOCK, normalised_rows
+from agmae.eval.knn import BANK_BLOCK, labels_tensor, normalised_rows
 
 RECALL_AT = (1, 5)
-
-
-def _labels_tensor(labels) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
 
 def retrieval_metrics(train_feats, train_labels, test_feats, test_labels, recall_at=RECALL_AT, *,
@@ -30,7 +26,7 @@ def retrieval_metrics(train_feats, train_labels, test_feats, test_labels, recall
     bank_size, num_queries = len(train_feats), len(test_feats)
     if bank_size == 0 or num_queries == 0:
         raise ValueError(f"retrieval needs a non-empty bank and query set, got {bank_size} and {num_queries}")
-    bank_labels, query_labels = _labels_tensor(train_labels), _labels_tensor(test_labels)
+    bank_labels, query_labels = labels_tensor(train_labels), labels_tensor(test_labels)
     chunk = max(1, max_chunk_elements // bank_size)
     ap_sum, scored = 0.0, 0
     recall_hits = {k: 0 for k in recall_at}

@@ -75,7 +75,8 @@ def encoder_kwargs_path(path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _encoder_only(state: dict) -> dict:
+def encoder_weights(state: dict) -> dict:
+    """The encoder's weights of an MAE (or classifier) state dict, under timm `VisionTransformer` names."""
     return {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES + _CLASSIFIER_PREFIXES)}
 
 
@@ -108,7 +109,7 @@ def load_encoder(path) -> tuple[dict, dict]:
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: holds a {type(loaded).__name__}, expected a checkpoint or a state dict")
     state = loaded["model"] if isinstance(loaded.get("model"), dict) else loaded
-    state = _encoder_only(state)
+    state = encoder_weights(state)
     absent = [k for k in _REQUIRED_ENCODER_KEYS if k not in state]
     if absent:
         raise ValueError(

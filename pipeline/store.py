@@ -96,6 +96,13 @@ def _contiguous(path: Path, f: h5py.File, name: str, shape: tuple, dtype) -> int
     return offset
 
 
+def status_counts(status) -> dict:
+    """{"done": ..., "failed": ..., "pending": ...} of a /status array."""
+    per_code = np.bincount(np.asarray(status), minlength=3)
+    return {"done": int(per_code[STATUS_DONE]), "failed": int(per_code[STATUS_FAILED]),
+            "pending": int(per_code[STATUS_PENDING])}
+
+
 class MapStore:
     """Read-only view of a store: `.maps` float16 `[N, h, w]` and `.status` uint8 `[N]` are
     `np.memmap`s; `.keys` (list of str) and `.attrs` (dict) were read once. No h5py handle stays
@@ -126,6 +133,9 @@ class MapStore:
             self.errors = f["errors"].asstr()[:].tolist()
         self.maps = np.memmap(self.path, np.float16, "r", maps_offset, (n, *self.attrs["grid"]))
         self.status = np.memmap(self.path, np.uint8, "r", status_offset, (n,))
+
+    def counts(self) -> dict:
+        return status_counts(self.status)
 
     def identity(self) -> dict:
         """What the maps are, independent of where the file lies: method, backbone, weights, method
@@ -197,9 +207,7 @@ class StoreWriter:
 
     def counts(self) -> dict:
         """{"done": ..., "failed": ..., "pending": ...} over this store's entries."""
-        per_code = np.bincount(self.status, minlength=3)
-        return {"done": int(per_code[STATUS_DONE]), "failed": int(per_code[STATUS_FAILED]),
-                "pending": int(per_code[STATUS_PENDING])}
+        return status_counts(self.status)
 
     def close(self) -> None:
         if self._file.id.valid:

@@ -112,7 +112,7 @@ import sys, torch
 torch.set_num_threads(1)
 from agmae import distributed
 from agmae.train.engine import TrainConfig, Trainer
-cfg = TrainConfig.from_dict(eval(sys.argv[1]))
+cfg = TrainConfig(**eval(sys.argv[1]))
 env, device = distributed.init("cpu")
 trainer = Trainer(cfg, env, device)
 trainer.run()

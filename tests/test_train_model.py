@@ -7,7 +7,7 @@ import timm
 import torch
 from click.testing import CliRunner
 
-from agmae.checkpoint import atomic_save, load_encoder
+from agmae.checkpoint import atomic_save, encoder_weights, load_encoder
 from agmae.cli.train import main as train_cli
 from agmae.train.model import MODELS, create_model, sincos_pos_embed_2d
 
@@ -85,7 +85,7 @@ def test_forward_shapes_and_patchify_round_trip():
 def test_encoder_names_match_timm_vision_transformer():
     model = _tiny()
     vit = timm.models.vision_transformer.VisionTransformer(**model.encoder_kwargs, num_classes=0)
-    assert set(model.encoder_state_dict()) == set(vit.state_dict())
+    assert set(encoder_weights(model.state_dict())) == set(vit.state_dict())
     assert all(k.startswith(("decoder_", "mask_token")) for k in set(model.state_dict()) - set(vit.state_dict()))
 
 
@@ -108,10 +108,10 @@ def test_export_loads_strictly_into_timm_with_equal_features(tmp_path):
 
 def test_load_encoder_guesses_kwargs_of_a_bare_state_dict(tmp_path):
     model = _tiny(embed_dim=128, num_heads=2)  # 64-wide heads, as in timm's standard ViTs
-    bare = atomic_save(model.encoder_state_dict(), tmp_path / "bare.pth")
+    bare = atomic_save(encoder_weights(model.state_dict()), tmp_path / "bare.pth")
     with pytest.warns(UserWarning, match="64-wide"):
         kwargs, state = load_encoder(bare)
     assert kwargs == model.encoder_kwargs
-    assert set(state) == set(model.encoder_state_dict())
+    assert set(state) == set(encoder_weights(model.state_dict()))
     with pytest.raises(ValueError, match="no ViT encoder"):
         load_encoder(atomic_save({"model": {"decoder_pred.weight": torch.zeros(1)}}, tmp_path / "d.pth"))

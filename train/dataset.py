@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 
 from agmae.data.folder import ImageFolderIndex, load_rgb
 from agmae.data.transforms import JointRandomResizedCrop, crop_maps
-from agmae.store import STATUS_DONE, MapStore, open_maps
+from agmae.store import STATUS_DONE, MapStore, open_maps, validate
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -25,18 +25,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
 
 
-def check_store(store: MapStore, index: ImageFolderIndex, require_maps: bool = False) -> int:
-    """Refuse a store made for other images; return how many images have no usable map.
+def check_store(path, index: ImageFolderIndex, require_maps: bool = False) -> tuple[MapStore, int]:
+    """The store at `path`, validated against the dataset (`store.validate`), and how many images have no
+    usable map.
 
     Raises ValueError naming both fingerprints when the store's keys differ from the dataset's,
     when the store is an unmerged shard, or (with `require_maps`) when a map is missing or failed.
     """
-    if store.attrs["keys_sha256"] != index.keys_sha256:
-        raise ValueError(
-            f"{store.path}: its keys fingerprint {store.attrs['keys_sha256']} differs from the dataset "
-            f"{index.root}'s {index.keys_sha256}; the maps were computed for other images, run "
-            f"agmae-discover on this dataset or pass the matching --maps"
-        )
+    store = validate(path, index.keys)
     if store.attrs["shard"] is not None or len(store) != len(index):
         raise ValueError(
             f"{store.path}: holds {len(store)} of the dataset's {len(index)} maps (a shard?); "
@@ -48,7 +44,7 @@ def check_store(store: MapStore, index: ImageFolderIndex, require_maps: bool = F
             f"{store.path}: {missing} of {len(store)} maps are missing or failed; finish discovery "
             f"(rerun agmae-discover, it resumes) or drop --require-maps to train those images unguided"
         )
-    return missing
+    return store, missing
 
 
 class GuidedMAEDataset(Dataset):

@@ -11,7 +11,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,6 @@ from agmae import distributed
 from agmae.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint
 from agmae.hardware import cpu_has_native_bf16
 from agmae.paths import last_checkpoint
-from agmae.store import open_maps
 from agmae.train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
 from agmae.train.loss import foreground_weight_share, guided_mae_loss
 from agmae.train.model import DEMO_MODEL, MaskedAutoencoderViT, create_model
@@ -89,11 +88,6 @@ class TrainConfig:
         names = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
                  "decoder_num_heads")
         return {"img_size": self.input_size, **{name: getattr(self, name) for name in names}}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def seed_everything(seed: int) -> None:
@@ -184,8 +178,7 @@ class Trainer:
         self.store_identity = None
         self.images_without_map = 0
         if self.guided:
-            store = open_maps(cfg.maps)
-            self.images_without_map = check_store(store, self.index, cfg.require_maps)
+            store, self.images_without_map = check_store(cfg.maps, self.index, cfg.require_maps)
             self.store_identity = store.identity()
 
         self.model: MaskedAutoencoderViT = create_model(cfg.model, **cfg.model_overrides()).to(device)

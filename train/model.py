@@ -2,14 +2,13 @@
 
 The encoder's parameters are named exactly like timm's `VisionTransformer` (`patch_embed.proj`,
 `cls_token`, `pos_embed`, `blocks.N`, `norm`) and every decoder parameter starts with `decoder_`
-or is `mask_token`, so exporting the encoder is a key filter (`encoder_state_dict`).
+or is `mask_token`, so exporting the encoder is a key filter (`agmae.checkpoint.encoder_weights`).
 """
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
 
-from agmae.checkpoint import DECODER_PREFIXES
 
 # (embed_dim, depth, num_heads) of the standard ViT sizes
 _VIT_SIZES = {
@@ -220,10 +219,6 @@ class MaskedAutoencoderViT(nn.Module):
         """imgs: [N, 3, H, W], noise: [N, L] -> pred: [N, L, p*p*3], mask: [N, L] (1 = masked)"""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         return self.forward_decoder(latent, ids_restore), mask
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights under timm `VisionTransformer` names (decoder keys filtered out)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(DECODER_PREFIXES)}
 
 
 def create_model(name: str, **overrides) -> MaskedAutoencoderViT:

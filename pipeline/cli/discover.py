@@ -292,20 +292,19 @@ def inspect(file, png, count, data):
         raise click.ClickException(str(err)) from None
     attrs = maps.attrs
     status = np.asarray(maps.status)
-    codes = np.bincount(status, minlength=3)
+    counts = maps.counts()
     click.echo(f"{file}: {len(maps)} maps {attrs['grid'][0]}x{attrs['grid'][1]}, method {attrs['method']}, "
                f"backbone {attrs['backbone']}, image size {attrs['image_size']}"
                + (f", shard {attrs['shard']} of indices {attrs['index_range']}" if attrs["shard"] else ""))
-    click.echo(f"status: {codes[store.STATUS_DONE]} done, {codes[store.STATUS_FAILED]} failed, "
-               f"{codes[store.STATUS_PENDING]} pending")
+    click.echo(f"status: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending")
     click.echo(f"method options: {json.dumps(attrs['method_options'], sort_keys=True)}")
     done = np.flatnonzero(status == store.STATUS_DONE)
     if done.size:
-        counts, edges = np.histogram(np.asarray(maps.maps[done], dtype=np.float32), bins=INSPECT_BINS,
-                                     range=(0, 1))
+        histogram, edges = np.histogram(np.asarray(maps.maps[done], dtype=np.float32), bins=INSPECT_BINS,
+                                        range=(0, 1))
         click.echo("map values:")
-        for lo, hi, n in zip(edges[:-1], edges[1:], counts):
-            click.echo(f"  {lo:.1f}-{hi:.1f} {n:9d} {'#' * round(40 * n / counts.max())}")
+        for lo, hi, n in zip(edges[:-1], edges[1:], histogram):
+            click.echo(f"  {lo:.1f}-{hi:.1f} {n:9d} {'#' * round(40 * n / histogram.max())}")
     failed = np.flatnonzero(status == store.STATUS_FAILED)
     for i in failed[:5]:
         click.echo(f"failed: {maps.keys[i]}: {maps.errors[i]}")
