@@ -43,9 +43,9 @@ import click
 from agmae.data.demo import demo_name
 from agmae.checkpoint import atomic_write_text
 from agmae.cli.demo import console_script, nested
-from agmae.hardware import cpu_has_native_bf16
+from agmae.hardware import resolve_precision
 from agmae.paths import agmae_home
-from agmae.cli.train import DEMO_RECIPE
+from agmae.train.config import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOCS = REPO / "docs"
@@ -145,7 +145,7 @@ DATASET_SECONDS = 90.0
 
 # 20 epochs: guided and vanilla MAEs on the demo dataset separate only after ~10-20 (docs/RESULTS.md).
 FULL_DEFAULTS = dict(epochs=20, seeds=3, ablation_seeds=1, n_train=10000, n_test=2000,
-                     batch_size=DEMO_RECIPE["batch_size"], rows=",".join(ROW_NAMES))
+                     batch_size=RECIPES["demo"]["batch_size"], rows=",".join(ROW_NAMES))
 QUICK_DEFAULTS = dict(epochs=1, seeds=1, ablation_seeds=1, n_train=240, n_test=60, batch_size=64,
                       rows=",".join(QUICK_ROWS))
 
@@ -168,7 +168,7 @@ class Config:
 
     def warmup_epochs(self) -> float:
         """The demo recipe's warm-up share (2 of 30 epochs) of --epochs."""
-        return round(DEMO_RECIPE["warmup_epochs"] * self.epochs / DEMO_RECIPE["epochs"], 4)
+        return round(RECIPES["demo"]["warmup_epochs"] * self.epochs / RECIPES["demo"]["epochs"], 4)
 
     def command(self) -> str:
         """The study command line that reproduces this plan, every plan option explicit."""
@@ -282,9 +282,9 @@ def _discover_step(config: Config, maps: str, dataset: Step, root: Path) -> tupl
 
 def _training_options(config: Config, row: Row, seed: int) -> tuple[str, list]:
     """A short name of the row's training configuration and its agmae-train options (without paths)."""
-    options = ["--model", DEMO_RECIPE["model"], "--epochs", str(config.epochs),
+    options = ["--model", RECIPES["demo"]["model"], "--epochs", str(config.epochs),
                "--warmup-epochs", _slug(config.warmup_epochs()), "--batch-size", str(config.batch_size),
-               "--blr", _slug(DEMO_RECIPE["blr"]), "--precision", config.precision, "--seed", str(seed)]
+               "--blr", _slug(RECIPES["demo"]["blr"]), "--precision", config.precision, "--seed", str(seed)]
     if row.maps is None:
         return "vanilla", ["--no-guidance", *options]
     guidance = {**GUIDANCE_DEFAULTS, **row.guidance}
@@ -471,7 +471,7 @@ def aggregate(plan: Plan) -> dict:
         missing=missing, plan=dict(epochs=config.epochs, warmup_epochs=config.warmup_epochs(), seeds=config.seeds,
                                    ablation_seeds=config.ablation_seeds, n_train=config.n_train,
                                    n_test=config.n_test, batch_size=config.batch_size, precision=config.precision,
-                                   model=DEMO_RECIPE["model"], blr=DEMO_RECIPE["blr"], knn_k=20),
+                                   model=RECIPES["demo"]["model"], blr=RECIPES["demo"]["blr"], knn_k=20),
         wall_seconds=dict(total=round(sum(seconds.values()), 1), **{k: round(v, 1) for k, v in seconds.items()}),
         rows=rows,
     )
@@ -549,8 +549,11 @@ def write_report(plan: Plan) -> dict:
 
 
 def _default_precision() -> str:
-    """What agmae-train picks on the demo dataset: bf16 where the CPU has it natively, else fp32."""
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    """What agmae-train picks on the demo dataset (the demo recipe's `native`) on this CPU, as a concrete
+    precision so that the plan records what ran."""
+    import torch
+
+    return resolve_precision(RECIPES["demo"]["precision"], torch.device("cpu"), training=True)
 
 
 def make_config(quick=False, epochs=None, seeds=None, ablation_seeds=None, n_train=None, n_test=None,

@@ -20,14 +20,30 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(precision, device) -> str:
-    """Inference autocast, "bf16" or "fp32". auto: bf16 on CUDA, fp32 on CPU (exact parity with reference
-    implementations); bf16 on a CPU needs native support (AVX512-BF16/AMX), where it runs a CNN about 3x
-    and a ViT about 2x faster. device: a torch.device."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision {precision!r}: use auto, fp32 or bf16")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        raise ValueError("precision bf16: this CPU has no native bf16 support; use fp32")
+PRECISIONS = ("auto", "native", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = ("auto", "native", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device, training: bool = False) -> str:
+    """The one place a --precision becomes "fp32", "bf16" or "fp16" (autocast dtype), for every stage.
+
+    auto: bf16 on CUDA (when training on a GPU without bf16: fp16, with loss scaling), fp32 on a CPU,
+    which keeps exact parity with reference implementations; native: as auto, but bf16 also on a CPU
+    that computes it natively (AVX512-BF16/AMX), where it runs a ViT about 2x and a CNN about 3x faster.
+    bf16 needs native support; fp16 is for training on CUDA only. device: a torch.device."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    on_cuda = device.type == "cuda"
+    bf16_native = torch.cuda.is_bf16_supported() if on_cuda else cpu_has_native_bf16()
+    if precision in ("auto", "native"):
+        if on_cuda:
+            return "bf16" if bf16_native else ("fp16" if training else "fp32")
+        return "bf16" if precision == "native" and bf16_native else "fp32"
+    if precision == "bf16" and not bf16_native:
+        raise ValueError(f"precision bf16: this {device.type.upper()} has no native bf16 support; use fp32")
+    if precision == "fp16" and not (on_cuda and training):
+        raise ValueError("precision fp16 is for training on a CUDA device (CPU autocast and feature "
+                         "extraction support bf16 only); use bf16 or fp32")
     return precision

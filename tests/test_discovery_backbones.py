@@ -137,10 +137,12 @@ def test_any_multiple_of_the_patch_is_a_valid_input_size():
         d(torch.randn(1, 3, 40, 40))
 
 
-def test_precision_auto_keeps_fp32_on_cpu_and_bf16_follows_the_fp32_maps():
+def test_precision_auto_keeps_fp32_on_cpu_and_bf16_follows_the_fp32_maps(monkeypatch):
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
-    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+        assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    with pytest.raises(ValueError, match="training on a CUDA device"):
         resolve_precision("fp16", torch.device("cpu"))
     imgs = torch.stack([eval_transform(224, (0.5,) * 3, (0.5,) * 3)(Image.fromarray(photo))
                         for photo in (skimage.data.coffee(), skimage.data.chelsea())])

@@ -20,9 +20,11 @@ from agmae.store import keys_fingerprint
 from agmae import store
 from agmae.checkpoint import load_checkpoint
 from agmae.hardware import cpu_has_native_bf16
-from agmae.cli.train import _config, demo_precision, main as train_cli
+from agmae.cli.train import config_from_options, main as train_cli
 from agmae.train.dataset import GuidedMAEDataset
-from agmae.train.engine import NonFiniteLossError, TrainConfig, Trainer, _amp_dtype, train
+from agmae.hardware import resolve_precision
+from agmae.train.config import RECIPES
+from agmae.train.engine import NonFiniteLossError, TrainConfig, Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES, GRID = 16, (5, 6)
@@ -59,7 +61,7 @@ def maps_file(image_root, tmp_path_factory):
 
 
 def _config_for(image_root, out, maps=None, **overrides):
-    settings = {**TINY_MODEL, "epochs": 3, "warmup_epochs": 1, "batch_size": 4, "blr": 1e-3, "save_every": 1,
+    settings = {**TINY_MODEL, "model": "mae_vit_demo_patch8", "epochs": 3, "warmup_epochs": 1, "batch_size": 4, "blr": 1e-3, "save_every": 1,
                 "workers": 0, "device": "cpu", **overrides}
     return TrainConfig(data=str(image_root), out=str(out), maps=None if maps is None else str(maps), **settings)
 
@@ -272,20 +274,38 @@ def test_cli_trains_with_gradient_accumulation_and_exports(image_root, maps_file
     assert (tmp_path / "vit.pth.json").is_file()
 
 
-def test_cli_defaults_to_the_demo_recipe_and_names_missing_maps(demo_root, monkeypatch):
+def test_cli_defaults_to_the_demo_recipe_and_names_missing_maps(demo_root, monkeypatch, tmp_path):
     monkeypatch.setattr("agmae.data.demo.ensure_demo", lambda: demo_root)
-    vanilla = _config(maps=None, no_guidance=True, data=None, out=None, **_unset_options())
-    assert (vanilla.model, vanilla.epochs, vanilla.batch_size, vanilla.blr) == ("mae_vit_demo_patch8", 30, 256, 1e-3)
+    monkeypatch.setenv("AGMAE_RUN_DIR", str(tmp_path / "empty-run"))
+    vanilla = config_from_options(True, **_unset_options()).resolved()
+    assert (vanilla.model, vanilla.epochs, vanilla.batch_size, vanilla.blr, vanilla.precision) == (
+        "mae_vit_demo_patch8", 30, 256, 1e-3, "native")
     assert vanilla.data == str(demo_root / "train") and vanilla.maps is None
+    assert vanilla.out == str(tmp_path / "empty-run")
     with pytest.raises(FileNotFoundError, match="agmae-discover"):
-        _config(maps=None, no_guidance=False, data=None, out=None, **_unset_options())
+        config_from_options(False, **_unset_options())
     result = CliRunner().invoke(train_cli, ["--no-guidance", "--maps", "x.h5"])
     assert result.exit_code != 0 and "exclude each other" in result.output
 
 
+def test_user_data_takes_the_paper_recipe_and_explicit_values_win(image_root):
+    paper = TrainConfig(data=str(image_root), epochs=3).resolved()
+    assert (paper.model, paper.epochs, paper.blr, paper.batch_size, paper.precision) == (
+        RECIPES["paper"]["model"], 3, 1.5e-4, 64, "auto")
+
+
+def test_each_train_option_has_one_definition_the_cli_and_python_share():
+    cli = {p.name: p for p in train_cli.params}
+    for name in ("epochs", "mask_ratio", "tau_start", "weight_norm", "device", "precision", "seed"):
+        assert cli[name].default == TrainConfig.__dataclass_fields__[name].default
+    with pytest.raises(ValueError, match="--mask-ratio 0"):
+        TrainConfig(mask_ratio=0)
+    with pytest.raises(ValueError, match="--weight-norm 'bogus'"):
+        TrainConfig(weight_norm="bogus")
+
+
 def _unset_options():
-    params = {p.name: p.default for p in train_cli.params if p.name not in ("maps", "no_guidance", "data", "out")}
-    return {**params, **{name: None for name in ("model", "epochs", "warmup_epochs", "batch_size", "blr")}}
+    return {p.name: p.default for p in train_cli.params if p.name != "no_guidance"}
 
 
 @pytest.mark.parametrize("script_name, command", [("train.sbatch", "agmae-train"), ("eval.sbatch", "agmae-eval")])
@@ -316,25 +336,23 @@ def test_eval_sbatch_launches_each_subcommand_with_options_it_takes(tmp_path, su
     assert log.read_text().splitlines() == [launched]
 
 
-def test_demo_precision_is_bf16_only_for_a_cpu_with_native_bf16(monkeypatch):
-    native = "bf16" if cpu_has_native_bf16() else "auto"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert demo_precision("auto") == native and demo_precision("cpu") == native
-    # on a GPU (a V100 or T4 has no bf16) auto picks bf16 or fp16 by the device, not by the host CPU
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert demo_precision("auto") == "auto" and demo_precision("cuda") == "auto" and demo_precision("cpu") == native
-
-
-def test_precision_choices_resolve_per_device():
+def test_precision_choices_resolve_per_device(monkeypatch):
     cpu = torch.device("cpu")
-    assert _amp_dtype(cpu, "auto") is None and _amp_dtype(cpu, "fp32") is None
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        _amp_dtype(cpu, "fp16")
+    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert resolve_precision("auto", cpu, training=True) == "fp32" == resolve_precision("fp32", cpu)
+    assert resolve_precision("native", cpu, training=True) == native
+    with pytest.raises(ValueError, match="training on a CUDA device"):
+        resolve_precision("fp16", cpu, training=True)
     if cpu_has_native_bf16():
-        assert _amp_dtype(cpu, "bf16") is torch.bfloat16
+        assert resolve_precision("bf16", cpu) == "bf16"
     else:
         with pytest.raises(ValueError, match="no native bf16"):
-            _amp_dtype(cpu, "bf16")
+            resolve_precision("bf16", cpu)
+    # a GPU without bf16 (V100, T4) trains in fp16 with loss scaling, and extracts features in fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    gpu = torch.device("cuda")
+    assert resolve_precision("auto", gpu, training=True) == "fp16" == resolve_precision("native", gpu, training=True)
+    assert resolve_precision("auto", gpu) == "fp32"
 
 
 def test_keep_every_keeps_each_epochs_weights_beside_the_last(image_root, tmp_path):

@@ -11,7 +11,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,12 @@ import agmae
 from agmae.data.folder import scan
 from agmae import distributed
 from agmae.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint
-from agmae.hardware import cpu_has_native_bf16
+from agmae.hardware import resolve_precision
 from agmae.paths import last_checkpoint
 from agmae.train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
 from agmae.train.loss import foreground_weight_share, guided_mae_loss
-from agmae.train.model import DEMO_MODEL, MaskedAutoencoderViT, create_model
+from agmae.train.config import TrainConfig
+from agmae.train.model import MaskedAutoencoderViT, create_model
 from agmae.train.schedules import lr_at, tau_at
 
 ADAMW_BETAS = (0.9, 0.95)
@@ -43,51 +44,6 @@ RUN_IDENTITY = ("model", "input_size", "patch_size", "embed_dim", "depth", "num_
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped before touching any checkpoint."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; `agmae-train`'s options map one to one onto these fields."""
-
-    data: str
-    out: str
-    maps: str | None = None  # None trains the vanilla MAE
-    model: str = DEMO_MODEL
-    input_size: int | None = None
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    decoder_embed_dim: int | None = None
-    decoder_depth: int | None = None
-    decoder_num_heads: int | None = None
-    fused_attn: bool | None = None  # None: fused on CUDA, matmul-softmax on CPU (faster at few tokens)
-    epochs: int = 30
-    warmup_epochs: float = 2.0
-    batch_size: int = 256
-    accum_iter: int = 1
-    blr: float = 1e-3
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
-    mask_ratio: float = 0.75
-    tau_start: float = 1.0
-    tau_end: float = 0.5
-    tau_schedule: str = "cosine"
-    weight_norm: str = "batch"
-    gamma: float = 1.0
-    require_maps: bool = False
-    save_every: int = 5
-    keep_every: int = 0  # also keep checkpoint-<epoch>.pth every this many epochs (0: never)
-    resume: str | None = None  # None: RUN_DIR/checkpoint-last.pth when present
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 (else fp16) on CUDA, fp32 on CPU; or fp32 / bf16 / fp16
-
-    def model_overrides(self) -> dict:
-        names = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
-                 "decoder_num_heads")
-        return {"img_size": self.input_size, **{name: getattr(self, name) for name in names}}
 
 
 def seed_everything(seed: int) -> None:
@@ -133,23 +89,7 @@ def _sum_over_ranks(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
-def _amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """Autocast dtype for `precision` on `device`; None = full fp32.
-
-    auto: bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU.
-    """
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError("--precision fp16 needs a CUDA device (CPU autocast supports bf16 only)")
-        return torch.float16
-    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
-    if not supported:
-        raise ValueError(f"--precision bf16: this {device.type.upper()} has no native bf16 support; use fp32")
-    return torch.bfloat16
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _describe(store_identity: dict | None) -> str:
@@ -170,6 +110,7 @@ class Trainer:
     """One training run; `run()` trains from the last checkpoint (if any) to `cfg.epochs`."""
 
     def __init__(self, cfg: TrainConfig, env: distributed.DistEnv, device: torch.device):
+        cfg = cfg.resolved()
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = Path(cfg.out)
         seed_everything(cfg.seed)
@@ -206,7 +147,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups_weight_decay(self.model, cfg.weight_decay, no_weight_decay_list=self.model.no_weight_decay()),
             lr=self.lr, betas=ADAMW_BETAS)
-        self.amp_dtype = _amp_dtype(device, cfg.precision)
+        self.amp_dtype = AMP_DTYPES[resolve_precision(cfg.precision, device, training=True)]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.config = {
             **asdict(cfg),

@@ -14,7 +14,9 @@ from agmae.data.demo import ensure_demo
 from agmae.data.folder import load_rgb, scan
 from agmae.data.transforms import discovery_transform
 from agmae import store
-from agmae.hardware import default_workers
+from agmae import options
+from agmae.hardware import INFERENCE_PRECISIONS
+from agmae.options import click_option
 from agmae.paths import default_run_dir, maps_path
 
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
@@ -25,9 +27,8 @@ def path_type(**kwargs):
     return click.Path(path_type=Path, **kwargs)
 
 
-data_option = click.option(
-    "--data", type=path_type(exists=True, file_okay=False),
-    help="Image folder ROOT/<class>/<image> (default: the built-in demo dataset's train split).")
+data_option = click_option("data", options.data_option(
+    "Image folder ROOT/<class>/<image> (default: the built-in demo dataset's train split)."))
 
 # Method options: default None means "the method's own default"; each applies to the methods whose
 # `discovery.build` accepts it (discovery.method_options).
@@ -170,7 +171,7 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
                    "or a timm state dict. Default: timm's pretrained weights (offline: the installed "
                    "EfficientNet-Lite0 only).")
 @click.option("--random-init", is_flag=True, help="Random backbone weights from --seed, for smoke tests only.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-init.")
+@click_option("seed", options.seed_option("Seed of --random-init."))
 @data_option
 @click.option("--out", type=path_type(dir_okay=False),
               help="Store to write (default: RUN_DIR/maps-<method>.h5). A shard writes OUT with "
@@ -179,12 +180,10 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
               help="Images are resized whole to S×S; S must be a multiple of the patch (CNN: of 32). "
                    "Default: 224; 448 for tokencut on a CNN (measured best).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=int, default=default_workers(4), show_default=True,
-              help="DataLoader processes decoding images.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="Backbone autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 on a CPU with native bf16 "
-                   "(AVX512-BF16/AMX) runs a CNN about 3x faster. Recorded in the store's method options.")
+@click_option("workers", options.workers_option(4, "DataLoader processes decoding images."))
+@click_option("device", options.device_option())
+@click_option("precision", options.precision_option("Backbone autocast, recorded in the store's method options.",
+                                                  choices=INFERENCE_PRECISIONS))
 @click.option("--shard", help="K/N: compute only the K-th of N contiguous index ranges (K from 0). Default: "
                               "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set, else everything.")
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT exists (default: resume or report "

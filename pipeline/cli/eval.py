@@ -15,7 +15,9 @@ from pathlib import Path
 import click
 
 from agmae.eval.knn import DEFAULT_T, HEADLINE_K, KS
-from agmae.hardware import default_workers
+from agmae import options
+from agmae.hardware import INFERENCE_PRECISIONS
+from agmae.options import click_option
 
 POOLS = ("cls", "mean")
 LINEAR_MODES = ("augmented", "cached")
@@ -39,9 +41,8 @@ run_dir_option = click.option(
          "checkpoint's folder if --checkpoint is given, else the default run directory (AGMAE_RUN_DIR or "
          "AGMAE_HOME/runs/default).")
 dataset_options = _compose(
-    click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                 help="Dataset root holding one image folder per split (ROOT/<split>/<class>/<image>). "
-                      "Default: the built-in demo dataset."),
+    click_option("data", options.data_option("Dataset root holding one image folder per split "
+                                             "(ROOT/<split>/<class>/<image>). Default: the built-in demo dataset.")),
     click.option("--train-split", default="train", show_default=True,
                  help="Split used as the k-NN / retrieval bank and the linear probe's training set."),
     click.option("--demo-correlation", type=float, default=0.0, show_default=True,
@@ -55,12 +56,11 @@ feature_options = _compose(
     click.option("--pool", type=click.Choice(POOLS), default="cls", show_default=True,
                  help="Feature: final-norm CLS token, or mean of the final-norm patch tokens."),
     click.option("--batch-size", type=int, default=128, show_default=True, help="Images per extraction batch (per rank)."),
-    click.option("--workers", type=int, default=default_workers(4), show_default=True,
-                 help="DataLoader worker processes (up to 4, one CPU left to this process)."),
-    click.option("--device", default="auto", show_default=True, help="'auto' (CUDA if available), 'cpu' or 'cuda'."),
-    click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-                 help="Encoder autocast while extracting: auto = bf16 on CUDA, fp32 on CPU; bf16 on a CPU with "
-                      "native bf16 halves the time. Part of the feature cache key."),
+    click_option("workers", options.workers_option(4, "DataLoader worker processes (up to 4, one CPU left to "
+                                                      "this process).")),
+    click_option("device", options.device_option()),
+    click_option("precision", options.precision_option("Encoder autocast while extracting; part of the feature "
+                                                       "cache key.", choices=INFERENCE_PRECISIONS)),
     click.option("--no-cache", is_flag=True, help="Re-extract features instead of using AGMAE_HOME/features."),
 )
 knn_options = _compose(
@@ -79,7 +79,7 @@ linear_options = _compose(
     click.option("--blr", type=float, default=None,
                  help="Probe base lr: lr = blr × effective batch / 256. [default: MAE's 0.1; 12.8 on the built-in "
                       "demo dataset, whose 10k images need 128x the LARS steps' length to train the probe as far]"),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe's init and data order."),
+    click_option("seed", options.seed_option("Seed of the probe's init and data order.")),
 )
 splits_option = click.option(
     "--splits", multiple=True,

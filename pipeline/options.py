@@ -1,0 +1,111 @@
+"""One definition per option: a config dataclass field carries its command-line name, type, default,
+help and validation; the CLIs generate their click options from the fields (`click_options`) and a
+Python caller's values pass the same validation (`validate`).
+
+The options every command shares (`--data`, `--run-dir`, `--device`, `--workers`, `--precision`,
+`--seed`) are defined here once, so they mean the same in `agmae-discover`, `agmae-train` and `agmae-eval`.
+"""
+import dataclasses
+from pathlib import Path
+
+import click
+
+from agmae.hardware import INFERENCE_PRECISIONS, PRECISIONS, default_workers
+
+
+def option(default, help: str, type=None, flags: tuple = (), show_default: bool = True, **click_kwargs):
+    """A dataclass field that is also a command-line option. type: a click type (its conversion is the
+    option's validation, for the CLI and for `validate` alike); flags: the option's declarations when they
+    are not `--field-name` (e.g. ("--fused-attn/--no-fused-attn",) or ("--out", "--run-dir"))."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, type=type, flags=tuple(flags), show_default=show_default and default is not None,
+        click=click_kwargs))
+
+
+def click_option(name: str, definition: dataclasses.Field):
+    """The click option of one `option` definition, for parameter `name`."""
+    meta = definition.metadata
+    declarations = [*(meta["flags"] or ["--" + name.replace("_", "-")]), name]
+    kwargs = dict(default=definition.default, help=meta["help"], show_default=meta["show_default"], **meta["click"])
+    if isinstance(definition.default, bool) and not meta["flags"]:
+        kwargs.update(is_flag=True, show_default=False)
+    elif meta["type"] is not None:
+        kwargs["type"] = meta["type"]
+    return click.option(*declarations, **kwargs)
+
+
+def click_options(config_cls, exclude=()):
+    """A decorator adding one click option per `option` field of `config_cls`, in field order."""
+    decorators = [click_option(f.name, f) for f in dataclasses.fields(config_cls)
+                  if "help" in f.metadata and f.name not in exclude]
+
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+    return apply
+
+
+def validate(config) -> None:
+    """Pass every option field's value through its click type; raise ValueError naming the option."""
+    for f in dataclasses.fields(config):
+        kind = f.metadata.get("type")
+        value = getattr(config, f.name)
+        if kind is None or value is None:
+            continue
+        try:
+            converted = kind.convert(value, None, None)
+        except click.BadParameter as err:
+            raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: {err.message}") from None
+        setattr(config, f.name, str(converted) if isinstance(converted, Path) else converted)
+
+
+class Device(click.ParamType):
+    """auto, cpu, cuda or cuda:N, refused at the door when this machine has no such device."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        text = str(value)
+        if text in ("auto", "cpu"):
+            return text
+        try:
+            device = torch.device(text)
+        except RuntimeError:
+            self.fail(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N", param, ctx)
+        if device.type != "cuda":
+            self.fail(f"{text!r}: agmae runs on auto, cpu, cuda or cuda:N", param, ctx)
+        if not torch.cuda.is_available():
+            self.fail(f"{text!r}: this machine has no CUDA device; use --device cpu (or auto)", param, ctx)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            self.fail(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices", param, ctx)
+        return text
+
+
+def data_option(help: str):
+    return option(None, help, type=click.Path(exists=True, file_okay=False, path_type=Path), show_default=False)
+
+
+def run_dir_option(help: str, flags=("--run-dir",)):
+    return option(None, help, type=click.Path(file_okay=False), flags=flags, show_default=False)
+
+
+def device_option():
+    return option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.", type=Device())
+
+
+def workers_option(limit: int, help: str):
+    return option(default_workers(limit), help, type=click.IntRange(min=0))
+
+
+def precision_option(help: str, choices=PRECISIONS, default="auto"):
+    return option(default, f"{help} auto: bf16 on CUDA (fp16 with loss scaling when training on a GPU "
+                          "without bf16), fp32 on a CPU; native: as auto, but bf16 also on a CPU that computes "
+                          "it natively (AVX512-BF16/AMX), where it halves the time.",
+                  type=click.Choice(choices))
+
+
+def seed_option(help: str):
+    return option(0, help, type=click.IntRange(min=0))

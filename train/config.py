@@ -1,0 +1,110 @@
+"""Everything a training run depends on, each field defined once: `agmae-train`'s options are generated
+from these fields (`agmae.options`), and a Python caller's values pass the same validation.
+
+Fields left None take a recipe's value: the demo dataset's calibration when the data is the built-in
+demo dataset, MAE's ImageNet recipe otherwise (`RECIPES`, docs/METHOD.md#the-mae).
+"""
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import click
+
+from agmae.options import (data_option, device_option, option, precision_option, run_dir_option, seed_option,
+                           validate, workers_option)
+
+RECIPES = {
+    "demo": dict(model="mae_vit_demo_patch8", epochs=30, warmup_epochs=2.0, batch_size=256, blr=1e-3,
+                 precision="native"),
+    "paper": dict(model="mae_vit_base_patch16", epochs=800, warmup_epochs=40.0, batch_size=64, blr=1.5e-4,
+                  precision="auto"),
+}
+
+
+def _recipe(name: str, text: str) -> str:
+    return f"{text} [default: {RECIPES['demo'][name]} on the demo dataset, {RECIPES['paper'][name]} otherwise]"
+
+
+POSITIVE_INT = click.IntRange(min=1)
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = data_option("Image folder ROOT/<class>/<image> the maps were computed on. "
+                                   "[default: the built-in demo dataset's train split]")
+    out: str | None = run_dir_option("Run directory for checkpoints, metrics.jsonl, config.json. "
+                                     "[default: AGMAE_RUN_DIR, else AGMAE_HOME/runs/default]",
+                                     flags=("--out", "--run-dir"))
+    maps: str | None = option(None, "Attention store (agmae-discover's output) that weights the loss; none "
+                                    "trains the vanilla MAE. [agmae-train's default: the best store in the "
+                                    "default run directory]", type=click.Path(dir_okay=False))
+    model: str | None = option(None, _recipe("model", "MAE preset, mae_vit_{tiny,small,base,large,huge}_patch"
+                                                      "{16,14,8} or mae_vit_demo_patch8."))
+    input_size: int | None = option(None, "Training image size in pixels. [default: the preset's, 224 or 64 "
+                                          "for the demo preset]", type=POSITIVE_INT)
+    patch_size: int | None = option(None, "Override the preset's patch size.", type=POSITIVE_INT)
+    embed_dim: int | None = option(None, "Override the preset's encoder width.", type=click.IntRange(min=4))
+    depth: int | None = option(None, "Override the preset's encoder depth.", type=POSITIVE_INT)
+    num_heads: int | None = option(None, "Override the preset's encoder head count.", type=POSITIVE_INT)
+    decoder_embed_dim: int | None = option(None, "Override the decoder width (default 512).",
+                                           type=click.IntRange(min=4))
+    decoder_depth: int | None = option(None, "Override the decoder depth (default 8).", type=POSITIVE_INT)
+    decoder_num_heads: int | None = option(None, "Override the decoder head count (default 16).",
+                                           type=POSITIVE_INT)
+    fused_attn: bool | None = option(None, "Use torch's scaled_dot_product_attention. [default: on for CUDA, "
+                                           "off on CPU, where matmul-softmax attention is faster at a few dozen "
+                                           "tokens]", flags=("--fused-attn/--no-fused-attn",))
+    epochs: int | None = option(None, _recipe("epochs", "Training epochs."), type=POSITIVE_INT)
+    warmup_epochs: float | None = option(None, _recipe("warmup_epochs", "Epochs of linear learning-rate "
+                                                                        "warm-up (per iteration)."),
+                                         type=click.FloatRange(min=0))
+    batch_size: int | None = option(None, _recipe("batch_size", "Images per process and step."),
+                                    type=POSITIVE_INT)
+    accum_iter: int = option(1, "Gradient accumulation: micro-batches per optimizer step.", type=POSITIVE_INT)
+    blr: float | None = option(None, _recipe("blr", "Base learning rate; lr = blr x effective batch / 256."),
+                               type=POSITIVE)
+    weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases and tokens).",
+                                 type=click.FloatRange(min=0))
+    clip_grad: float | None = option(None, "Clip the gradient norm to this value. [default: no clipping]",
+                                     type=POSITIVE)
+    mask_ratio: float = option(0.75, "Share of patches masked per image.",
+                               type=click.FloatRange(0, 1, min_open=True, max_open=True))
+    tau_start: float = option(1.0, "Temperature τ of the loss weights exp(a/τ) at the first step.", type=POSITIVE)
+    tau_end: float = option(0.5, "τ at the last step (cosine schedule).", type=POSITIVE)
+    tau_schedule: str = option("cosine", "Half-cycle cosine from --tau-start to --tau-end, or --tau-start "
+                                         "throughout.", type=click.Choice(["cosine", "constant"]))
+    weight_norm: str = option("batch", "Loss normalisation: Σmwe/Σmw over the batch, per image then averaged, "
+                                       "or γΣmwe/Σm (paper).", type=click.Choice(["batch", "sample", "none"]))
+    gamma: float = option(1.0, "γ of --weight-norm none.", type=POSITIVE)
+    require_maps: bool = option(False, "Fail when a training image's map is missing or failed (default: train "
+                                       "it unguided).")
+    save_every: int = option(5, "Write RUN_DIR/checkpoint-last.pth every this many epochs (and at the end).",
+                             type=POSITIVE_INT)
+    keep_every: int = option(0, "Also keep RUN_DIR/checkpoint-<epoch>.pth every this many epochs, for "
+                                "evaluating the encoder along training (0: keep only checkpoint-last.pth).",
+                             type=click.IntRange(min=0))
+    resume: str | None = option(None, "Checkpoint to resume from. [default: RUN_DIR/checkpoint-last.pth when "
+                                      "present]", type=click.Path(dir_okay=False))
+    workers: int = workers_option(8, "DataLoader worker processes per training process.")
+    seed: int = seed_option("Seeds initialisation, data order, crops, flips and masks (runs are reproducible).")
+    device: str = device_option()
+    precision: str | None = precision_option(_recipe("precision", "Autocast precision."), default=None)
+
+    def __post_init__(self):
+        validate(self)
+
+    def model_overrides(self) -> dict:
+        names = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+                 "decoder_num_heads")
+        return {"img_size": self.input_size, **{name: getattr(self, name) for name in names}}
+
+    def resolved(self) -> "TrainConfig":
+        """This config with the defaults that depend on the data filled in: the demo dataset when no
+        data is given, the default run directory, and the recipe's values for the fields left None."""
+        from agmae.data.demo import ensure_demo, is_demo_root
+        from agmae.paths import default_run_dir
+
+        data = self.data or str(ensure_demo() / "train")
+        recipe = RECIPES["demo" if is_demo_root(Path(data).parent) else "paper"]
+        unset = {name: value for name, value in recipe.items() if getattr(self, name) is None}
+        return replace(self, data=data, out=self.out or str(default_run_dir()), **unset)
