@@ -38,6 +38,11 @@ MAE_BLR = 0.1
 DEMO_BLR = 12.8
 
 
+def probe_blr(demo_dataset: bool) -> float:
+    """The probe's base lr by recipe: DEMO_BLR on the built-in demo dataset, MAE's elsewhere."""
+    return DEMO_BLR if demo_dataset else MAE_BLR
+
+
 def build_probe(dim: int, num_classes: int) -> nn.Sequential:
     """BatchNorm1d(affine=False, eps=1e-6) + Linear(dim, num_classes): feats [B, D] -> logits [B, C]."""
     linear = nn.Linear(dim, num_classes)

@@ -53,11 +53,18 @@ def validate(config) -> None:
         value = getattr(config, f.name)
         if kind is None or value is None:
             continue
+        many = f.metadata["click"].get("multiple", False)
         try:
-            converted = kind.convert(value, None, None)
+            converted = [kind.convert(v, None, None) for v in value] if many else kind.convert(value, None, None)
         except click.BadParameter as err:
             raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: {err.message}") from None
-        setattr(config, f.name, str(converted) if isinstance(converted, Path) else converted)
+        plain = tuple(_plain(v) for v in converted) if many else _plain(converted)
+        setattr(config, f.name, plain)
+
+
+def _plain(value):
+    """Config fields hold plain values: a click.Path's Path becomes a str."""
+    return str(value) if isinstance(value, Path) else value
 
 
 class Device(click.ParamType):

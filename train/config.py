@@ -9,8 +9,10 @@ from pathlib import Path
 
 import click
 
+from agmae.data import demo
 from agmae.options import (data_option, device_option, option, precision_option, run_dir_option, seed_option,
                            validate, workers_option)
+from agmae.paths import default_run_dir
 
 RECIPES = {
     "demo": dict(model="mae_vit_demo_patch8", epochs=30, warmup_epochs=2.0, batch_size=256, blr=1e-3,
@@ -101,10 +103,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """This config with the defaults that depend on the data filled in: the demo dataset when no
         data is given, the default run directory, and the recipe's values for the fields left None."""
-        from agmae.data.demo import ensure_demo, is_demo_root
-        from agmae.paths import default_run_dir
-
-        data = self.data or str(ensure_demo() / "train")
-        recipe = RECIPES["demo" if is_demo_root(Path(data).parent) else "paper"]
+        data = self.data or str(demo.ensure_demo() / "train")
+        recipe = RECIPES["demo" if demo.is_demo_root(Path(data).parent) else "paper"]
         unset = {name: value for name, value in recipe.items() if getattr(self, name) is None}
         return replace(self, data=data, out=self.out or str(default_run_dir()), **unset)

@@ -1,0 +1,304 @@
+"""The evaluation protocols as functions: knn, linear, retrieval, robustness over an encoder's features
+(`Evaluation`), attention over map stores. Each returns an `Outcome` (its results.json key, entry and
+table); `record` writes any of them to RUN_DIR/results.json, the one results path. `agmae-eval` is a
+thin layer over these (docs/METHOD.md#evaluation-protocols).
+
+The options of each protocol are defined once, as fields (`FeatureOptions`, `KnnOptions`,
+`ProbeOptions`, `AttentionOptions`), from which the CLI generates its click options.
+"""
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from agmae import distributed
+from agmae.data.demo import is_demo_root, load_mask
+from agmae.data.folder import scan
+from agmae.eval import attention, knn, linear, retrieval, robustness
+from agmae.eval.features import POOLS, FeatureSource, image_size_of
+from agmae.eval.report import format_table, update_results
+from agmae.options import device_option, option, precision_option, seed_option, validate, workers_option
+from agmae.hardware import INFERENCE_PRECISIONS
+from agmae.store import open_maps
+
+POSITIVE_INT = click.IntRange(min=1)
+POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
+@dataclass
+class FeatureOptions:
+    pool: str = option("cls", "Feature: final-norm CLS token, or mean of the final-norm patch tokens.",
+                       type=click.Choice(POOLS))
+    batch_size: int = option(128, "Images per extraction batch (per rank).", type=POSITIVE_INT)
+    workers: int = workers_option(4, "DataLoader worker processes (up to 4, one CPU left to this process).")
+    device: str = device_option()
+    precision: str = precision_option("Encoder autocast while extracting; part of the feature cache key.",
+                                      choices=INFERENCE_PRECISIONS)
+    no_cache: bool = option(False, "Re-extract features instead of using AGMAE_HOME/features.")
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
+class KnnOptions:
+    ks: tuple = option(knn.KS, "Neighbour counts (repeat the option); one search for the largest, then sliced. "
+                               "A k above the bank size is clamped to it with a warning.",
+                       type=POSITIVE_INT, flags=("--k",), multiple=True)
+    temperature: float = option(knn.DEFAULT_T, "Vote weight exp(cos / T).", type=POSITIVE)
+
+    def __post_init__(self):
+        validate(self)
+        self.ks = tuple(sorted(set(self.ks)))
+
+
+@dataclass
+class ProbeOptions:
+    mode: str = option("augmented", "augmented: the MAE protocol (RandomResizedCrop + flip through the frozen "
+                                    "encoder); cached: fast probe on the cached eval-view features, no "
+                                    "augmentation (labelled so).", type=click.Choice(list(linear.MODES)))
+    epochs: int = option(90, "Linear probe epochs.", type=POSITIVE_INT)
+    warmup_epochs: float = option(10.0, "Linear warm-up epochs.", type=click.FloatRange(min=0))
+    linear_batch_size: int = option(256, "Probe batch size (per rank).", type=POSITIVE_INT)
+    blr: float | None = option(None, f"Probe base lr: lr = blr × effective batch / 256. [default: MAE's "
+                                     f"{linear.MAE_BLR}; {linear.DEMO_BLR} on the built-in demo dataset, whose "
+                                     "10k images need 128x the LARS steps' length to train the probe as far]",
+                               type=POSITIVE)
+    seed: int = seed_option("Seed of the probe's init and data order.")
+
+    def __post_init__(self):
+        validate(self)
+
+    def fit_options(self, root: Path) -> dict:
+        """Keyword arguments of eval.linear's probe trainers, the blr taken from the dataset's recipe."""
+        blr = self.blr if self.blr is not None else linear.probe_blr(is_demo_root(root))
+        return dict(epochs=self.epochs, warmup_epochs=self.warmup_epochs, batch_size=self.linear_batch_size,
+                    blr=blr, seed=self.seed)
+
+
+@dataclass
+class AttentionOptions:
+    map_stores: tuple = option((), "Attention stores to score (repeat the option). Default: every "
+                                   "RUN_DIR/maps-*.h5.", type=click.Path(exists=True, dir_okay=False),
+                               flags=("--maps",), multiple=True)
+    prior_sigma: float = option(0.25, "Width of the centre-prior baseline's Gaussian, as a fraction of the "
+                                      "image side.", type=POSITIVE)
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
+class Outcome:
+    """One protocol's result: its results.json key, the entry written there, and the table printed."""
+
+    key: str
+    entry: dict
+    table: str
+    title: str = ""
+
+
+class Evaluation:
+    """Features of a dataset's splits under one frozen encoder, shared by the protocols of one command.
+
+    root: the dataset root with ROOT/<split>/<class>/<image>; test_split None = 'original' where ROOT has it
+    (the demo dataset), else 'val'. Under torch.distributed every rank extracts its share; the protocols
+    return None on ranks other than 0, except where a rank's work is needed (the augmented probe)."""
+
+    def __init__(self, checkpoint, root, features: FeatureOptions, train_split: str = "train",
+                 test_split: str | None = None, env=None, device=None):
+        self.checkpoint, self.root, self.options = Path(checkpoint), Path(root), features
+        self.env = env or distributed.DistEnv()
+        self.device = device or "cpu"
+        self.train_split = train_split
+        self.default_test_split = "original" if (self.root / "original").is_dir() else "val"
+        self.test_split = test_split or self.default_test_split
+        self.source = FeatureSource(self.checkpoint, pool=features.pool, batch_size=features.batch_size,
+                                    workers=features.workers, device=self.device, use_cache=not features.no_cache,
+                                    progress=self.env.is_main, precision=features.precision)
+        self._features = {}
+
+    def has_split(self, name: str) -> bool:
+        return (self.root / name).is_dir()
+
+    def split_root(self, name: str) -> Path:
+        if not self.has_split(name):
+            raise ValueError(f"split folder {self.root / name} does not exist; pass --data ROOT with ROOT/{name}, "
+                             "or choose another split (--train-split/--test-split/--splits)")
+        return self.root / name
+
+    def features(self, name: str):
+        if name not in self._features:
+            self._features[name] = self.source.features(self.split_root(name))
+        return self._features[name]
+
+    def key(self, name: str, uses_test_split: bool = True) -> str:
+        """results.json key: the protocol, qualified by every choice that changes its numbers
+        (a non-default pool or test split), so evaluations of one run never overwrite each other."""
+        qualifiers = [f"pool={self.options.pool}"] if self.options.pool != "cls" else []
+        if uses_test_split and self.test_split != self.default_test_split:
+            qualifiers.append(f"split={self.test_split}")
+        return f"{name}[{','.join(qualifiers)}]" if qualifiers else name
+
+    def outcome(self, name: str, options: dict, results: dict, splits, started: float, table: str,
+                uses_test_split: bool = True) -> Outcome:
+        entry = dict(checkpoint=str(self.checkpoint.resolve()), checkpoint_sha256=self.source.checkpoint_sha256,
+                     dataset=dict(root=str(self.root.resolve()),
+                                  keys_sha256={split: self.features(split).index.keys_sha256 for split in splits}),
+                     protocol=self.key(name, uses_test_split),
+                     options=dict(pool=self.options.pool, precision=self.options.precision, **options),
+                     results=results, seconds=round(time.time() - started, 2))
+        return Outcome(entry["protocol"], entry, table, title=str(self.checkpoint))
+
+    def bank_and_queries(self):
+        """(train features, test features), the classes checked to agree."""
+        train, test = self.features(self.train_split), self.features(self.test_split)
+        robustness.check_same_classes(train, {self.test_split: test})
+        return train, test
+
+
+def run_knn(ev: Evaluation, opts: KnnOptions) -> Outcome | None:
+    """Weighted k-NN (DINO protocol): top-1/top-5 for each k; k=20 is the headline."""
+    started = time.time()
+    train, test = ev.features(ev.train_split), ev.features(ev.test_split)
+    if not ev.env.is_main:
+        return None
+    robustness.check_same_classes(train, {ev.test_split: test})
+    results = knn.knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels,
+                               len(train.index.classes), ks=opts.ks, T=opts.temperature, progress=True)
+    table = format_table(["k", "top-1", "top-5"], [[int(key[2:]), r["top1"], r["top5"]] for key, r in results.items()])
+    options = dict(ks=list(opts.ks), T=opts.temperature, train_split=ev.train_split, test_split=ev.test_split,
+                   headline=f"k={knn.HEADLINE_K}")
+    return ev.outcome("knn", options, results, [ev.train_split, ev.test_split], started, table)
+
+
+def run_linear(ev: Evaluation, opts: ProbeOptions) -> Outcome | None:
+    """Linear probe (MAE protocol: BN + Linear, LARS, warm-up + cosine); mode cached for the fast variant."""
+    started = time.time()
+    train, test = ev.bank_and_queries()
+    num_classes, fit = len(train.index.classes), opts.fit_options(ev.root)
+    if opts.mode == "cached":
+        if not ev.env.is_main:
+            return None
+        probe, losses, lr = linear.train_probe_cached(train.feats, train.index.labels, num_classes, **fit,
+                                                      progress=True)
+    else:
+        probe, losses, lr = linear.train_probe_augmented(
+            ev.source.encoder(), train.index, image_size_of(ev.source.timm_kwargs), num_classes,
+            pool=ev.options.pool, workers=ev.options.workers, device=ev.device, progress=ev.env.is_main, **fit)
+    if not ev.env.is_main:
+        return None
+    accuracy = linear.probe_accuracy(probe, test.feats, test.index.labels)
+    mode = linear.MODES[opts.mode]
+    results = dict(mode=mode, **accuracy, lr=lr, final_loss=losses[-1] if losses else None)
+    table = format_table(["mode", "top-1", "top-5"], [[mode, accuracy["top1"], accuracy["top5"]]])
+    options = dict(**asdict(opts), train_split=ev.train_split, test_split=ev.test_split)
+    options["blr"] = fit["blr"]
+    name = "linear" if opts.mode == "augmented" else "linear-cached"
+    return ev.outcome(name, options, results, [ev.train_split, ev.test_split], started, table)
+
+
+def run_retrieval(ev: Evaluation) -> Outcome | None:
+    """Retrieval of the train split by each test image: mAP, Recall@1, Recall@5 (same class = relevant)."""
+    started = time.time()
+    train, test = ev.features(ev.train_split), ev.features(ev.test_split)
+    if not ev.env.is_main:
+        return None
+    robustness.check_same_classes(train, {ev.test_split: test})
+    results = retrieval.retrieval_metrics(train.feats, train.index.labels, test.feats, test.index.labels)
+    table = format_table(["mAP", "R@1", "R@5"], [[results["mAP"], results["R@1"], results["R@5"]]])
+    options = dict(train_split=ev.train_split, test_split=ev.test_split, relevance="same class")
+    return ev.outcome("retrieval", options, results, [ev.train_split, ev.test_split], started, table)
+
+
+def robustness_splits(ev: Evaluation, requested=()) -> list[str]:
+    return list(requested) or [name for name in robustness.DEMO_SPLITS if ev.has_split(name)]
+
+
+def run_robustness(ev: Evaluation, splits, knn_opts: KnnOptions, probe_opts: ProbeOptions) -> Outcome | None:
+    """Accuracy on background-changed splits (k-NN + cached-feature linear), BG-gap, clean-fg k-NN."""
+    started = time.time()
+    names = robustness_splits(ev, splits)
+    if not names:
+        raise ValueError(f"no robustness splits under {ev.root}; pass --splits NAME (repeatable)")
+    train = ev.features(ev.train_split)
+    features = {name: ev.features(name) for name in names}
+    clean_fg = ev.has_split(robustness.CLEAN_FG_BANK) and robustness.CLEAN_FG_QUERIES in features
+    clean_fg_bank = ev.features(robustness.CLEAN_FG_BANK) if clean_fg else None
+    if not ev.env.is_main:
+        return None
+    fit = probe_opts.fit_options(ev.root)
+    probe, _, _ = linear.train_probe_cached(train.feats, train.index.labels, len(train.index.classes), **fit)
+    k = knn.HEADLINE_K if knn.HEADLINE_K in knn_opts.ks else max(knn_opts.ks)
+    results = robustness.robustness_results(train, features, probe=probe, clean_fg_bank=clean_fg_bank, k=k,
+                                            T=knn_opts.temperature)
+    results["linear_mode"] = linear.CACHED_MODE
+    rows = [[name, r["knn_top1"], r["linear_top1"]] for name, r in results["splits"].items()]
+    if "bg_gap" in results:
+        rows.append(["BG-gap (mixed-same − mixed-rand)", results["bg_gap"]["knn_top1"],
+                     results["bg_gap"]["linear_top1"]])
+    if "clean_fg_knn_top1" in results:
+        rows.append([f"clean-fg k-NN ({robustness.CLEAN_FG_BANK} bank, {robustness.CLEAN_FG_QUERIES} queries)",
+                     results["clean_fg_knn_top1"], None])
+    table = format_table(["split", f"k-NN top-1 (k={k})", "linear top-1 (cached)"], rows)
+    options = dict(**{name: value for name, value in asdict(probe_opts).items() if name != "mode"},
+                   k=k, T=knn_opts.temperature, train_split=ev.train_split, splits=names)
+    options["blr"] = fit["blr"]
+    used = [ev.train_split, *names] + ([robustness.CLEAN_FG_BANK] if clean_fg else [])
+    # robustness reads its own splits, so a test split must not label it
+    return ev.outcome("robustness", options, results, used, started, table, uses_test_split=False)
+
+
+def attention_stores(run_dir, opts: AttentionOptions) -> list[Path]:
+    return [Path(p) for p in opts.map_stores] or sorted(Path(run_dir).glob("maps-*.h5"))
+
+
+def has_masks(root, split: str) -> bool:
+    return (Path(root) / "masks" / split).is_dir()
+
+
+def run_attention(root, split: str, stores, opts: AttentionOptions) -> Outcome:
+    """Mean IoU and pointing accuracy of map stores against ground-truth masks, plus a centre-prior row
+    at each store's grid (a coarser grid scores differently, even for the same prior)."""
+    started, root = time.time(), Path(root)
+    if not stores:
+        raise ValueError("no map stores (maps-*.h5) to score; run agmae-discover or pass --maps FILE")
+    if not has_masks(root, split):
+        raise ValueError(f"no ground-truth masks at {root / 'masks' / split}; attention quality needs "
+                         f"ROOT/masks/{split}/<key>")
+    index = scan(root / split)
+
+    def mask_of(key):
+        return load_mask(root, split, key)
+
+    results, rows, grids = {}, [], []
+    for path in stores:
+        store = open_maps(path)
+        unknown = set(store.keys) - set(index.keys)
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} keys (e.g. {sorted(unknown)[0]}) are not images of "
+                             f"{root / split}; pass the store computed on this split")
+        scores = attention.evaluate_store(store, mask_of, progress=True)
+        name = f"{store.attrs['method']} ({Path(path).name})"
+        results[name] = dict(path=str(Path(path).resolve()), method=store.attrs["method"],
+                             grid=list(store.attrs["grid"]), **scores)
+        rows.append([name, scores["mean_iou"], scores["pointing"], scores["images"], scores["skipped"]])
+        if tuple(store.attrs["grid"]) not in grids:
+            grids.append(tuple(store.attrs["grid"]))
+    for grid in grids:
+        prior = attention.evaluate_prior(attention.centre_prior(*grid, sigma=opts.prior_sigma), index.keys, mask_of)
+        at_grid = "" if len(grids) == 1 else f" {grid[0]}x{grid[1]}"
+        results["centre-prior" + at_grid] = dict(grid=list(grid), sigma=opts.prior_sigma, **prior)
+        rows.append([f"centre prior{at_grid} (σ={opts.prior_sigma})", prior["mean_iou"], prior["pointing"],
+                     prior["images"], 0])
+    table = format_table(["method", "mean IoU", "pointing", "images", "skipped"], rows)
+    entry = dict(dataset=dict(root=str(root.resolve()), split=split, keys_sha256=index.keys_sha256),
+                 protocol="attention", options=dict(prior_sigma=opts.prior_sigma, threshold="map mean"),
+                 results=results, seconds=round(time.time() - started, 2))
+    return Outcome("attention", entry, table, title=str(root / split))
+
+
+def record(run_dir, outcome: Outcome) -> Path:
+    """Write the outcome's entry under its key of RUN_DIR/results.json (atomically); returns the file."""
+    return update_results(run_dir, outcome.key, outcome.entry)
