@@ -1,12 +1,10 @@
-"""`make demo` reuses a step only when it would be made the same way (agmae.cli.demo.run_step)."""
+"""The step runner of `make demo` and the study reuses a step only when it would be made the same way."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from agmae.cli.demo import recipe, run_directory, run_step
+from agmae.cli.demo import run_directory
+from agmae.cli.steps import Step, execute, result_argv, run_step
 
 
 def appender(out, text):
@@ -14,60 +12,78 @@ def appender(out, text):
     return [sys.executable, "-c", f"open({str(out)!r}, 'a').write({text!r})"]
 
 
+def step(tmp_path, name, argv, needs=(), stale_output=None):
+    return Step(name, argv, tmp_path / f"{name}.done.json", needs, stale_output=stale_output)
+
+
 def test_a_finished_step_is_not_run_again(tmp_path):
-    out, marker = tmp_path / "out.txt", tmp_path / "step.done.json"
-    run_step("s", appender(out, "a"), marker)
-    run_step("s", appender(out, "a"), marker)
+    out = tmp_path / "out.txt"
+    assert run_step(step(tmp_path, "s", appender(out, "a")))[0] == 0
+    assert run_step(step(tmp_path, "s", appender(out, "a"))) == (0, 0.0)
     assert out.read_text() == "a"
-    recorded = json.loads(marker.read_text())
+    recorded = json.loads((tmp_path / "s.done.json").read_text())
     # the script by name: another clone's .venv (another absolute path) reuses the result
     assert recorded["recipe"]["command"] == [Path(sys.executable).name, *appender(out, "a")[1:]]
     assert recorded["finished"] and recorded["seconds"] >= 0
 
 
 def test_changed_options_redo_the_step_and_drop_its_stale_output(tmp_path):
-    out, marker = tmp_path / "out.txt", tmp_path / "step.done.json"
-    run_step("s", appender(out, "old"), marker, stale_output=out)
-    run_step("s", appender(out, "new"), marker, stale_output=out)
-    assert out.read_text() == "new"
-    assert json.loads(marker.read_text())["recipe"] == recipe(appender(out, "new"))
+    out = tmp_path / "out.txt"
+    run_step(step(tmp_path, "s", appender(out, "old"), stale_output=out))
+    new = step(tmp_path, "s", appender(out, "new"), stale_output=out)
+    assert new.stale() and not new.done()
+    run_step(new)
+    assert out.read_text() == "new" and new.done()
 
 
 def test_a_redone_input_redoes_the_steps_that_read_it(tmp_path):
-    maps, maps_marker = tmp_path / "maps.txt", tmp_path / "maps.done.json"
-    result, result_marker = tmp_path / "result.txt", tmp_path / "result.done.json"
-    run_step("discover", appender(maps, "m1"), maps_marker, stale_output=maps)
-    run_step("train", appender(result, "r"), result_marker, (maps_marker,))
-    run_step("train", appender(result, "r"), result_marker, (maps_marker,))
+    maps, result = tmp_path / "maps.txt", tmp_path / "result.txt"
+    discover = step(tmp_path, "discover", appender(maps, "m1"), stale_output=maps)
+    train = step(tmp_path, "train", appender(result, "r"), needs=(discover,))
+    assert execute([discover, train], echo=lambda line: None) == []
+    assert execute([discover, train], echo=lambda line: None) == []
     assert result.read_text() == "r"
-    run_step("discover", appender(maps, "m2"), maps_marker, stale_output=maps)
-    run_step("train", appender(result, "r"), result_marker, (maps_marker,))
-    assert result.read_text() == "rr"
+    rediscover = step(tmp_path, "discover", appender(maps, "m2"), stale_output=maps)
+    assert execute([rediscover, step(tmp_path, "train", appender(result, "r"), needs=(rediscover,))],
+                   echo=lambda line: None) == []
+    assert result.read_text() == "rr" and maps.read_text() == "m2"
 
 
 def test_a_killed_step_runs_again_and_keeps_its_partial_output_to_resume(tmp_path):
-    out, marker = tmp_path / "out.txt", tmp_path / "step.done.json"
+    out = tmp_path / "out.txt"
     killed = [sys.executable, "-c", f"open({str(out)!r}, 'a').write('half'); raise SystemExit(3)"]
-    with pytest.raises(subprocess.CalledProcessError):
-        run_step("s", killed, marker, stale_output=out)
-    assert not json.loads(marker.read_text())["finished"]
-    with pytest.raises(subprocess.CalledProcessError):  # the same recipe: the partial output stays
-        run_step("s", killed, marker, stale_output=out)
+    assert run_step(step(tmp_path, "s", killed, stale_output=out))[0] == 3
+    assert not json.loads((tmp_path / "s.done.json").read_text())["finished"]
+    assert run_step(step(tmp_path, "s", killed, stale_output=out))[0] == 3  # the same recipe: partial output stays
     assert out.read_text() == "halfhalf"
-    run_step("s", appender(out, "a"), marker, stale_output=out)  # another recipe: made afresh
-    assert out.read_text() == "a" and json.loads(marker.read_text())["finished"]
+    run_step(step(tmp_path, "s", appender(out, "a"), stale_output=out))  # another recipe: made afresh
+    assert out.read_text() == "a" and json.loads((tmp_path / "s.done.json").read_text())["finished"]
 
 
 def test_an_output_without_a_marker_is_of_unknown_making_and_redone(tmp_path):
-    out, marker = tmp_path / "maps.h5", tmp_path / "maps.done.json"
+    out = tmp_path / "maps.h5"
     out.write_text("a store from an older demo version")
-    run_step("discover", appender(out, "new"), marker, stale_output=out)
+    run_step(step(tmp_path, "discover", appender(out, "new"), stale_output=out))
     assert out.read_text() == "new"
 
 
+def test_a_failed_step_skips_what_needs_it_and_runs_the_rest(tmp_path):
+    out = tmp_path / "out.txt"
+    broken = step(tmp_path, "broken", [sys.executable, "-c", "raise SystemExit(2)"])
+    after = step(tmp_path, "after", appender(out, "x"), needs=(broken,))
+    other = step(tmp_path, "other", appender(out, "o"))
+    lines = []
+    assert execute([broken, after, other], echo=lines.append) == ["broken", "after"]
+    assert out.read_text() == "o" and any("skipped" in line for line in lines)
+
+
+def test_result_neutral_options_do_not_change_the_recipe():
+    assert result_argv(["/a/agmae-train", "--keep-every", "4", "--epochs", "2"]) == ["agmae-train", "--epochs", "2"]
+
+
 def test_runs_trained_another_way_get_their_own_directory(tmp_path):
-    six = recipe(["agmae-train", "--epochs", "6"])
-    twenty = recipe(["agmae-train", "--epochs", "20"])
-    assert run_directory(tmp_path, "vanilla", six) == run_directory(tmp_path, "vanilla", dict(six))
+    six = Step("t", ["agmae-train", "--epochs", "6"], tmp_path / "m")
+    twenty = Step("t", ["agmae-train", "--epochs", "20"], tmp_path / "m")
+    assert run_directory(tmp_path, "vanilla", six) == run_directory(tmp_path, "vanilla", Step("x", six.argv, Path()))
     assert run_directory(tmp_path, "vanilla", six) != run_directory(tmp_path, "vanilla", twenty)
     assert run_directory(tmp_path, "vanilla", six).parent == tmp_path / "runs"

@@ -1,4 +1,4 @@
-"""benchmarks/study.py: the plan, resume, aggregation (fake step runner), and one real tiny train + eval."""
+"""benchmarks/study.py (with study_plan.py and study_report.py): the plan, resume, aggregation (fake step runner), and one real tiny train + eval."""
 import json
 import math
 from pathlib import Path
@@ -7,6 +7,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from agmae.cli.steps import result_argv
 from agmae.eval.report import update_results
 
 from helpers import load_benchmark
@@ -17,17 +18,22 @@ def study():
     return load_benchmark("study")
 
 
+@pytest.fixture(scope="module")
+def plan_of():
+    return load_benchmark("study_plan")
+
+
 def _option(argv, name):
     return argv[argv.index(name) + 1]
 
 
-def test_default_plan_rows_sharing_and_equal_compute(study, tmp_path):
+def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     config = study.make_config(out=tmp_path / "study", docs=tmp_path / "docs", precision="bf16")
     plan = study.build_plan(config)
     # precision is part of every run's identity, so the reproducing command must carry it
     assert "--precision bf16" in config.command()
 
-    assert [row.name for row in plan.rows] == study.ROW_NAMES
+    assert [row.name for row in plan.rows] == plan_of.ROW_NAMES
     assert sorted(seed for name, seed in plan.runs if name == "guided-tokencut") == [0, 1, 2]
     assert sorted(seed for name, seed in plan.runs if name == "tau-const-2") == [0]
     # Rows with the same configuration share one run: guided-oracle seed 0 is also tau cos 1->0.5 and wn batch.
@@ -37,9 +43,9 @@ def test_default_plan_rows_sharing_and_equal_compute(study, tmp_path):
 
     ids = [step.id for step in plan.steps]
     assert len(ids) == len(set(ids))
-    assert all(ids.index(need) < ids.index(step.id) for step in plan.steps for need in step.needs)
+    assert all(ids.index(need.id) < ids.index(step.id) for step in plan.steps for need in step.needs)
     stores = sorted(step.id.split(" ", 1)[1] for step in plan.steps if step.kind == "discover")
-    p0, p08 = (study.demo_name(p, 0, 10000, 2000) for p in (0.0, 0.8))
+    p0, p08 = (plan_of.demo_name(p, 0, 10000, 2000) for p in (0.0, 0.8))
     assert stores == sorted([f"{p0}/oracle", f"{p0}/tokencut", f"{p0}/gradcam", f"{p0}/dino-random",
                              f"{p08}/oracle", f"{p08}/tokencut"])
     dino = next(step for step in plan.steps if step.id.endswith("/dino-random"))
@@ -48,7 +54,7 @@ def test_default_plan_rows_sharing_and_equal_compute(study, tmp_path):
     trains = [run.train.argv for run in plan.runs.values()]
     for name in ("--model", "--epochs", "--warmup-epochs", "--batch-size", "--blr", "--precision"):
         assert len({_option(argv, name) for argv in trains}) == 1, name
-    assert _option(trains[0], "--epochs") == str(study.FULL_DEFAULTS["epochs"])
+    assert _option(trains[0], "--epochs") == str(plan_of.FULL_DEFAULTS["epochs"])
     constant = plan.runs["tau-const-0.25", 0].train.argv
     assert _option(constant, "--tau-schedule") == "constant" and _option(constant, "--tau-start") == "0.25"
     assert "--tau-end" not in constant
@@ -73,8 +79,8 @@ KNN = {("vanilla", 0): 20.0, ("vanilla", 1): 23.0, ("vanilla", 2): 29.0,
 class FakeRunner:
     """Stands in for the subprocesses: eval steps write results.json entries shaped like agmae-eval's."""
 
-    def __init__(self, study, plan, fail=()):
-        self.evals = study.EVALS
+    def __init__(self, plan, fail=()):
+        self.evals = load_benchmark("study_plan").EVALS
         self.knn = {run.run_dir: KNN[key] for key, run in plan.runs.items()}
         self.fail, self.calls = set(fail), []
 
@@ -103,14 +109,14 @@ class FakeRunner:
         return 0
 
 
-def test_aggregation_resume_and_partial_report(study, tmp_path):
+def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
     config = study.make_config(seeds=3, ablation_seeds=1, rows="vanilla,guided-oracle,p0.8-vanilla", epochs=2,
                                n_train=240, n_test=60, out=tmp_path / "study", docs=tmp_path / "docs",
                                precision="fp32")
     plan = study.build_plan(config)
     broken = plan.runs["guided-oracle", 1].train.id
     lines = []
-    failing = FakeRunner(study, plan, fail={broken})
+    failing = FakeRunner(plan, fail={broken})
     with pytest.raises(click.ClickException, match="failed or were skipped"):
         study.run_study(config, runner=failing, echo=lines.append)
     assert len(failing.calls) == len(plan.steps) - 4  # the broken run's four evaluations are skipped
@@ -123,7 +129,7 @@ def test_aggregation_resume_and_partial_report(study, tmp_path):
     assert math.isclose(oracle["metrics"]["knn_cls"]["std"], math.sqrt(12.5))
     assert "**PARTIAL**" in (config.docs / "RESULTS.md").read_text()
 
-    resumed = FakeRunner(study, plan)
+    resumed = FakeRunner(plan)
     summary = study.run_study(config, runner=resumed, echo=lines.append)
     assert resumed.calls == [step.id for step in plan.runs["guided-oracle", 1].steps()[-5:]]
     assert summary["complete"] and summary["missing"] == []
@@ -146,14 +152,14 @@ def test_aggregation_resume_and_partial_report(study, tmp_path):
     assert "| p0.8-vanilla | 0.8 | 1/1 | 45.0 | 46.0 | 40.0 | 41.0 | 53.0 | 12.0 | 12.0 |" in markdown
     assert "| vanilla | 0 | 3/3 | 19.0 ± 4.6 |" in markdown and "| — | — |" in markdown
 
-    again = FakeRunner(study, plan)
+    again = FakeRunner(plan)
     study.run_study(config, runner=again, echo=lines.append)
     assert again.calls == []
 
     for step in plan.steps:  # the wall time is the sum of the recorded step times
         record = json.loads(step.marker.read_text())
         step.marker.write_text(json.dumps({**record, "seconds": 30.0}))
-    (config.docs / study.FINDINGS).write_text("## Findings\n\nGuidance wins by 8 points.\n")
+    (config.docs / plan_of.FINDINGS).write_text("## Findings\n\nGuidance wins by 8 points.\n")
     reported = study.run_study(config, runner=again, echo=lines.append, report_only=True)
     assert reported["wall_seconds"]["total"] == 30.0 * len(plan.steps)
     markdown = (config.docs / "RESULTS.md").read_text()
@@ -166,13 +172,14 @@ def test_a_changed_command_redoes_the_step_and_a_result_neutral_change_does_not(
     config = study.make_config(seeds=1, rows="vanilla,guided-oracle", epochs=1, n_train=240, n_test=60,
                                out=tmp_path / "study", docs=tmp_path / "docs", precision="fp32")
     plan = study.build_plan(config)
-    study.run_study(config, runner=FakeRunner(study, plan), echo=lambda line: None)
+    study.run_study(config, runner=FakeRunner(plan), echo=lambda line: None)
     discover = next(step for step in plan.steps if step.kind == "discover")
     train = plan.runs["vanilla", 0].train
 
     def rewrite_marker(step, argv):
         record = json.loads(step.marker.read_text())
-        step.marker.write_text(json.dumps({**record, "argv": argv}))
+        recipe = {**record["recipe"], "command": result_argv(argv)}
+        step.marker.write_text(json.dumps({**record, "argv": argv, "recipe": recipe}))
 
     # the store was made by an older recipe; a train marker from another clone, before --keep-every existed
     rewrite_marker(discover, [*discover.argv[:-4], "--patch", "16", *discover.argv[-4:]])
@@ -183,7 +190,7 @@ def test_a_changed_command_redoes_the_step_and_a_result_neutral_change_does_not(
     assert discover.stale() and not discover.done() and train.done() and not train.stale()
 
     store_when_rerun = []
-    rerun = FakeRunner(study, plan)
+    rerun = FakeRunner(plan)
 
     def runner(step):
         store_when_rerun.append(discover.stale_output.exists())
@@ -192,7 +199,7 @@ def test_a_changed_command_redoes_the_step_and_a_result_neutral_change_does_not(
     lines = []
     study.run_study(config, runner=runner, echo=lines.append)
     assert rerun.calls == [discover.id] and store_when_rerun == [False]
-    assert any("its command changed since it ran; redoing it" in line for line in lines)
+    assert any("made with another recipe; redoing it" in line for line in lines)
     assert discover.done() and json.loads(discover.marker.read_text())["argv"] == discover.argv
 
 
@@ -211,7 +218,7 @@ def test_real_tiny_train_and_eval(study, tmp_path, demo_root):
     plan = study.build_plan(config)
     run = plan.runs["vanilla", 0]
     assert Path(_option(run.train.argv, "--data")).parent == demo_root
-    fake = FakeRunner(study, plan)
+    fake = FakeRunner(plan)
 
     def runner(step):
         if step.kind == "eval" and step.id.split(" ", 1)[0] in ("knn-mean", "linear"):

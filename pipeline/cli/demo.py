@@ -4,21 +4,25 @@ Builds the demo dataset, discovers maps (oracle masks, TokenCut and Grad-CAM on 
 EfficientNet-Lite0), trains a vanilla MAE and guided MAEs (TokenCut and oracle maps) with equal
 compute, evaluates them (k-NN, cached linear probe, background robustness, map quality), prints
 one comparison table and writes `report.png`. Every step is the stage's own CLI in a subprocess,
-so the demo measures exactly what users run. A finished step leaves a marker holding its command;
-a second `make demo` (or one after a crash) skips the steps whose marker holds the same command
-and redoes those whose options changed.
+run by the step runner it shares with the study (agmae.cli.steps): a second `make demo` (or one
+after a crash) skips the steps finished with the same recipe and redoes those whose options or
+inputs changed.
 """
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import click
+import numpy as np
+from PIL import Image
 
 from agmae.data.demo import ensure_demo
-from agmae.checkpoint import atomic_write_text
+from agmae.data.folder import scan
+from agmae.eval.report import format_table
+from agmae.store import open_maps
+from agmae.cli.steps import Step, console_script, execute, stream_runner
+from agmae.options import click_option, seed_option
 from agmae.paths import agmae_home, maps_path
 
 DISCOVERY = {
@@ -42,53 +46,40 @@ COLUMNS = {
 }
 
 
-def console_script(name: str) -> str:
-    """The console script `name` installed beside this interpreter: the environment's own `agmae-*`."""
-    path = Path(sys.executable).parent / name
-    if not path.is_file():
-        raise click.ClickException(f"{path} not found; install the package into this environment "
-                                   f"(make install, or pip install -e .) and run with that environment's python")
-    return str(path)
-
-
-def recipe(command: list[str], inputs: tuple[Path, ...] = ()) -> dict:
-    """What a step's result is made of: its command (the script by name, so a fresh clone's .venv
-    reuses another clone's results) and the recipes recorded in the markers of the steps it reads."""
-    return {"command": [Path(command[0]).name, *command[1:]],
-            "inputs": [json.loads(marker.read_text())["recipe"] for marker in inputs]}
-
-
-def run_step(title: str, command: list[str], marker: Path, inputs: tuple[Path, ...] = (),
-             stale_output: Path | None = None) -> None:
-    """Run one stage command, streaming its progress, unless `marker` records it finished with the same recipe.
-
-    The marker is written before the command starts (finished: false) and again when it exits 0. The same
-    recipe unfinished is a killed step: it runs again and the stage resumes its own output. Another recipe
-    (other --epochs, options changed by a newer version, an input step redone), or an output with no marker
-    at all, means `stale_output` was made another way: it is removed and the step redone."""
-    wanted = recipe(command, inputs)
-    recorded = json.loads(marker.read_text()) if marker.is_file() else None
-    if recorded is not None and recorded["recipe"] == wanted and recorded.get("finished"):
-        click.echo(f"[demo] {title}: done already ({marker})")
-        return
-    if (recorded is None or recorded["recipe"] != wanted) and stale_output is not None and stale_output.exists():
-        click.echo(f"[demo] {title}: {stale_output} was made with other options or inputs; redoing it")
-        stale_output.unlink()
-    atomic_write_text(json.dumps({"recipe": wanted, "finished": False}, indent=1) + "\n", marker)
-    click.echo(f"[demo] {title}: {' '.join(command)}")
-    started = time.time()
-    subprocess.run(command, check=True)
-    seconds = time.time() - started
-    atomic_write_text(json.dumps({"recipe": wanted, "finished": True, "seconds": round(seconds, 1)}, indent=1) + "\n",
-                      marker)
-    click.echo(f"[demo] {title}: {seconds:.0f} s")
-
-
-def run_directory(run_root: Path, name: str, train_recipe: dict) -> Path:
+def run_directory(run_root: Path, name: str, train: Step) -> Path:
     """RUN_ROOT/runs/NAME-<digest of the training recipe>: a run made another way gets a directory of
     its own, since agmae-train resumes (or refuses) whatever checkpoint its directory holds."""
-    digest = hashlib.sha256(json.dumps(train_recipe, sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps(train.recipe(), sort_keys=True).encode()).hexdigest()[:8]
     return run_root / "runs" / f"{name}-{digest}"
+
+
+def plan(run_root: Path, demo_root: Path, epochs: int, seed: int) -> tuple[list, dict]:
+    """The demo's steps in order, and {run name: run directory}."""
+    data = ["--data", str(demo_root / "train")]
+    precision = ["--precision", "native"]  # bf16 where the CPU has it natively: 2-3x faster there
+    discovered, steps, run_dirs = {}, [], {}
+    for method, options in DISCOVERY.items():
+        out_file = maps_path(run_root, method)
+        discovered[method] = Step(f"discover {method}", [console_script("agmae-discover"), *options, *data,
+                                                         *precision, "--out", str(out_file)],
+                                  out_file.with_suffix(".done.json"), kind="discover", stale_output=out_file)
+        steps.append(discovered[method])
+    for name, method in RUNS.items():
+        # no --data: agmae-train's demo recipe (model, batch, blr, native bf16) applies to the demo dataset;
+        # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md)
+        train = [console_script("agmae-train"),
+                 *(["--no-guidance"] if method is None else ["--maps", str(maps_path(run_root, method))]),
+                 "--epochs", str(epochs), "--seed", str(seed), "--save-every", "1"]  # a killed demo resumes per epoch
+        needs = () if method is None else (discovered[method],)
+        run_dir = run_dirs[name] = run_directory(run_root, name, Step(name, train, Path(), needs))
+        trained = Step(f"train {name}", [*train, "--out", str(run_dir)], run_dir / "train.done.json", needs,
+                       kind="train")
+        evaluate = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
+                    "--mode", "cached", "--k", "20", *precision]
+        steps += [trained, Step(f"evaluate {name}", evaluate, run_dir / "eval.done.json", (trained,), kind="eval")]
+    steps.append(Step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)],
+                      run_root / "attention.done.json", tuple(discovered.values()), kind="eval"))
+    return steps, run_dirs
 
 
 def nested(results: dict, path: tuple):
@@ -112,15 +103,10 @@ def comparison(run_dirs: dict) -> dict:
 
 def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) -> Path:
     """report.png: grouped bars of the comparison table, then demo images with their maps."""
-    import matplotlib
+    import matplotlib  # the demo extra: imported only where a report is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    from PIL import Image
-
-    from agmae.data.folder import scan
-    from agmae.store import open_maps
 
     methods = [m for m in DISCOVERY if maps_path(run_root, m).exists()]
     fig = plt.figure(figsize=(14, 4 + 1.6 * len(methods)))
@@ -161,8 +147,6 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
 
 
 def format_comparison(table: dict) -> str:
-    from agmae.eval.report import format_table
-
     columns = list(COLUMNS)
     return format_table(["run", *columns], [[name, *(row[c] for c in columns)] for name, row in table.items()])
 
@@ -174,7 +158,7 @@ def format_comparison(table: dict) -> str:
               help="Pre-training epochs of every MAE (equal compute for vanilla and guided). 6 keeps the demo "
                    "under 20 minutes on 2 CPU cores, too short for guidance to pay: in the study's 20-epoch runs "
                    "guided and vanilla separate from epoch ~12 (docs/RESULTS.md).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Training seed of every run.")
+@click_option("seed", seed_option("Training seed of every run."))
 def main(out, epochs, seed):
     """Run discover -> train -> eval on the demo dataset and print the comparison."""
     started = time.time()
@@ -182,38 +166,14 @@ def main(out, epochs, seed):
     run_root.mkdir(parents=True, exist_ok=True)
     click.echo("[demo] demo dataset (built once into AGMAE_HOME)")
     demo_root = ensure_demo()
-    data = ["--data", str(demo_root / "train")]
-    # bf16 autocast where the CPU has it natively: 2-3x faster discovery and feature extraction there.
-    precision = ["--precision", "native"]
-
-    discovered = {}
-    for method, options in DISCOVERY.items():
-        out_file = maps_path(run_root, method)
-        discovered[method] = out_file.with_suffix(".done.json")
-        command = [console_script("agmae-discover"), *options, *data, *precision, "--out", str(out_file)]
-        run_step(f"discover {method}", command, discovered[method], stale_output=out_file)
-
-    run_dirs = {}
-    for name, method in RUNS.items():
-        # no --data: agmae-train's demo recipe (model, batch, blr, bf16 where native) applies to the demo dataset;
-        # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md)
-        train = [console_script("agmae-train"),
-                 *(["--no-guidance"] if method is None else ["--maps", str(maps_path(run_root, method))]),
-                 "--epochs", str(epochs), "--seed", str(seed), "--save-every", "1"]  # a killed demo resumes per epoch
-        maps_marker = () if method is None else (discovered[method],)
-        run_dir = run_dirs[name] = run_directory(run_root, name, recipe(train, maps_marker))
-        train_marker = run_dir / "agmae.train.done.json"
-        run_step(f"train {name}", [*train, "--out", str(run_dir)], train_marker, maps_marker)
-        evaluate = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
-                    "--mode", "cached", "--k", "20", *precision]
-        run_step(f"evaluate {name}", evaluate, run_dir / "agmae.eval.done.json", (train_marker,))
-
-    attention_file = run_root / "results.json"
-    run_step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)],
-             run_root / "attention.done.json", tuple(discovered.values()))
+    steps, run_dirs = plan(run_root, demo_root, epochs, seed)
+    failed = execute(steps, stream_runner, echo=lambda line: click.echo(f"[demo] {line}"))
+    if failed:
+        raise click.ClickException(f"{len(failed)} demo steps failed or were skipped (first: {failed[0]}); "
+                                   "fix the cause shown above and re-run `make demo` to continue")
     # keys look like "tokencut (maps-tokencut.h5)"; the method alone labels the table and the chart
     attention = {name.split(" (")[0]: entry for name, entry in
-                 json.loads(attention_file.read_text())["attention"]["results"].items()}
+                 json.loads((run_root / "results.json").read_text())["attention"]["results"].items()}
 
     table = comparison(run_dirs)
     click.echo(f"\n[demo] {epochs} epochs per MAE, seed {seed}; top-1 % (k-NN k=20, linear = cached-feature probe)")

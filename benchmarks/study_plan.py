@@ -1,0 +1,304 @@
+"""The study's plan (benchmarks/study.py runs it, benchmarks/study_report.py reports it): its rows,
+datasets, map stores, runs and evaluations as steps of the runner that `make demo` shares
+(agmae.cli.steps), seed-major so that a partial study already covers every row."""
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+import click
+
+from agmae.cli.steps import Step, console_script
+from agmae.data.demo import demo_name
+from agmae.hardware import resolve_precision
+from agmae.paths import agmae_home
+from agmae.train.config import RECIPES
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DOCS = REPO / "docs"
+DEMO_SEED = 0
+
+# Discovery recipes, one map store per (recipe, dataset). The CNN methods use the offline
+# ImageNet EfficientNet-Lite0 at 224 px (the 64-px images up-sampled; 448, the tokencut CNN
+# default, costs 4x the time); the oracle area-averages the masks onto a 28x28 grid (224 px / patch 8),
+# finer than the model's 8x8 patch grid so that a random crop cuts it between cells;
+# the negative control is DINO's CLS attention of a randomly initialised ViT-S/8 at 64 px.
+MAPS = {
+    "oracle": ("--method", "oracle", "--patch", "8"),
+    "tokencut": ("--method", "tokencut", "--backbone", "tf_efficientnet_lite0", "--image-size", "224"),
+    "gradcam": ("--method", "gradcam", "--backbone", "tf_efficientnet_lite0", "--image-size", "224"),
+    "dino-random": ("--method", "dino", "--backbone", "vit_small_patch8_224", "--random-init", "--seed", "0",
+                    "--image-size", "64"),
+}
+# agmae-train's guidance defaults, passed explicitly so every run's command says what it trained.
+GUIDANCE_DEFAULTS = {"tau-schedule": "cosine", "tau-start": 1.0, "tau-end": 0.5, "weight-norm": "batch"}
+MAIN, ABLATION = "main", "ablation"
+# Kept checkpoints per run (outside the run's identity), for benchmarks/learning_curve.py.
+KEEP_EVERY = 4
+# Hand-written reading of the numbers, kept beside them: RESULTS.md embeds it above the generated tables.
+FINDINGS = "FINDINGS.md"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    maps: str | None  # a MAPS key; None = vanilla MAE
+    guidance: dict = field(default_factory=dict)  # overrides of GUIDANCE_DEFAULTS
+    correlation: float = 0.0
+    seeds: str = MAIN  # MAIN rows get --seeds seeds, ABLATION rows --ablation-seeds
+    note: str = ""
+
+
+def _tau(schedule, start, end=None):
+    return {"tau-schedule": schedule, "tau-start": start, **({"tau-end": end} if end is not None else {})}
+
+
+ROWS = [
+    Row("vanilla", None, note="MAE, uniform weights (--no-guidance)"),
+    Row("guided-oracle", "oracle", note="ground-truth masks"),
+    Row("guided-tokencut", "tokencut", note="TokenCut on EfficientNet-Lite0"),
+    Row("guided-gradcam", "gradcam", note="Grad-CAM on EfficientNet-Lite0"),
+    Row("guided-dino-random", "dino-random", note="negative control: DINO attention of a random ViT-S/8"),
+    Row("tau-const-0.25", "oracle", _tau("constant", 0.25), seeds=ABLATION),
+    Row("tau-const-0.5", "oracle", _tau("constant", 0.5), seeds=ABLATION),
+    Row("tau-const-1", "oracle", _tau("constant", 1.0), seeds=ABLATION),
+    Row("tau-const-2", "oracle", _tau("constant", 2.0), seeds=ABLATION),
+    Row("tau-cos-1-0.5", "oracle", _tau("cosine", 1.0, 0.5), seeds=ABLATION),
+    Row("tau-cos-0.5-1", "oracle", _tau("cosine", 0.5, 1.0), seeds=ABLATION),
+    Row("wn-batch", "oracle", {"weight-norm": "batch"}, seeds=ABLATION),
+    Row("wn-sample", "oracle", {"weight-norm": "sample"}, seeds=ABLATION),
+    Row("wn-none", "oracle", {"weight-norm": "none"}, seeds=ABLATION, note="paper's γΣmwe/Σm, γ = 1"),
+    Row("p0.8-vanilla", None, correlation=0.8, seeds=ABLATION),
+    Row("p0.8-guided-oracle", "oracle", correlation=0.8, seeds=ABLATION),
+    Row("p0.8-guided-tokencut", "tokencut", correlation=0.8, seeds=ABLATION),
+]
+ROW_NAMES = [row.name for row in ROWS]
+QUICK_ROWS = ("vanilla", "guided-oracle")
+
+# Evaluation protocols: step name -> (agmae-eval arguments, results.json key).
+EVALS = {
+    "knn": (("knn",), "knn"),
+    "knn-mean": (("knn", "--pool", "mean"), "knn[pool=mean]"),
+    "linear": (("linear", "--mode", "cached"), "linear-cached"),
+    "robustness": (("robustness",), "robustness"),
+}
+# Reported numbers: name -> (column header, path into the run's results.json). k-NN at k = 20.
+METRICS = {
+    "knn_cls": ("k-NN CLS", ("knn", "results", "k=20", "top1")),
+    "knn_mean": ("k-NN mean-pool", ("knn[pool=mean]", "results", "k=20", "top1")),
+    "linear": ("linear (cached)", ("linear-cached", "results", "top1")),
+    "mixed_rand_knn": ("mixed-rand k-NN", ("robustness", "results", "splits", "mixed-rand", "knn_top1")),
+    "mixed_rand_linear": ("mixed-rand linear", ("robustness", "results", "splits", "mixed-rand", "linear_top1")),
+    "only_fg_knn": ("only-fg k-NN", ("robustness", "results", "splits", "only-fg", "knn_top1")),
+    "only_fg_linear": ("only-fg linear", ("robustness", "results", "splits", "only-fg", "linear_top1")),
+    "clean_fg_knn": ("clean-fg k-NN", ("robustness", "results", "clean_fg_knn_top1")),
+    "bg_gap_knn": ("BG-gap k-NN", ("robustness", "results", "bg_gap", "knn_top1")),
+    "bg_gap_linear": ("BG-gap linear", ("robustness", "results", "bg_gap", "linear_top1")),
+}
+FEATURE_COLUMNS = ("knn_cls", "knn_mean", "linear")
+ROBUSTNESS_COLUMNS = ("mixed_rand_knn", "mixed_rand_linear", "only_fg_knn", "only_fg_linear", "clean_fg_knn",
+                      "bg_gap_knn", "bg_gap_linear")
+
+# Seconds measured on this 2-core CPU for 10k training images (bf16 training, fp32 extraction),
+# only for the first ETA; the ETA rescales them by the measured/estimated ratio of the steps done.
+TRAIN_EPOCH_SECONDS = 38.0
+STARTUP_SECONDS = 5.0
+DISCOVER_SECONDS = {"oracle": 40.0, "tokencut": 200.0, "gradcam": 450.0, "dino-random": 400.0}
+EVAL_SECONDS = {"knn": 55.0, "knn-mean": 55.0, "linear": 5.0, "robustness": 75.0}
+DATASET_SECONDS = 90.0
+
+# 20 epochs: guided and vanilla MAEs on the demo dataset separate only after ~10-20 (docs/RESULTS.md).
+FULL_DEFAULTS = dict(epochs=20, seeds=3, ablation_seeds=1, n_train=10000, n_test=2000,
+                     batch_size=RECIPES["demo"]["batch_size"], rows=",".join(ROW_NAMES))
+QUICK_DEFAULTS = dict(epochs=1, seeds=1, ablation_seeds=1, n_train=240, n_test=60, batch_size=64,
+                      rows=",".join(QUICK_ROWS))
+
+
+@dataclass(frozen=True)
+class Config:
+    epochs: int
+    seeds: int
+    ablation_seeds: int
+    n_train: int
+    n_test: int
+    batch_size: int
+    rows: tuple
+    out: Path
+    docs: Path
+    precision: str
+
+    def seeds_of(self, row: Row) -> list[int]:
+        return list(range(self.seeds if row.seeds == MAIN else self.ablation_seeds))
+
+    def warmup_epochs(self) -> float:
+        """The demo recipe's warm-up share (2 of 30 epochs) of --epochs."""
+        return round(RECIPES["demo"]["warmup_epochs"] * self.epochs / RECIPES["demo"]["epochs"], 4)
+
+    def command(self) -> str:
+        """The study command line that reproduces this plan, every plan option explicit."""
+        python = Path(sys.executable)
+        python = python.relative_to(REPO) if python.is_relative_to(REPO) else python
+        parts = [str(python), "benchmarks/study.py", "--epochs", self.epochs, "--seeds", self.seeds,
+                 "--ablation-seeds", self.ablation_seeds, "--n-train", self.n_train, "--n-test", self.n_test,
+                 "--batch-size", self.batch_size, "--rows", ",".join(self.rows), "--precision", self.precision]
+        if self.out != agmae_home() / "study":
+            parts += ["--out", self.out]
+        if self.docs != DEFAULT_DOCS:
+            parts += ["--docs", self.docs]
+        env = f"AGMAE_HOME={shlex.quote(os.environ['AGMAE_HOME'])} " if "AGMAE_HOME" in os.environ else ""
+        return env + shlex.join(str(part) for part in parts)
+
+
+@dataclass
+class Run:
+    """One training run (a configuration and a seed) and its evaluations, shared by the rows that need it."""
+    run_dir: Path
+    train: Step
+    evals: dict  # step name -> Step
+    upstream: list  # dataset and discovery steps it needs
+
+    def steps(self) -> list:
+        return [*self.upstream, self.train, *self.evals.values()]
+
+    def complete(self) -> bool:
+        return all(step.done() for step in [self.train, *self.evals.values()])
+
+    def results(self) -> dict:
+        return json.loads((self.run_dir / "results.json").read_text())
+
+
+@dataclass
+class Plan:
+    config: Config
+    rows: list  # Row
+    runs: dict  # (row name, seed) -> Run
+    steps: list  # every Step once, in execution order
+
+
+def _slug(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _dataset_step(config: Config, correlation: float) -> tuple[Step, Path]:
+    """The step that builds the demo dataset (once, into AGMAE_HOME/demo/, where ensure_demo puts it), and its root."""
+    variant = demo_name(correlation, DEMO_SEED, config.n_train, config.n_test)
+    folder = config.out / "data"
+    step = Step(id=f"dataset {variant}", kind="dataset",
+                argv=[sys.executable, "-c", "import sys; from agmae.data.demo import ensure_demo; "
+                      "print(ensure_demo(float(sys.argv[1]), *map(int, sys.argv[2:])))",
+                      str(correlation), str(DEMO_SEED), str(config.n_train), str(config.n_test)],
+                log=folder / f"{variant}.log", marker=folder / f"{variant}.done.json",
+                estimate=DATASET_SECONDS * config.n_train / 10000)
+    return step, agmae_home() / "demo" / variant
+
+
+def _discover_step(config: Config, maps: str, dataset: Step, root: Path) -> tuple[Step, Path]:
+    """The step that computes the map store of recipe `maps` on a dataset's train split, and the store."""
+    folder = config.out / "maps" / root.name
+    store = folder / f"{maps}.h5"
+    step = Step(id=f"discover {root.name}/{maps}", kind="discover",
+                argv=[console_script("agmae-discover"), *MAPS[maps], "--data", str(root / "train"), "--out", str(store)],
+                log=folder / f"{maps}.log", marker=folder / f"{maps}.done.json", needs=(dataset,),
+                estimate=DISCOVER_SECONDS[maps] * config.n_train / 10000, stale_output=store)
+    return step, store
+
+
+def _training_options(config: Config, row: Row, seed: int) -> tuple[str, list]:
+    """A short name of the row's training configuration and its agmae-train options (without paths)."""
+    options = ["--model", RECIPES["demo"]["model"], "--epochs", str(config.epochs),
+               "--warmup-epochs", _slug(config.warmup_epochs()), "--batch-size", str(config.batch_size),
+               "--blr", _slug(RECIPES["demo"]["blr"]), "--precision", config.precision, "--seed", str(seed)]
+    if row.maps is None:
+        return "vanilla", ["--no-guidance", *options]
+    guidance = {**GUIDANCE_DEFAULTS, **row.guidance}
+    if guidance["tau-schedule"] == "constant":
+        guidance.pop("tau-end")
+    name = "-".join([row.maps, *(_slug(v) for v in guidance.values())])
+    return name, [*(arg for key, value in guidance.items() for arg in (f"--{key}", _slug(value))), *options]
+
+
+def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, upstream: list) -> Run:
+    """The training run of (row, seed) and its evaluations, in a run directory named by its configuration
+    (rows with the same configuration get the same directory, hence share the run)."""
+    name, options = _training_options(config, row, seed)
+    # Paths stay out of the identity, so moving AGMAE_HOME or --out keeps the run names.
+    identity = json.dumps({"dataset": root.name, "maps": MAPS.get(row.maps), "train": options}, sort_keys=True)
+    run_dir = (config.out / "runs" / root.name /
+               f"{name}-e{config.epochs}-s{seed}-{sha256(identity.encode()).hexdigest()[:8]}")
+    label, step_dir = run_dir.relative_to(config.out), run_dir / "study"
+    maps = ["--maps", str(store)] if store else []
+    train = Step(id=f"train {label}", kind="train",
+                 argv=[console_script("agmae-train"), *maps, *options, "--data", str(root / "train"), "--out", str(run_dir),
+                       "--save-every", "1", "--keep-every", str(KEEP_EVERY)],
+                 log=step_dir / "train.log", marker=step_dir / "agmae.train.done.json",
+                 needs=tuple(upstream), run_dir=run_dir,
+                 estimate=3 * STARTUP_SECONDS + TRAIN_EPOCH_SECONDS * config.epochs * config.n_train / 10000)
+    evals = {
+        protocol: Step(id=f"{protocol} {label}", kind="eval",
+                       argv=[console_script("agmae-eval"), *args, "--checkpoint", str(run_dir / "checkpoint-last.pth"),
+                             "--run-dir", str(run_dir), "--data", str(root)],
+                       log=step_dir / f"{protocol}.log", marker=step_dir / f"{protocol}.done.json",
+                       needs=(train,), run_dir=run_dir,
+                       estimate=STARTUP_SECONDS + EVAL_SECONDS[protocol] * config.n_train / 10000)
+        for protocol, (args, _) in EVALS.items()
+    }
+    return Run(run_dir, train, evals, upstream)
+
+
+def build_plan(config: Config) -> Plan:
+    """The steps of the study in execution order: seed-major (every row's seed 0 first, so a partial
+    study already covers every row), each dataset and map store just before its first user."""
+    steps, by_id, runs = [], {}, {}
+
+    def add(step: Step) -> Step:
+        if step.id not in by_id:
+            by_id[step.id] = step
+            steps.append(step)
+        return by_id[step.id]
+
+    rows = [row for row in ROWS if row.name in config.rows]
+    for seed in range(max(config.seeds, config.ablation_seeds)):
+        for row in rows:
+            if seed not in config.seeds_of(row):
+                continue
+            dataset, root = _dataset_step(config, row.correlation)
+            upstream, store = [add(dataset)], None
+            if row.maps is not None:
+                discover, store = _discover_step(config, row.maps, dataset, root)
+                upstream.append(add(discover))
+            run = _run(config, row, seed, root, store, upstream)
+            run.train = add(run.train)
+            run.evals = {protocol: add(step) for protocol, step in run.evals.items()}
+            runs[row.name, seed] = run
+    return Plan(config, rows, runs, steps)
+
+
+def _default_precision() -> str:
+    """What agmae-train picks on the demo dataset (the demo recipe's `native`) on this CPU, as a concrete
+    precision so that the plan records what ran."""
+    import torch
+
+    return resolve_precision(RECIPES["demo"]["precision"], torch.device("cpu"), training=True)
+
+
+def make_config(quick=False, epochs=None, seeds=None, ablation_seeds=None, n_train=None, n_test=None,
+                batch_size=None, rows=None, out=None, docs=None, precision=None) -> Config:
+    defaults = QUICK_DEFAULTS if quick else FULL_DEFAULTS
+    given = dict(epochs=epochs, seeds=seeds, ablation_seeds=ablation_seeds, n_train=n_train, n_test=n_test,
+                 batch_size=batch_size, rows=rows)
+    values = {name: defaults[name] if value is None else value for name, value in given.items()}
+    names = tuple(name.strip() for name in values["rows"].split(",") if name.strip())
+    unknown = [name for name in names if name not in ROW_NAMES]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown row(s) {', '.join(unknown) or '(none given)'}; choose from "
+                                 f"{', '.join(ROW_NAMES)}", param_hint="--rows")
+    for name in ("epochs", "seeds", "ablation_seeds", "batch_size"):
+        if values[name] < 1:
+            raise click.BadParameter(f"{values[name]} must be >= 1", param_hint="--" + name.replace("_", "-"))
+    out = Path(out) if out else agmae_home() / "study"
+    docs = Path(docs) if docs else (out / "docs" if quick else DEFAULT_DOCS)
+    return Config(**{**values, "rows": names}, out=out.resolve(), docs=docs.resolve(),
+                  precision=precision or _default_precision())

@@ -1,0 +1,177 @@
+"""The step runner of `make demo` and the study: each step is one stage command in a subprocess (exactly
+what users run), skipped when its marker records that it finished with the same recipe.
+
+A step's recipe is its command (the program by name, so another clone's .venv reuses the result; without
+the RESULT_NEUTRAL_OPTIONS) and the recipes of the steps it reads (`needs`), so redoing an input redoes
+everything made from it. The marker is written before the command starts (finished: false) and again
+when it exits 0. The same recipe unfinished is a killed step: it runs again and the stage resumes its own
+output. Another recipe, or an output with no marker at all, means `stale_output` was made another way:
+it is removed and the step redone.
+"""
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from agmae.checkpoint import atomic_write_text
+
+# Options that change how a step runs, not what it computes.
+RESULT_NEUTRAL_OPTIONS = ("--keep-every",)
+
+
+def console_script(name: str) -> str:
+    """The console script `name` installed beside this interpreter: the environment's own `agmae-*`."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found; install the package into this environment "
+                                   f"(make install, or pip install -e .) and run with that environment's python")
+    return str(path)
+
+
+def result_argv(argv: list) -> list:
+    """A command as far as its result goes: the program by name and without RESULT_NEUTRAL_OPTIONS and
+    their values."""
+    kept, skip_value = [Path(argv[0]).name], False
+    for arg in argv[1:]:
+        if skip_value:
+            skip_value = False
+        elif arg in RESULT_NEUTRAL_OPTIONS:
+            skip_value = True
+        else:
+            kept.append(str(arg))
+    return kept
+
+
+@dataclass
+class Step:
+    """One subprocess. `log`: a file its output is appended to (None: the console)."""
+
+    id: str
+    argv: list
+    marker: Path
+    needs: tuple = ()  # the Steps whose outputs it reads
+    kind: str = ""  # dataset, discover, train, eval: groups the time estimates
+    log: Path | None = None
+    estimate: float = 0.0
+    run_dir: Path | None = None
+    stale_output: Path | None = None
+
+    def recipe(self) -> dict:
+        return {"command": result_argv(self.argv), "inputs": [need.recipe() for need in self.needs]}
+
+    def recorded(self) -> dict | None:
+        return json.loads(self.marker.read_text()) if self.marker.is_file() else None
+
+    def done(self) -> bool:
+        recorded = self.recorded()
+        return bool(recorded and recorded.get("finished") and recorded.get("recipe") == self.recipe())
+
+    def stale(self) -> bool:
+        """Marked with another recipe than this step's now: its output was made another way."""
+        recorded = self.recorded()
+        return recorded is not None and recorded.get("recipe") != self.recipe()
+
+    def seconds(self) -> float:
+        return self.recorded()["seconds"] if self.done() else 0.0
+
+    def _mark(self, finished: bool, seconds: float | None = None) -> None:
+        record = {"recipe": self.recipe(), "argv": [str(arg) for arg in self.argv], "finished": finished,
+                  "seconds": None if seconds is None else round(seconds, 1),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_text(json.dumps(record, indent=1) + "\n", self.marker)
+
+
+def stream_runner(step: Step) -> int:
+    """Run the step's command with its output on the console."""
+    return subprocess.run([str(arg) for arg in step.argv]).returncode
+
+
+def log_runner(step: Step, cwd=None) -> int:
+    """Run the step's command with stdout and stderr appended to its log; killing the runner by SIGINT or
+    SIGTERM takes the running step down with it (the step resumes on the next run)."""
+    step.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(step.log, "a") as log:
+        log.write(f"\n$ {shlex.join(str(arg) for arg in step.argv)}  # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        log.flush()
+        process = subprocess.Popen([str(arg) for arg in step.argv], stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        try:
+            return process.wait()
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def run_step(step: Step, runner=stream_runner) -> tuple[int, float]:
+    """Run the step unless it is done; returns (exit status, seconds). A stale output is removed first."""
+    if step.done():
+        return 0, 0.0
+    if (step.stale() or step.recorded() is None) and step.stale_output is not None:
+        step.stale_output.unlink(missing_ok=True)
+    step.marker.parent.mkdir(parents=True, exist_ok=True)
+    step._mark(finished=False)
+    started = time.monotonic()
+    status = runner(step)
+    seconds = time.monotonic() - started
+    if status == 0:
+        step._mark(finished=True, seconds=seconds)
+    return status, seconds
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _last_line(path: Path | None) -> str:
+    if path is None or not path.exists():
+        return "(see the output above)"
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip()[-200:] if lines else "(empty log)"
+
+
+def execute(steps: list, runner=stream_runner, echo=click.echo, on_step_done=lambda step: None) -> list:
+    """Run every pending step in order; returns the ids of the steps that failed or were skipped because a
+    step they need failed. Prints one line per step with the elapsed time and an ETA that rescales each
+    kind's estimates by the times measured so far."""
+    pending = [step for step in steps if not step.done()]
+    echo(f"{len(steps)} steps, {len(pending)} to do, first estimate "
+         f"{duration(sum(step.estimate for step in pending))}")
+    measured, estimated, failed, started = {}, {}, [], time.monotonic()
+
+    def eta(remaining) -> float:
+        overall = sum(measured.values()) / sum(estimated.values()) if sum(estimated.values()) else 1.0
+        return sum(step.estimate * (measured[step.kind] / estimated[step.kind] if estimated.get(step.kind)
+                                    else overall) for step in remaining)
+
+    for position, step in enumerate(pending, 1):
+        prefix = f"[{position:>3}/{len(pending)}] {step.id}"
+        if any(need.id in failed for need in step.needs):
+            failed.append(step.id)
+            echo(f"{prefix}: skipped, a step it needs failed")
+            continue
+        if step.stale():
+            echo(f"{prefix}: made with another recipe; redoing it")
+        status, seconds = run_step(step, runner)
+        if status == 0:
+            measured[step.kind] = measured.get(step.kind, 0.0) + seconds
+            estimated[step.kind] = estimated.get(step.kind, 0.0) + step.estimate
+            outcome = "ok"
+        else:
+            failed.append(step.id)
+            outcome = f"FAILED (exit {status}; {step.log or 'console'}: {_last_line(step.log)})"
+        remaining = [s for s in pending[position:] if not any(need.id in failed for need in s.needs)]
+        echo(f"{prefix}: {outcome} in {duration(seconds)} | elapsed {duration(time.monotonic() - started)} "
+             f"| ETA {duration(eta(remaining))}")
+        if status == 0:
+            on_step_done(step)
+    return failed
