@@ -1,6 +1,6 @@
 """Quality of attention maps against ground-truth object masks: IoU at the mean threshold, pointing.
 
-Both scores follow SPEC.md Stage 3 ("attention"): each map is upsampled bilinearly to the
+Both scores follow docs/METHOD.md#attention: each map is upsampled bilinearly to the
 mask's resolution, thresholded at its own mean (IoU with the mask), and its argmax is
 checked against the mask (pointing). `centre_prior` is the baseline every method must beat:
 a Gaussian bump in the middle of the image, which scores well on object-centred datasets

@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen features (DINO protocol, SPEC.md Stage 3 "knn").
+"""Weighted k-NN classification on frozen features (DINO protocol, docs/METHOD.md#knn).
 
 Features are L2-normalised, each query takes the top-k cosine neighbours in the train bank,
 each neighbour votes for its class with weight exp(s / T), and the class score is the sum of

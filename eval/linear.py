@@ -1,4 +1,4 @@
-"""Linear probe on a frozen encoder (MAE protocol, SPEC.md Stage 3 "linear").
+"""Linear probe on a frozen encoder (MAE protocol, docs/METHOD.md#linear).
 
 Head: BatchNorm1d(affine=False, eps=1e-6) + Linear (trunc-normal std 0.01, zero bias).
 Optimiser: timm's LARS, momentum 0.9, no weight decay, the trust ratio applied to the weight

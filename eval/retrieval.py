@@ -1,4 +1,4 @@
-"""Image retrieval on frozen features (SPEC.md Stage 3 "retrieval"): mAP and Recall@k.
+"""Image retrieval on frozen features (docs/METHOD.md#retrieval): mAP and Recall@k.
 
 Every test image queries the train bank by cosine similarity; a bank item is relevant when
 it has the query's class. AP of a query = mean over its relevant items of the precision at

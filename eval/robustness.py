@@ -1,4 +1,4 @@
-"""Background robustness (ImageNet-9 style, SPEC.md Stage 3 "robustness").
+"""Background robustness (ImageNet-9 style, docs/METHOD.md#robustness).
 
 Accuracy of k-NN (bank = train split) and of a linear probe trained on the train split, on
 each test split that shares the train split's classes (demo: original, mixed-rand, only-fg,

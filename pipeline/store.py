@@ -1,4 +1,5 @@
-"""The attention store, format version 1: one HDF5 file of per-image maps (ARCHITECTURE.md).
+"""The attention store, format version 1: one HDF5 file of per-image maps
+(docs/ARCHITECTURE.md#the-attention-store).
 
 Layout: `/maps` float16 `[N, h, w]` and `/status` uint8 `[N]`, both contiguous so readers
 `np.memmap` them; `/keys` and `/errors` utf-8 strings `[N]`; identity in the file's attrs.

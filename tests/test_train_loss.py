@@ -1,4 +1,4 @@
-"""The guided loss against SPEC.md's formulas, and the lr / tau schedules."""
+"""The guided loss against the formulas of docs/METHOD.md#the-guided-loss, and the lr / tau schedules."""
 import math
 
 import pytest

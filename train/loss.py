@@ -1,4 +1,4 @@
-"""The attention-guided MAE reconstruction loss (SPEC.md, Stage 2).
+"""The attention-guided MAE reconstruction loss (docs/METHOD.md#the-guided-loss).
 
 Per image b and patch i, with m_bi = 1 on masked patches and a_bi the cropped map value:
 `e_bi` = mean squared error over the patch's pixels, `w_bi = exp(a_bi / tau)`, and

@@ -24,7 +24,7 @@ MODELS: dict[str, dict] = {
     for size, (dim, depth, heads) in _VIT_SIZES.items()
     for patch in (16, 14, 8)
 }
-# The demo dataset's calibrated model (ARCHITECTURE.md): 64-px images, 8x8 grid, a 2-block decoder.
+# The demo dataset's calibrated model (docs/METHOD.md#the-mae): 64-px images, 8x8 grid, a 2-block decoder.
 MODELS["mae_vit_demo_patch8"] = dict(
     img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
     decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
