@@ -82,6 +82,15 @@ def test_degenerate_graphs_give_finite_maps():
         for fg_rule in ("seed", "border"):
             eigvec, foreground = ncut(torch.as_tensor(feats, dtype=torch.float32), eps=eps, fg_rule=fg_rule)
             assert torch.isfinite(eigvec).all() and foreground.dtype == torch.bool
+    # Two components, disconnected (eps 0) or nearly (eps 1e-5): the cut is exactly between them and the
+    # Fiedler vector is constant on each (|v| ties across them, so which is foreground is arbitrary).
+    halves = torch.arange(16) < 8
+    for eps in (0.0, 1e-5):
+        eigvec, foreground = ncut(torch.as_tensor(two_components, dtype=torch.float32), eps=eps, fg_rule="seed")
+        for b in range(2):
+            assert torch.equal(foreground[b], halves) or torch.equal(foreground[b], ~halves)
+            assert eigvec[b, foreground[b]].std() < 1e-4 and eigvec[b, ~foreground[b]].std() < 1e-4
+            assert eigvec[b, foreground[b]].mean() > eigvec[b, ~foreground[b]].mean() + 0.1
 
 
 def ring_and_interior_tokens(rng, side=8, dim=16):

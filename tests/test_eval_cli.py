@@ -13,6 +13,7 @@ from agmae.data.folder import scan
 from agmae.eval.features import FeatureSource
 from agmae.checkpoint import file_sha256
 from agmae.eval.knn import knn_evaluate
+from agmae.eval.retrieval import retrieval_metrics
 from agmae.eval.linear import DEMO_BLR, MAE_BLR
 from agmae import store
 from agmae.cli.eval import main
@@ -74,10 +75,19 @@ def test_all_writes_every_protocol_and_keeps_earlier_keys(run_dir, demo_root):
     assert results["linear-cached"]["results"]["mode"] == "cached-features (no augmentation)"
     assert results["linear-cached"]["options"]["blr"] == DEMO_BLR  # the demo's probe lr, not MAE's 0.1
     assert set(results["knn"]["results"]) == {"k=5", "k=20"}
-    assert 0 <= results["retrieval"]["results"]["mAP"] <= 100
+    source = FeatureSource(run_dir / "checkpoint-last.pth", workers=0)
+    features = {split: source.features(demo_root / split) for split in ("train", "original", "only-fg", "train-fg")}
+    train, test = features["train"], features["original"]
+    assert results["retrieval"]["results"] == retrieval_metrics(train.feats, train.index.labels, test.feats,
+                                                                test.index.labels)
+    assert results["knn"]["results"] == knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels,
+                                                     10, ks=(5, 20))
     robustness = results["robustness"]["results"]
     assert set(robustness["splits"]) == {"original", "mixed-rand", "only-fg"} and "bg_gap" not in robustness
-    assert 0 <= robustness["clean_fg_knn_top1"] <= 100
+    assert robustness["splits"]["original"]["knn_top1"] == results["knn"]["results"]["k=20"]["top1"]
+    bank, queries = features["train-fg"], features["only-fg"]
+    clean_fg = knn_evaluate(bank.feats, bank.index.labels, queries.feats, queries.index.labels, 10, ks=(20,))
+    assert robustness["clean_fg_knn_top1"] == clean_fg["k=20"]["top1"]
     oracle = results["attention"]["results"]["oracle (maps-oracle.h5)"]
     assert oracle["images"] == len(keys) - 1 and oracle["skipped"] == 1
     # mask-derived maps must beat the centre prior that ignores the image
@@ -126,7 +136,14 @@ def test_attention_scores_a_centre_prior_at_each_stores_grid_and_takes_no_featur
     assert {"run_dir", "data", "map_stores"} <= options and not options & {"checkpoint", "pool", "precision"}
 
 
-def test_robustness_reads_its_splits_and_takes_no_test_split():
-    options = {param.name for param in main.commands["robustness"].params}
-    assert {"splits", "checkpoint", "train_split"} <= options and "test_split" not in options
-    assert "test_split" in {param.name for param in main.commands["knn"].params}
+def test_robustness_reads_its_own_splits_and_refuses_a_test_split(run_dir, demo_root):
+    checkpoint = ["--checkpoint", str(run_dir / "checkpoint-last.pth"), "--data", str(demo_root), "--workers", "0"]
+    refused = CliRunner().invoke(main, ["robustness", *checkpoint, "--test-split", "only-fg"])
+    assert refused.exit_code == 2 and "No such option '--test-split'" in refused.output
+    result = CliRunner().invoke(main, ["robustness", *checkpoint, "--splits", "only-fg", "--splits", "mixed-rand",
+                                       "--epochs", "1", "--warmup-epochs", "0"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((run_dir / "results.json").read_text())["robustness"]
+    assert set(entry["results"]["splits"]) == {"only-fg", "mixed-rand"} and entry["options"]["splits"] == [
+        "only-fg", "mixed-rand"]
+    assert set(entry["dataset"]["keys_sha256"]) == {"train", "only-fg", "mixed-rand", "train-fg"}

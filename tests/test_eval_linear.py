@@ -15,21 +15,44 @@ from agmae.eval.linear import build_optimizer, build_probe, build_scheduler, pro
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_probe_head_is_bn_without_affine_and_small_linear():
+def test_probe_standardises_each_feature_with_eps_1e6_and_starts_near_uniform():
     torch.manual_seed(0)
-    probe = build_probe(64, 10)
-    bn, linear = probe
-    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
-    assert linear.weight.std().item() == pytest.approx(0.01, rel=0.1)
-    assert torch.all(linear.bias == 0)
+    probe = build_probe(64, 10).train()
+    # features of variance exactly 1e-5: BN's eps (1e-6) shrinks them to sqrt(1e-5 / 1.1e-5) = 0.9535
+    # (the default eps 1e-5 would give 0.707), whatever their offset and scale
+    feats = torch.randn(512, 64, dtype=torch.float64)
+    feats = ((feats - feats.mean(0)) / feats.std(0, unbiased=False) * math.sqrt(1e-5) + 5.0).float()
+    standardised = probe[0](feats)
+    assert standardised.std(0, unbiased=False).mean().item() == pytest.approx(math.sqrt(1 / 1.1), rel=1e-3)
+    assert sum(p.numel() for p in probe.parameters()) == 64 * 10 + 10  # no affine BN parameters to learn
+    # a head of std 0.01 on 64 standardised features starts with logits of std ~0.08: nearly uniform
+    assert 0.05 < probe(feats).std().item() < 0.11
 
 
-def test_lars_adapts_the_weight_matrix_only_and_has_no_weight_decay():
-    optimizer = build_optimizer(build_probe(8, 3), lr=0.5)
-    matrices, vectors = optimizer.param_groups
-    assert [p.ndim for p in matrices["params"]] == [2] and matrices["always_adapt"]
-    assert [p.ndim for p in vectors["params"]] == [1] and not vectors["always_adapt"]
-    assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0 for g in optimizer.param_groups)
+def test_lars_steps_the_matrix_by_its_trust_ratio_and_the_bias_by_its_gradient():
+    """timm's Lars: a matrix moves by lr x 0.001 x |w| whatever its gradient's scale; the bias, not adapted,
+    by lr x its gradient; no weight decay (a zero gradient moves nothing)."""
+    steps = []
+    for scale in (1.0, 100.0):
+        torch.manual_seed(0)
+        probe = build_probe(8, 3)
+        weight, bias = probe[1].weight, probe[1].bias
+        before = weight.detach().clone(), bias.detach().clone()
+        optimizer = build_optimizer(probe, lr=0.5)
+        weight.grad, bias.grad = torch.full_like(weight, scale), torch.full_like(bias, scale)
+        optimizer.step()
+        steps.append(((weight - before[0]).norm().item(), (bias - before[1]).abs().max().item(),
+                      before[0].norm().item()))
+    (w1, b1, norm), (w100, b100, _) = steps
+    assert w1 == pytest.approx(0.5 * 0.001 * norm, rel=1e-4) and w100 == pytest.approx(w1, rel=1e-4)
+    assert b1 == pytest.approx(0.5) and b100 == pytest.approx(50.0)
+    probe = build_probe(8, 3)
+    before = [p.detach().clone() for p in probe.parameters()]
+    optimizer = build_optimizer(probe, lr=0.5)
+    for p in probe.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, probe.parameters()))
 
 
 def test_schedule_is_linear_warmup_then_half_cosine():
@@ -54,7 +77,7 @@ def test_cached_probe_reaches_100_percent_on_a_linearly_separable_set():
     assert losses[-1] < 0.1 * losses[0]
 
 
-def test_augmented_probe_trains_the_head_and_leaves_the_encoder_frozen(tmp_path):
+def test_augmented_probe_trains_the_head_reproducibly_and_leaves_the_encoder_frozen(tmp_path):
     rng = np.random.default_rng(0)
     for c in range(2):
         (tmp_path / f"class{c}").mkdir()
@@ -63,9 +86,14 @@ def test_augmented_probe_trains_the_head_and_leaves_the_encoder_frozen(tmp_path)
     torch.manual_seed(0)
     encoder = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0).eval()
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    probe, losses, lr = train_probe_augmented(encoder, scan(tmp_path), 32, 2, epochs=2, warmup_epochs=1,
-                                              batch_size=4, blr=25.6, workers=0, progress=False)
-    assert lr == pytest.approx(0.4) and len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    runs = [train_probe_augmented(encoder, scan(tmp_path), 32, 2, epochs=2, warmup_epochs=1, batch_size=4, blr=25.6,
+                                  workers=0, progress=False, seed=seed) for seed in (0, 0, 1)]
+    (probe, losses, lr), (again, again_losses, _), (other, _, _) = runs
+    assert lr == pytest.approx(0.4) and len(losses) == 2
+    # a near-uniform start on 2 classes: the first epoch's loss is close to ln 2
+    assert losses[0] == pytest.approx(math.log(2), abs=0.1)
+    assert losses == again_losses and torch.equal(probe[1].weight, again[1].weight)  # the seed fixes the run
+    assert not torch.equal(probe[1].weight, other[1].weight)
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
     torch.manual_seed(0)
     assert not torch.equal(probe[1].weight, build_probe(32, 2)[1].weight)

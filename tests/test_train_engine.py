@@ -308,32 +308,43 @@ def _unset_options():
     return {p.name: p.default for p in train_cli.params if p.name != "no_guidance"}
 
 
-@pytest.mark.parametrize("script_name, command", [("train.sbatch", "agmae-train"), ("eval.sbatch", "agmae-eval")])
-def test_sbatch_template_is_valid_bash_that_sets_the_rendezvous(script_name, command):
-    script = REPO / "pipeline" / script_name
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
-    assert "scontrol show hostnames" in text and "export MASTER_ADDR MASTER_PORT" in text
-    assert f"srun --kill-on-bad-exit=1 {command}" in text
+def _stub_slurm(tmp_path, program):
+    """PATH with scontrol (two hosts) and srun / `program` stand-ins that log their arguments and the
+    rendezvous variables they were given; returns (env, log)."""
+    log, bin_dir = tmp_path / "launched.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    record = f'echo "$(basename $0) $* | $MASTER_ADDR:$MASTER_PORT OMP=$OMP_NUM_THREADS" >> {log}'
+    for name, body in {"scontrol": "printf 'node7\\nnode8\\n'", "srun": record, program: record}.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[7-8]",
+           "SLURM_JOB_ID": "12345", "SLURM_CPUS_PER_TASK": "6"}
+    env.pop("MASTER_PORT", None)
+    env.pop("OMP_NUM_THREADS", None)
+    return env, log
+
+
+def test_train_sbatch_launches_every_task_with_the_job_rendezvous(tmp_path):
+    env, log = _stub_slurm(tmp_path, "agmae-train")
+    result = subprocess.run(["bash", str(REPO / "pipeline" / "train.sbatch"), "--maps", "M.h5", "--out", "RUN"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # the first host of the allocation, a port derived from the job id, one thread per CPU of the task
+    assert log.read_text().splitlines() == [
+        "srun --kill-on-bad-exit=1 agmae-train --workers 6 --maps M.h5 --out RUN | node7:32345 OMP=6"]
 
 
 @pytest.mark.parametrize("subcommand, launched", [
-    ("knn", "srun --kill-on-bad-exit=1 agmae-eval knn --run-dir R --workers 3"),
+    ("knn", "srun --kill-on-bad-exit=1 agmae-eval knn --run-dir R --workers 6"),
     ("attention", "agmae-eval attention --run-dir R"),  # no encoder: once, without srun and --workers
 ])
 def test_eval_sbatch_launches_each_subcommand_with_options_it_takes(tmp_path, subcommand, launched):
-    log, bin_dir = tmp_path / "launched.log", tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in {"scontrol": "echo node1", "srun": f'echo "srun $*" >> {log}',
-                       "agmae-eval": f'echo "agmae-eval $*" >> {log}'}.items():
-        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node1",
-           "SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "3"}
+    env, log = _stub_slurm(tmp_path, "agmae-eval")
     result = subprocess.run(["bash", str(REPO / "pipeline" / "eval.sbatch"), subcommand, "--run-dir", "R"],
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert log.read_text().splitlines() == [launched]
+    assert [line.split(" | ")[0] for line in log.read_text().splitlines()] == [launched]
+    assert log.read_text().split(" | ")[1].startswith("node7:32345")
 
 
 def test_precision_choices_resolve_per_device(monkeypatch):
