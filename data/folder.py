@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from agmae.paths import agmae_home
 from agmae.store import keys_fingerprint
@@ -47,12 +47,34 @@ class ImageFolderIndex:
         return self.root / self.keys[i]
 
 
+# Transparent pixels are composited on white, as image viewers and browsers show them.
+TRANSPARENCY_BACKGROUND = (255, 255, 255)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+EXIF_ORIENTATION = 0x0112
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of a decoded image, as it is meant to be seen: the EXIF orientation applied, 16-bit
+    values scaled to 8 bits (not clipped), transparency composited on TRANSPARENCY_BACKGROUND, palette,
+    grey, CMYK converted."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode in SIXTEEN_BIT_MODES:  # I: 16-bit PNG/TIFF/PGM pixels held as 32-bit ints
+        pixels = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.rint(pixels.clip(0, 65535) / 257).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*TRANSPARENCY_BACKGROUND, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
 def load_rgb(path) -> Image.Image:
-    """Decode an image fully (so truncation is caught here, not later) and return it as RGB."""
+    """Decode an image fully (so truncation is caught here, not later) and return it as 8-bit RGB (as_rgb)."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return as_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UnreadableImageError(f"cannot read image {path}: {err}") from err
 

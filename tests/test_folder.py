@@ -173,3 +173,42 @@ def test_load_rgb_names_the_unreadable_file(tmp_path, name, content):
 def test_load_rgb_missing_file(tmp_path):
     with pytest.raises(OSError, match="missing.png"):
         load_rgb(tmp_path / "missing.png")
+
+
+def _saved(tmp_path, name, img, **save):
+    path = tmp_path / name
+    img.save(path, **save)
+    return path
+
+
+def test_images_load_as_they_are_meant_to_be_seen(tmp_path):
+    """Every mode to 8-bit RGB, each checked against a mean worked out by hand."""
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 16-bit 0..65535 in 257 steps
+    grey16 = _saved(tmp_path, "grey16.png", Image.fromarray(ramp))
+    assert Image.open(grey16).mode == "I;16"
+    assert np.asarray(load_rgb(grey16)).mean() == pytest.approx(127.5)  # scaled, not clipped to 255
+    palette = Image.new("P", (4, 4))
+    palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    palette.paste(1, (0, 0, 4, 2))  # the top half palette entry 1
+    assert np.asarray(load_rgb(_saved(tmp_path, "p.png", palette))).reshape(-1, 3).mean(0).tolist() == \
+        [100.0, 50.0, 25.0]
+    la = Image.new("LA", (4, 4), (0, 0))  # black, fully transparent: the white background shows
+    la.paste((100, 255), (0, 0, 4, 1))  # one opaque row of grey 100
+    assert np.asarray(load_rgb(_saved(tmp_path, "la.png", la))).mean() == pytest.approx((100 + 3 * 255) / 4)
+    rgba = Image.new("RGBA", (2, 1), (200, 0, 0, 255))
+    rgba.putpixel((1, 0), (0, 0, 200, 51))  # 20 % blue over white: 255 - 0.2 * 255, 255 - 0.2 * 255, 255 - 0.2 * 55
+    pixels = np.asarray(load_rgb(_saved(tmp_path, "rgba.png", rgba))).astype(int)
+    assert pixels[0, 0].tolist() == [200, 0, 0] and np.abs(pixels[0, 1] - [204, 204, 244]).max() <= 1
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # no cyan, full magenta and yellow: red
+    red = np.asarray(load_rgb(_saved(tmp_path, "cmyk.jpg", cmyk, quality=100))).reshape(-1, 3).mean(0)
+    assert np.abs(red - [255, 0, 0]).max() < 3
+    grey = Image.fromarray(np.full((3, 5), 90, np.uint8))
+    assert np.asarray(load_rgb(_saved(tmp_path, "grey.png", grey))).tolist() == [[[90] * 3] * 5] * 3
+    # EXIF orientation 6 (rotate 90° clockwise to view): a 5-wide, 3-tall image is seen 3 wide, 5 tall,
+    # its left column becoming the top row
+    wide = np.zeros((3, 5, 3), np.uint8)
+    wide[:, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = load_rgb(_saved(tmp_path, "exif.jpg", Image.fromarray(wide), exif=exif, quality=100))
+    assert rotated.size == (3, 5) and np.asarray(rotated)[0].mean() > 200 and np.asarray(rotated)[-1].mean() < 50

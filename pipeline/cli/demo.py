@@ -15,10 +15,9 @@ from pathlib import Path
 
 import click
 import numpy as np
-from PIL import Image
 
 from agmae.data.demo import ensure_demo
-from agmae.data.folder import scan
+from agmae.data.folder import load_rgb, scan
 from agmae.eval.report import format_table
 from agmae.store import open_maps
 from agmae.cli.steps import Step, console_script, execute, stream_runner
@@ -133,7 +132,7 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
         store = open_maps(maps_path(run_root, method))
         for col, i in enumerate(shown):
             ax = fig.add_subplot(grid[row, col])
-            image = np.asarray(Image.open(index.path(i)).convert("RGB"))
+            image = np.asarray(load_rgb(index.path(i)))
             ax.imshow(image)
             ax.imshow(np.asarray(store.maps[i], dtype=np.float32), cmap="jet", alpha=0.45,
                       extent=(0, image.shape[1], image.shape[0], 0), interpolation="bilinear")
