@@ -7,6 +7,7 @@ the index is cached and re-used while no directory of the tree has changed.
 """
 import hashlib
 import os
+from concurrent.futures import ProcessPoolExecutor
 import tempfile
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from agmae.paths import agmae_home
 from agmae.store import keys_fingerprint
@@ -46,7 +48,15 @@ class ImageFolderIndex:
     def path(self, i: int) -> Path:
         return self.root / self.keys[i]
 
+    def without(self, rows) -> "ImageFolderIndex":
+        """This index less the images at `rows` (e.g. the unreadable ones), in the same order."""
+        drop = set(int(i) for i in rows)
+        kept = [i for i in range(len(self)) if i not in drop]
+        keys = [self.keys[i] for i in kept]
+        return ImageFolderIndex(self.root, keys, self.labels[kept], self.classes, keys_fingerprint(keys))
 
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # Transparent pixels are composited on white, as image viewers and browsers show them.
 TRANSPARENCY_BACKGROUND = (255, 255, 255)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -75,8 +85,85 @@ def load_rgb(path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return as_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except DECODE_ERRORS as err:
         raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+
+
+def _decode_check(paths: list) -> list:
+    """(size, mtime_ns, reason) per file; reason "" when it decodes. JPEGs are decoded at 1/8 scale, which
+    still reads every byte of the stream (so truncation is caught) at a fraction of the cost."""
+    checked = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            checked.append((-1, -1, _reason(err)))
+            continue
+        try:
+            with Image.open(path) as img:
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+            reason = ""
+        except DECODE_ERRORS as err:
+            reason = _reason(err)
+        checked.append((stat.st_size, stat.st_mtime_ns, reason))
+    return checked
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}".replace("\n", " ")
+
+
+def _decode_cache_path(index) -> Path:
+    root_hash = hashlib.sha256(str(index.root).encode("utf-8")).hexdigest()[:24]
+    return agmae_home() / "index" / f"{root_hash}-{index.keys_sha256[:16]}.decodes.npz"
+
+
+def unreadable_images(index, workers: int | None = None, progress: bool = True) -> dict:
+    """{dataset index: reason} of the images of `index` that do not decode.
+
+    Checked in parallel (`workers` processes, default: every CPU this process may use) and cached per file
+    by (size, mtime) under AGMAE_HOME/index/, so a second call decodes only the files that changed."""
+    cache = _decode_cache_path(index)
+    sizes = np.full(len(index), -2, np.int64)
+    mtimes = np.zeros(len(index), np.int64)
+    reasons = [""] * len(index)
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as npz:
+                sizes, mtimes, reasons = npz["sizes"].copy(), npz["mtimes"].copy(), _decode_lines(npz["reasons"])
+        except (OSError, KeyError, ValueError):
+            pass
+    stale = []
+    for i in range(len(index)):
+        try:
+            stat = os.stat(index.path(i))
+            current = (stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            current = (-1, -1)
+        if (sizes[i], mtimes[i]) != current or current == (-1, -1):
+            stale.append(i)
+    if stale:
+        chunk = 256
+        parts = [stale[lo:lo + chunk] for lo in range(0, len(stale), chunk)]
+        workers = workers or len(os.sched_getaffinity(0))
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(
+                total=len(stale), desc=f"checking images decode ({index.root.name})", unit="img",
+                disable=not progress) as bar:
+            for part, results in zip(parts, pool.map(_decode_check, [[str(index.path(i)) for i in part]
+                                                                     for part in parts])):
+                for i, (size, mtime, reason) in zip(part, results):
+                    sizes[i], mtimes[i], reasons[i] = size, mtime, reason
+                bar.update(len(part))
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=cache.name + ".", suffix=".tmp", dir=cache.parent)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, sizes=sizes, mtimes=mtimes, reasons=_encode_lines(reasons))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only AGMAE_HOME: checked again next time
+    return {i: reason for i, reason in enumerate(reasons) if reason}
 
 
 def _is_image(name: str) -> bool:

@@ -15,7 +15,7 @@ by < 1e-3) and a fresh extraction returns the same float16 values a later cache 
 """
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from agmae.data.folder import ImageFolderIndex, load_rgb, scan
+from agmae.data.folder import ImageFolderIndex, load_rgb, scan, unreadable_images
 from agmae.data.transforms import eval_transform
 from agmae import distributed
 from agmae.checkpoint import atomic_write, file_sha256
@@ -123,8 +123,9 @@ class FolderFeatures:
     """Features of one image folder: feats [N, D] float16 (memmap on cache hits), the index it follows."""
 
     feats: np.ndarray
-    index: ImageFolderIndex
+    index: ImageFolderIndex  # the readable images of the folder
     cache_path: Path | None
+    unreadable: dict = field(default_factory=dict)  # {key: reason} of the images left out
 
 
 class FeatureSource:
@@ -135,7 +136,8 @@ class FeatureSource:
     """
 
     def __init__(self, checkpoint, pool: str = "cls", batch_size: int = 128, workers: int = 4, device="cpu",
-                 use_cache: bool = True, progress: bool = True, precision: str = "auto"):
+                 use_cache: bool = True, progress: bool = True, precision: str = "auto", verify_images: bool = True,
+                 max_failures: float = 0.001):
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
         self.checkpoint = Path(checkpoint)
@@ -146,6 +148,7 @@ class FeatureSource:
         self.checkpoint_sha256 = file_sha256(self.checkpoint)
         self.pool, self.batch_size, self.workers, self.device = pool, batch_size, workers, device
         self.use_cache, self.progress = use_cache, progress
+        self.verify_images, self.max_failures = verify_images, max_failures
         self.precision = resolve_precision(precision, torch.device(device))
         self._model = None
         self.timm_kwargs = None
@@ -159,8 +162,22 @@ class FeatureSource:
         return dict(format=CACHE_FORMAT, checkpoint_sha256=self.checkpoint_sha256, root=str(index.root.resolve()),
                     keys_sha256=index.keys_sha256, pool=self.pool, precision=self.precision)
 
-    def features(self, root) -> FolderFeatures:
+    def readable(self, root) -> tuple[ImageFolderIndex, dict]:
+        """The folder's index without its unreadable images, and {key: reason} of those; more than
+        max_failures of them is an error."""
         index = scan(root)
+        if not self.verify_images:
+            return index, {}
+        bad = unreadable_images(index, progress=self.progress)
+        if len(bad) > self.max_failures * len(index):
+            first = next(iter(bad))
+            raise ValueError(f"{index.root}: {len(bad)} of {len(index)} images cannot be read (e.g. "
+                             f"{index.keys[first]}: {bad[first]}), more than --max-failures {self.max_failures:g}; "
+                             "fix or remove them, or raise --max-failures")
+        return index.without(bad), {index.keys[i]: reason for i, reason in bad.items()}
+
+    def features(self, root) -> FolderFeatures:
+        index, unreadable = self.readable(root)
         key = self.cache_key(index)
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         npy_path = agmae_home() / "features" / f"{name}.npy"
@@ -169,7 +186,7 @@ class FeatureSource:
         if _everyone_agrees(hit, self.device):
             feats = np.load(npy_path, mmap_mode="r")
             if feats.shape[0] == len(index):
-                return FolderFeatures(feats, index, npy_path)
+                return FolderFeatures(feats, index, npy_path, unreadable)
         model = self.encoder()
         feats = extract_features(model, index, image_size_of(self.timm_kwargs), self.pool, self.batch_size,
                                  self.workers, self.device, self.progress, self.precision).numpy().astype(np.float16)
@@ -178,4 +195,4 @@ class FeatureSource:
             meta = {**key, "checkpoint": str(self.checkpoint.resolve()), "shape": list(feats.shape)}
             atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
         distributed.barrier()
-        return FolderFeatures(feats, index, npy_path if self.use_cache else None)
+        return FolderFeatures(feats, index, npy_path if self.use_cache else None, unreadable)

@@ -36,6 +36,10 @@ class FeatureOptions:
     precision: str = precision_option("Encoder autocast while extracting; part of the feature cache key.",
                                       choices=INFERENCE_PRECISIONS)
     no_cache: bool = option(False, "Re-extract features instead of using AGMAE_HOME/features.")
+    verify_images: bool = option(True, "Check once that every image decodes (in parallel, cached per file) and "
+                                       "leave out those that do not.", flags=("--verify-images/--no-verify-images",))
+    max_failures: float = option(0.001, "Fail when more than this fraction of a split's images cannot be read; "
+                                        "fewer are left out and named in results.json.", type=click.FloatRange(0, 1))
 
     def __post_init__(self):
         validate(self)
@@ -116,7 +120,8 @@ class Evaluation:
         self.test_split = test_split or self.default_test_split
         self.source = FeatureSource(self.checkpoint, pool=features.pool, batch_size=features.batch_size,
                                     workers=features.workers, device=self.device, use_cache=not features.no_cache,
-                                    progress=self.env.is_main, precision=features.precision)
+                                    progress=self.env.is_main, precision=features.precision,
+                                    verify_images=features.verify_images, max_failures=features.max_failures)
         self._features = {}
 
     def has_split(self, name: str) -> bool:
@@ -149,6 +154,13 @@ class Evaluation:
                      protocol=self.key(name, uses_test_split),
                      options=dict(pool=self.options.pool, precision=self.options.precision, **options),
                      results=results, seconds=round(time.time() - started, 2))
+        unreadable = {split: dict(count=len(self.features(split).unreadable),
+                                  examples=sorted(self.features(split).unreadable)[:5]) for split in splits
+                      if self.features(split).unreadable}
+        if unreadable:
+            entry["unreadable"] = unreadable
+            table += "\n" + "\n".join(f"{split}: {info['count']} unreadable images left out, e.g. "
+                                      f"{', '.join(info['examples'][:3])}" for split, info in unreadable.items())
         return Outcome(entry["protocol"], entry, table, title=str(self.checkpoint))
 
     def bank_and_queries(self):

@@ -17,3 +17,19 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def add_unreadable_images(root, like) -> list:
+    """Put a class folder `bad/` of unreadable files (empty, not an image, truncated PNG and JPEG) under
+    root, the truncated PNG cut from the readable image `like`; returns their keys."""
+    from PIL import Image
+
+    bad = Path(root) / "bad"
+    bad.mkdir()
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "text.png").write_text("not an image")
+    (bad / "truncated.png").write_bytes(Path(like).read_bytes()[:200])
+    Image.open(like).convert("RGB").save(bad / "whole.jpg", quality=95)
+    (bad / "truncated.jpg").write_bytes((bad / "whole.jpg").read_bytes()[:400])
+    (bad / "whole.jpg").unlink()
+    return sorted(f"bad/{p.name}" for p in bad.iterdir())

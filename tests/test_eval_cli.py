@@ -1,5 +1,6 @@
 """agmae-eval end to end on the small demo dataset with a tiny random ViT."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ from agmae.eval.linear import DEMO_BLR, MAE_BLR
 from agmae import store
 from agmae.cli.eval import main
 
-from helpers import TINY_VIT
+from helpers import TINY_VIT, add_unreadable_images
+
+CLASS = "0-tshirt"
 
 
 @pytest.fixture
@@ -147,3 +150,29 @@ def test_robustness_reads_its_own_splits_and_refuses_a_test_split(run_dir, demo_
     assert set(entry["results"]["splits"]) == {"only-fg", "mixed-rand"} and entry["options"]["splits"] == [
         "only-fg", "mixed-rand"]
     assert set(entry["dataset"]["keys_sha256"]) == {"train", "only-fg", "mixed-rand", "train-fg"}
+
+
+def test_every_protocol_leaves_unreadable_images_out_and_names_them(run_dir, demo_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "home"))
+    data = tmp_path / "demo"
+    shutil.copytree(demo_root, data)
+    like = next((data / "train").glob("*/*.png"))
+    bad = {split: [f"{CLASS}/{name}" for name in ("empty.png", "text.png", "truncated.png", "truncated.jpg")]
+           for split in ("train", "original")}
+    for split in bad:
+        (tmp_path / split).mkdir()
+        for key in add_unreadable_images(tmp_path / split, like):
+            shutil.move(tmp_path / split / key, data / split / CLASS / key.split("/")[1])
+    base = ["--checkpoint", str(run_dir / "checkpoint-last.pth"), "--data", str(data), "--workers", "0"]
+    result = CliRunner().invoke(main, ["all", *base, "--mode", "cached", "--epochs", "1", "--warmup-epochs", "0",
+                                       "--max-failures", "0.1"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((run_dir / "results.json").read_text())
+    for protocol in ("knn", "linear-cached", "retrieval"):
+        assert {split: info["count"] for split, info in results[protocol]["unreadable"].items()} == {
+            "train": 4, "original": 4}
+        assert set(results[protocol]["unreadable"]["train"]["examples"]) == set(bad["train"])
+    assert results["robustness"]["unreadable"]["original"]["count"] == 4
+    assert "4 unreadable images left out" in result.output
+    strict = CliRunner().invoke(main, ["knn", *base])
+    assert strict.exit_code == 1 and "4 of" in strict.output and "--max-failures" in strict.output

@@ -2,6 +2,7 @@ import hashlib
 import io
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from PIL import Image
 from agmae.data import folder
 from agmae.data.folder import UnreadableImageError, load_rgb, scan
 from agmae.store import keys_fingerprint
+
+from helpers import add_unreadable_images
 
 AN_HOUR_AGO_NS = time.time_ns() - 3600 * 10**9
 
@@ -212,3 +215,40 @@ def test_images_load_as_they_are_meant_to_be_seen(tmp_path):
     exif[0x0112] = 6
     rotated = load_rgb(_saved(tmp_path, "exif.jpg", Image.fromarray(wide), exif=exif, quality=100))
     assert rotated.size == (3, 5) and np.asarray(rotated)[0].mean() > 200 and np.asarray(rotated)[-1].mean() < 50
+
+
+def test_unreadable_images_are_found_in_parallel_and_rechecked_only_when_a_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "home"))
+    root = tmp_path / "data"
+    (root / "ok").mkdir(parents=True)
+    for i in range(6):
+        Image.effect_noise((40, 40), 40).convert("RGB").save(root / "ok" / f"{i}.png")
+    bad_keys = add_unreadable_images(root, root / "ok" / "0.png")
+    index = scan(root)
+    found = folder.unreadable_images(index, workers=2, progress=False)
+    assert sorted(index.keys[i] for i in found) == bad_keys and all(found.values())
+    assert index.without(found).keys == [f"ok/{i}.png" for i in range(6)]
+    checked = []
+    real_check = folder._decode_check
+    monkeypatch.setattr(folder, "_decode_check", lambda paths: checked.extend(paths) or real_check(paths))
+    monkeypatch.setattr(folder, "ProcessPoolExecutor", ThreadPool)
+    assert folder.unreadable_images(index, progress=False) == found and checked == []  # cached
+    Image.effect_noise((40, 40), 40).convert("RGB").save(root / "bad" / "text.png")  # mended in place
+    again = folder.unreadable_images(index, progress=False)
+    assert [Path(p).name for p in checked] == ["text.png"] and len(again) == len(found) - 1
+
+
+class ThreadPool:
+    """A ProcessPoolExecutor stand-in that runs in this process, so a test can count the calls."""
+
+    def __init__(self, max_workers=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, function, items):
+        return map(function, items)

@@ -2,6 +2,7 @@
 errors, the CLI, and the SLURM template."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from agmae.train.dataset import GuidedMAEDataset
 from agmae.hardware import resolve_precision
 from agmae.train.config import RECIPES
 from agmae.train.engine import NonFiniteLossError, TrainConfig, Trainer, train
+
+from helpers import add_unreadable_images
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES, GRID = 16, (5, 6)
@@ -405,3 +408,32 @@ def test_kept_checkpoints_fall_back_to_a_copy_where_hard_links_fail(image_root, 
     train(_config_for(image_root, run_dir, epochs=2, keep_every=1, save_every=5))
     assert [load_checkpoint(run_dir / f"checkpoint-{e}.pth")["epoch"] for e in (1, 2)] == [1, 2]
     assert not list(run_dir.glob(".*tmp*"))
+
+
+def test_unreadable_images_are_skipped_named_and_counted_up_to_max_failures(image_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "home"))
+    data = tmp_path / "data"
+    shutil.copytree(image_root, data)
+    bad = add_unreadable_images(data, next(data.glob("cat/*.png")))
+    index = scan(data)
+    status = np.array([store.STATUS_FAILED if key in bad else store.STATUS_DONE for key in index.keys], np.uint8)
+    maps = _write_store(tmp_path / "maps.h5", index.keys, np.random.default_rng(0).random((len(index), *GRID),
+                                                                                          dtype=np.float32), status)
+    # discovery recorded these files as failed; the store stays usable, no rediscovery needed
+    record = train(_config_for(data, tmp_path / "run", maps, epochs=1, max_failures=0.5))
+    assert record["unreadable_skipped"] == len(bad) and set(record["unreadable_examples"]) <= set(bad)
+    assert _metrics(tmp_path / "run")[0]["unreadable_skipped"] == len(bad)
+    with pytest.raises(ValueError, match=r"4 of 20 images cannot be read .*bad/.*--max-failures"):
+        train(_config_for(data, tmp_path / "strict", maps, epochs=1))
+    assert not (tmp_path / "strict" / "checkpoint-last.pth").exists()
+
+
+def test_an_image_that_breaks_after_the_check_is_skipped_not_fatal(image_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "home"))
+    data = tmp_path / "data"
+    shutil.copytree(image_root, data)
+    trainer = Trainer(_config_for(data, tmp_path / "run", epochs=1, workers=0), *engine.distributed.init("cpu"))
+    broken = data / scan(data).keys[0]
+    broken.write_bytes(b"")  # e.g. a network file system losing a file mid-run
+    record = trainer.run()
+    assert record["unreadable_skipped"] == 1 and record["unreadable_examples"] == [scan(data).keys[0]]

@@ -80,6 +80,12 @@ class TrainConfig:
     gamma: float = option(1.0, "γ of --weight-norm none.", type=POSITIVE)
     require_maps: bool = option(False, "Fail when a training image's map is missing or failed (default: train "
                                        "it unguided).")
+    verify_images: bool = option(True, "Check once that every training image decodes (in parallel, cached per "
+                                       "file under AGMAE_HOME/index) and skip those that do not.",
+                                 flags=("--verify-images/--no-verify-images",))
+    max_failures: float = option(0.001, "Fail when more than this fraction of the training images cannot be "
+                                        "read; fewer are skipped and named in the log and metrics.jsonl.",
+                                 type=click.FloatRange(0, 1))
     save_every: int = option(5, "Write RUN_DIR/checkpoint-last.pth every this many epochs (and at the end).",
                              type=POSITIVE_INT)
     keep_every: int = option(0, "Also keep RUN_DIR/checkpoint-<epoch>.pth every this many epochs, for "

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from agmae.data.folder import ImageFolderIndex, load_rgb
+from agmae.data.folder import ImageFolderIndex, UnreadableImageError, load_rgb
 from agmae.data.transforms import JointRandomResizedCrop, crop_maps
 from agmae.store import STATUS_DONE, MapStore, open_maps, validate
 
@@ -58,10 +58,11 @@ class GuidedMAEDataset(Dataset):
     The store is opened lazily in each DataLoader worker (memory-mapped, no h5py handle kept).
     """
 
-    def __init__(
-        self, index: ImageFolderIndex, input_size: int, num_patches: int, seed: int, maps_path: Path | None = None
-    ):
+    def __init__(self, index: ImageFolderIndex, input_size: int, num_patches: int, seed: int,
+                 maps_path: Path | None = None, positions=None):
         self.index = index
+        # the dataset indices trained on (all but the unreadable images); item j is image positions[j]
+        self.positions = np.arange(len(index)) if positions is None else np.asarray(positions, dtype=np.int64)
         self.transform = JointRandomResizedCrop(input_size)
         self.num_patches = num_patches
         self.seed = seed
@@ -70,7 +71,7 @@ class GuidedMAEDataset(Dataset):
         self._status: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.positions)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": None, "_status": None}
@@ -82,8 +83,11 @@ class GuidedMAEDataset(Dataset):
         self._maps, self._status = np.asarray(store.maps), np.asarray(store.status)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
-        epoch, i = item
-        image = load_rgb(self.index.path(i))
+        epoch, i = item[0], int(self.positions[item[1]])
+        try:
+            image = load_rgb(self.index.path(i))
+        except UnreadableImageError:  # became unreadable after the check: skipped by the collate
+            return {"unreadable": self.index.keys[i]}
         # The transform draws from torch's global generator; seed it per sample and put it back after.
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
@@ -126,7 +130,11 @@ class CropMapsCollate:
         self.grid_hw = tuple(grid_hw)
 
     def __call__(self, samples: list[dict]) -> dict:
-        batch = default_collate(samples)
+        unreadable = [sample["unreadable"] for sample in samples if "unreadable" in sample]
+        samples = [sample for sample in samples if "unreadable" not in sample]
+        if not samples:
+            return {"unreadable": unreadable}
+        batch = {**default_collate(samples), "unreadable": unreadable}
         if "map" in batch:
             batch["attn"] = crop_maps(batch.pop("map"), batch["box"], batch["flip"], self.grid_hw).flatten(1)
         return batch

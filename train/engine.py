@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import agmae
-from agmae.data.folder import scan
+from agmae.data.folder import scan, unreadable_images
 from agmae import distributed
 from agmae.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint
 from agmae.hardware import resolve_precision
@@ -115,6 +115,7 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         seed_everything(cfg.seed)
         self.index = scan(cfg.data)
+        self.unreadable = self._unreadable_images()
         self.guided = cfg.maps is not None
         self.store_identity = None
         self.images_without_map = 0
@@ -125,7 +126,8 @@ class Trainer:
         self.model: MaskedAutoencoderViT = create_model(cfg.model, **cfg.model_overrides()).to(device)
         self.model.set_fused_attn(device.type == "cuda" if cfg.fused_attn is None else cfg.fused_attn)
         input_size = self.model.encoder_kwargs["img_size"]
-        dataset = GuidedMAEDataset(self.index, input_size, self.model.num_patches, cfg.seed, cfg.maps)
+        positions = [i for i in range(len(self.index)) if i not in self.unreadable]
+        dataset = GuidedMAEDataset(self.index, input_size, self.model.num_patches, cfg.seed, cfg.maps, positions)
         self.sampler = EpochSampler(DistributedSampler(
             dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True))
         self.loader = DataLoader(
@@ -165,6 +167,23 @@ class Trainer:
         self.resumed_from = self._resume()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
                     if env.distributed else self.model)
+
+    def _unreadable_images(self) -> dict:
+        """{index: reason} of the training images that do not decode, skipped in training; more than
+        --max-failures of them is an error."""
+        if not self.cfg.verify_images:
+            return {}
+        if not self.env.is_main:  # rank 0 decodes, the others then read its cache
+            distributed.barrier()
+        unreadable = unreadable_images(self.index, progress=self.env.is_main)
+        if self.env.is_main:
+            distributed.barrier()
+        if len(unreadable) > self.cfg.max_failures * len(self.index):
+            first = ", ".join(self.index.keys[i] for i in list(unreadable)[:3])
+            raise ValueError(f"{self.cfg.data}: {len(unreadable)} of {len(self.index)} images cannot be read "
+                             f"(e.g. {first}: {next(iter(unreadable.values()))}), more than --max-failures "
+                             f"{self.cfg.max_failures:g}; fix or remove them, or raise --max-failures")
+        return unreadable
 
     @property
     def checkpoint_path(self) -> Path:
@@ -257,6 +276,9 @@ class Trainer:
             if self.guided:
                 tqdm.write(f"{self.cfg.maps}: {self.images_without_map} of {len(self.index)} images have no "
                            f"map (missing or failed) and train with uniform weights")
+            if self.unreadable:
+                first = ", ".join(f"{self.index.keys[i]} ({reason})" for i, reason in list(self.unreadable.items())[:3])
+                tqdm.write(f"{len(self.unreadable)} of {len(self.index)} images cannot be read and are skipped: {first}")
             if self.resumed_from:
                 tqdm.write(f"resumed from {self.resumed_from} at epoch {self.start_epoch}")
                 # a run killed between saving a kept epoch and keeping it resumes from exactly that file
@@ -289,13 +311,16 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         self.optimizer.zero_grad(set_to_none=True)
         micro_steps = self.steps_per_epoch * cfg.accum_iter
-        totals = {"loss": 0.0, "fg_weight_share": 0.0, "images": 0, "missing_maps": 0}
+        totals = {"loss": 0.0, "fg_weight_share": 0.0, "images": 0, "missing_maps": 0, "unreadable": []}
         started = time.perf_counter()
         progress = tqdm(self.loader, total=micro_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                         disable=not self.env.is_main, leave=False, dynamic_ncols=True)
         for micro_step, batch in enumerate(progress):
             if micro_step == micro_steps:
                 break
+            totals["unreadable"] += batch["unreadable"]
+            if "img" not in batch:  # every image of this batch became unreadable after the check
+                continue
             if micro_step % cfg.accum_iter == 0:
                 lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
                 tau = tau_at(self.step, self.total_steps, cfg.tau_start, cfg.tau_end, cfg.tau_schedule)
@@ -328,6 +353,8 @@ class Trainer:
             "fg_weight_share": totals["fg_weight_share"] / micro_steps if self.guided else None,
             "imgs_per_s": images / elapsed,
             "missing_maps": int(_sum_over_ranks(totals["missing_maps"], self.device)),
+            "unreadable_skipped": len(self.unreadable) + len(totals["unreadable"]),
+            "unreadable_examples": [self.index.keys[i] for i in list(self.unreadable)[:3]] + totals["unreadable"][:3],
         }
 
     def train_step(self, batch: dict, tau: float, closes_step: bool = True) -> tuple[float, float]:
