@@ -195,7 +195,7 @@ def test_samples_depend_only_on_seed_epoch_and_index(image_root):
 def test_resuming_with_another_store_of_the_same_images_is_refused_naming_both_files(image_root, maps_file,
                                                                                     tmp_path):
     run = tmp_path / "run"
-    train(_config_for(image_root, run, maps_file, epochs=1))
+    train(_config_for(image_root, run, maps_file, epochs=2))
     opened = store.open_maps(maps_file)
     other = tmp_path / "maps-tokencut.h5"
     with store.create(other, opened.keys, GRID, method="tokencut", backbone="vit_small_patch16_224",
@@ -206,11 +206,9 @@ def test_resuming_with_another_store_of_the_same_images_is_refused_naming_both_f
         train(_config_for(image_root, run, other, epochs=2))
     message = str(err.value)
     assert str(maps_file) in message and str(other) in message and "method tokencut" in message
-    assert load_checkpoint(run / "checkpoint-last.pth")["epoch"] == 1
     with pytest.raises(ValueError, match="no maps, vanilla MAE"):
         train(_config_for(image_root, run, None, epochs=2))
-    train(_config_for(image_root, run, maps_file, epochs=2))  # the same store resumes
-    assert load_checkpoint(run / "checkpoint-last.pth")["epoch"] == 2
+    assert train(_config_for(image_root, run, maps_file, epochs=2)) is None  # the same store: nothing left to do
 
 
 def test_store_of_another_dataset_is_refused_naming_both_fingerprints(image_root, tmp_path):
@@ -254,7 +252,7 @@ def test_weight_decay_spares_norms_biases_and_tokens(image_root, tmp_path):
 
 def test_resume_with_another_architecture_is_refused(image_root, tmp_path):
     train(_config_for(image_root, tmp_path, epochs=1))
-    with pytest.raises(ValueError, match="embed_dim=32.*embed_dim=64"):
+    with pytest.raises(ValueError, match="was trained with --embed-dim 32, this run has 64"):
         Trainer(_config_for(image_root, tmp_path, epochs=2, embed_dim=64),
                 engine.distributed.DistEnv(), torch.device("cpu"))
 
@@ -437,3 +435,22 @@ def test_an_image_that_breaks_after_the_check_is_skipped_not_fatal(image_root, t
     broken.write_bytes(b"")  # e.g. a network file system losing a file mid-run
     record = trainer.run()
     assert record["unreadable_skipped"] == 1 and record["unreadable_examples"] == [scan(data).keys[0]]
+
+
+@pytest.mark.parametrize("change, flag, ours", [
+    (dict(tau_start=2.0), "--tau-start", "2.0"), (dict(mask_ratio=0.6), "--mask-ratio", "0.6"),
+    (dict(seed=1), "--seed", "1"), (dict(blr=2e-3), "--blr", "0.002"), (dict(epochs=2), "--epochs", "2"),
+])
+def test_a_rerun_with_other_settings_is_refused_and_the_record_stays_true(image_root, maps_file, tmp_path,
+                                                                          change, flag, ours):
+    run = tmp_path / "run"
+    train(_config_for(image_root, run, maps_file, epochs=1))
+    recorded = (run / "config.json").read_text()
+    with pytest.raises(ValueError) as err:
+        train(_config_for(image_root, run, maps_file, **{"epochs": 1, **change}))
+    assert f"was trained with {flag} " in str(err.value) and f"this run has {ours}" in str(err.value)
+    assert "another --out" in str(err.value)
+    assert (run / "config.json").read_text() == recorded
+    # settings that do not change what is computed, and identical settings: nothing to train
+    assert train(_config_for(image_root, run, maps_file, epochs=1, workers=1, save_every=3)) is None
+    assert json.loads((run / "config.json").read_text())["tau_start"] == 1.0

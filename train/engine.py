@@ -38,8 +38,12 @@ ADAMW_BETAS = (0.9, 0.95)
 LR_REFERENCE_BATCH = 256
 FOREGROUND_THRESHOLD = 0.5
 # Settings that decide what a checkpoint's weights mean; resuming with any of them changed is refused.
-RUN_IDENTITY = ("model", "input_size", "patch_size", "embed_dim", "depth", "num_heads",
-                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "keys_sha256", "store_identity")
+# Settings that change how a run executes, not what it computes (the global batch is compared as
+# effective_batch, so the ranks may change between kills; the data and maps by their fingerprints).
+# Resuming with any other setting changed is refused, so a run's record always says what trained it.
+EXECUTION_SETTINGS = frozenset({"data", "out", "maps", "resume", "workers", "save_every", "keep_every",
+                                "verify_images", "max_failures", "device", "batch_size", "accum_iter",
+                                "world_size", "version"})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -194,19 +198,7 @@ class Trainer:
         if not self.cfg.resume and not path.is_file():
             return None
         state = load_checkpoint(path)
-        for name in RUN_IDENTITY:
-            theirs, ours = state["config"].get(name), self.config[name]
-            if name == "store_identity" and theirs != ours:
-                raise ValueError(
-                    f"{path}: was trained with the maps of {state['config'].get('maps')} ({_describe(theirs)}), "
-                    f"this run has {self.cfg.maps} ({_describe(ours)}); resume with the same store or write "
-                    f"to another --out"
-                )
-            if theirs != ours:
-                raise ValueError(
-                    f"{path}: was trained with {name}={theirs!r}, this run has {name}={ours!r}; "
-                    f"resume with the same settings or write to another --out"
-                )
+        self._check_same_run(path, state["config"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state["scaler"]:
@@ -214,6 +206,20 @@ class Trainer:
         self.start_epoch, self.step = state["epoch"], state["step"]
         _set_rng_state(state["rng"])
         return path
+
+    def _check_same_run(self, path: Path, recorded: dict) -> None:
+        """Refuse to resume a checkpoint trained with another setting, naming it and both values."""
+        theirs, ours = recorded.get("store_identity"), self.config["store_identity"]
+        if theirs != ours:
+            raise ValueError(
+                f"{path}: was trained with the maps of {recorded.get('maps')} ({_describe(theirs)}), this run has "
+                f"{self.cfg.maps} ({_describe(ours)}); resume with the same store or write to another --out")
+        for name in sorted(set(self.config) - EXECUTION_SETTINGS):
+            if recorded.get(name) != self.config[name]:
+                raise ValueError(
+                    f"{path}: was trained with --{name.replace('_', '-')} {recorded.get(name)!r}, this run has "
+                    f"{self.config[name]!r}; resume with the settings it was trained with, or train the new "
+                    f"settings into another --out")
 
     def _save(self, epoch: int) -> None:
         atomic_save(
