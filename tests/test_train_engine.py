@@ -179,9 +179,23 @@ def test_failed_maps_give_uniform_weights_or_an_error_with_require_maps(image_ro
     assert not failed["has_map"] and torch.count_nonzero(failed["map"]) == 0
     assert fine["has_map"] and torch.allclose(
         fine["map"], torch.from_numpy(store.open_maps(maps_file).maps[0].astype(np.float32)))
-    with pytest.raises(ValueError, match="1 of 16 maps are missing or failed"):
+    with pytest.raises(ValueError, match="1 of 16 maps failed .* rerun agmae-discover with --overwrite"):
         Trainer(_config_for(image_root, tmp_path, maps_file, require_maps=True), engine.distributed.DistEnv(),
                 torch.device("cpu"))
+
+
+def test_an_unfinished_store_is_refused_unless_missing_maps_are_allowed(image_root, tmp_path):
+    keys, unfinished = scan(image_root).keys, tmp_path / "maps.h5"
+    status = np.full(N_IMAGES - 5, store.STATUS_DONE, np.uint8)  # a discovery job killed before its last 5 maps
+    status[0] = store.STATUS_FAILED
+    with store.create(unfinished, keys, GRID, method="oracle", backbone=None, weights_sha256=None, image_size=48,
+                      method_options={}) as writer:
+        writer.write(0, np.zeros((N_IMAGES - 5, *GRID), np.float32), status, ["unreadable"] + [""] * 10)
+    with pytest.raises(ValueError, match="5 of 16 maps are still pending .* it resumes, or pass --allow-missing"):
+        train(_config_for(image_root, tmp_path / "refused", unfinished, epochs=1))
+    assert not (tmp_path / "refused" / "checkpoint-last.pth").exists()
+    record = train(_config_for(image_root, tmp_path / "allowed", unfinished, epochs=1, allow_missing_maps=True))
+    assert record["missing_maps"] == 6  # 5 pending and 1 failed train unguided, each seen once
 
 
 def test_samples_depend_only_on_seed_epoch_and_index(image_root):

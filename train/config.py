@@ -78,8 +78,9 @@ class TrainConfig:
     weight_norm: str = option("batch", "Loss normalisation: Σmwe/Σmw over the batch, per image then averaged, "
                                        "or γΣmwe/Σm (paper).", type=click.Choice(["batch", "sample", "none"]))
     gamma: float = option(1.0, "γ of --weight-norm none.", type=POSITIVE)
-    require_maps: bool = option(False, "Fail when a training image's map is missing or failed (default: train "
-                                       "it unguided).")
+    require_maps: bool = option(False, "Fail when a training image's map failed (default: train it unguided).")
+    allow_missing_maps: bool = option(False, "Train the images whose maps are still pending (an unfinished "
+                                             "agmae-discover) unguided instead of refusing the store.")
     verify_images: bool = option(True, "Check once that every training image decodes (in parallel, cached per "
                                        "file under AGMAE_HOME/index) and skip those that do not.",
                                  flags=("--verify-images/--no-verify-images",))

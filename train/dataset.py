@@ -25,12 +25,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
 
 
-def check_store(path, index: ImageFolderIndex, require_maps: bool = False) -> tuple[MapStore, int]:
-    """The store at `path`, validated against the dataset (`store.validate`), and how many images have no
-    usable map.
+def check_store(path, index: ImageFolderIndex, require_maps: bool = False,
+                allow_missing_maps: bool = False) -> tuple[MapStore, dict]:
+    """The store at `path`, validated against the dataset (`store.validate`), and its status counts.
 
-    Raises ValueError naming both fingerprints when the store's keys differ from the dataset's,
-    when the store is an unmerged shard, or (with `require_maps`) when a map is missing or failed.
+    Raises ValueError naming both fingerprints when the store's keys differ from the dataset's, when
+    the store is an unmerged shard, when maps are still pending (unless `allow_missing_maps`: those
+    images then train unguided), or (with `require_maps`) when a map failed.
     """
     store = validate(path, index.keys)
     if store.attrs["shard"] is not None or len(store) != len(index):
@@ -38,13 +39,20 @@ def check_store(path, index: ImageFolderIndex, require_maps: bool = False) -> tu
             f"{store.path}: holds {len(store)} of the dataset's {len(index)} maps (a shard?); "
             f"join the shards with `agmae-discover merge` and train on the merged store"
         )
-    missing = int((np.asarray(store.status) != STATUS_DONE).sum())
-    if missing and require_maps:
+    counts = store.counts()
+    if counts["pending"] and not allow_missing_maps:
         raise ValueError(
-            f"{store.path}: {missing} of {len(store)} maps are missing or failed; finish discovery "
-            f"(rerun agmae-discover, it resumes) or drop --require-maps to train those images unguided"
+            f"{store.path}: {counts['pending']} of {len(store)} maps are still pending (discovery has not "
+            f"finished); rerun the same agmae-discover command, it resumes, or pass --allow-missing-maps to "
+            f"train those images unguided"
         )
-    return store, missing
+    if counts["failed"] and require_maps:
+        raise ValueError(
+            f"{store.path}: {counts['failed']} of {len(store)} maps failed (unreadable images or non-finite "
+            f"maps; `agmae-discover inspect` lists them), which resuming does not recompute: fix those images "
+            f"and rerun agmae-discover with --overwrite, or drop --require-maps to train them unguided"
+        )
+    return store, counts
 
 
 class GuidedMAEDataset(Dataset):

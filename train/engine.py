@@ -122,9 +122,9 @@ class Trainer:
         self.unreadable = self._unreadable_images()
         self.guided = cfg.maps is not None
         self.store_identity = None
-        self.images_without_map = 0
+        self.map_counts = None
         if self.guided:
-            store, self.images_without_map = check_store(cfg.maps, self.index, cfg.require_maps)
+            store, self.map_counts = check_store(cfg.maps, self.index, cfg.require_maps, cfg.allow_missing_maps)
             self.store_identity = store.identity()
 
         self.model: MaskedAutoencoderViT = create_model(cfg.model, **cfg.model_overrides()).to(device)
@@ -279,9 +279,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._start_logs()
             tensorboard = _tensorboard(self.run_dir)
-            if self.guided:
-                tqdm.write(f"{self.cfg.maps}: {self.images_without_map} of {len(self.index)} images have no "
-                           f"map (missing or failed) and train with uniform weights")
+            if self.guided and (self.map_counts["failed"] or self.map_counts["pending"]):
+                tqdm.write(f"{self.cfg.maps}: {self.map_counts['failed']} maps failed and {self.map_counts['pending']} "
+                           f"are pending of {len(self.index)}; those images train with uniform weights (the "
+                           f"unreadable among them are skipped)")
             if self.unreadable:
                 first = ", ".join(f"{self.index.keys[i]} ({reason})" for i, reason in list(self.unreadable.items())[:3])
                 tqdm.write(f"{len(self.unreadable)} of {len(self.index)} images cannot be read and are skipped: {first}")
