@@ -77,6 +77,10 @@ class MaskedAutoencoderViT(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+        for part, width, heads in (("encoder", embed_dim, num_heads), ("decoder", decoder_embed_dim, decoder_num_heads)):
+            if width % heads:
+                raise ValueError(f"the {part}'s {heads} heads do not divide its width {width}; choose a head "
+                                 "count that divides the width (--num-heads / --decoder-num-heads)")
         self.encoder_kwargs = dict(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,

@@ -35,12 +35,12 @@ data_option = click_option("data", options.data_option(
 METHOD_OPTIONS = {
     "heads": click.option("--heads", type=click.Choice(["mean", "max"]),
                           help="dino: combine the CLS attention of the heads by mean (default) or max."),
-    "mass_threshold": click.option("--mass-threshold", type=float,
+    "mass_threshold": click.option("--mass-threshold", type=click.FloatRange(0, 1, min_open=True),
                                    help="dino: keep per head the patches holding this fraction of the attention "
                                         "mass (DINO's rule), map = mean of the keep-masks. Default: off."),
-    "tau": click.option("--tau", type=float,
+    "tau": click.option("--tau", type=click.FloatRange(-1, 1, max_open=True),
                         help="tokencut: similarity threshold τ_tc of the graph (default 0.2 ViT, 0 CNN)."),
-    "eps": click.option("--eps", type=float, help="tokencut: weight of edges below τ_tc (default 1e-5)."),
+    "eps": click.option("--eps", type=click.FloatRange(0, min_open=True), help="tokencut: weight of edges below τ_tc (default 1e-5)."),
     "graph": click.option("--graph", type=click.Choice(["binary", "weighted"]),
                           help="tokencut: edges above τ_tc weigh 1 (binary, default) or their similarity."),
     "output": click.option("--output", type=click.Choice(["soft", "mask"]),
@@ -60,7 +60,7 @@ METHOD_OPTIONS = {
                            help="gradcam: explain the top-1 predicted class (default) or the dataset label."),
     "masks": click.option("--masks", type=path_type(exists=True, file_okay=False),
                           help="oracle: mask folder mirroring the data keys (default: DATA/../masks/<DATA name>)."),
-    "patch": click.option("--patch", type=int, help="oracle: grid cell size in pixels (default 16)."),
+    "patch": click.option("--patch", type=click.IntRange(min=1), help="oracle: grid cell size in pixels (default 16)."),
 }
 
 
@@ -176,10 +176,10 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
 @click.option("--out", type=path_type(dir_okay=False),
               help="Store to write (default: RUN_DIR/maps-<method>.h5). A shard writes OUT with "
                    ".shard-K-of-N before the suffix.")
-@click.option("--image-size", type=int,
+@click.option("--image-size", type=click.IntRange(min=1),
               help="Images are resized whole to S×S; S must be a multiple of the patch (CNN: of 32). "
                    "Default: 224; 448 for tokencut on a CNN (measured best).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass.")
 @click_option("workers", options.workers_option(4, "DataLoader processes decoding images."))
 @click_option("device", options.device_option())
 @click_option("precision", options.precision_option("Backbone autocast, recorded in the store's method options.",
@@ -188,7 +188,7 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
                               "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set, else everything.")
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT exists (default: resume or report "
                                                 "it complete).")
-@click.option("--max-failures", type=float, default=0.001, show_default=True,
+@click.option("--max-failures", type=click.FloatRange(0, 1), default=0.001, show_default=True,
               help="Exit non-zero when more than this fraction of the images failed (unreadable, non-finite map).")
 @method_options
 @click.pass_context
@@ -281,7 +281,7 @@ def overlay_png_pil(maps, images, path, columns, tile=128):
 @main.command()
 @click.argument("file", type=path_type(exists=True, dir_okay=False))
 @click.option("--png", type=path_type(dir_okay=False), help="Also write a grid of maps overlaid on their images.")
-@click.option("--count", type=int, default=16, show_default=True, help="Maps in the --png grid.")
+@click.option("--count", type=click.IntRange(min=1), default=16, show_default=True, help="Maps in the --png grid.")
 @data_option
 def inspect(file, png, count, data):
     """Summarise an attention store: counts by status, histogram of map values, method options."""
