@@ -9,6 +9,7 @@ them done, so a killed job leaves only correct done entries and resumes at `firs
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -76,8 +77,16 @@ def _open_h5(path: Path, mode: str = "r") -> h5py.File:
     try:
         return h5py.File(path, mode, locking=False if mode == "r" else None)
     except OSError as err:
-        raise ValueError(f"{path}: cannot be opened as HDF5 ({err}); another job may be writing it, else "
-                         f"it is truncated or not a store: recompute it or pass --overwrite") from err
+        if "lock" in str(err).lower():
+            raise ValueError(f"{path}: another job is writing this store (it holds the file's lock); wait for it "
+                             f"to finish or write to another --out (--overwrite would leave that job writing to an "
+                             f"unlinked file)") from err
+        if mode != "r" and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise ValueError(f"{path}: cannot be opened for writing ({err.strerror}); a complete store is read "
+                             f"where it lies (agmae-train --maps, agmae-discover inspect), an unfinished one "
+                             f"needs a writable --out") from err
+        raise ValueError(f"{path}: cannot be opened as HDF5 ({err}); it is truncated or not a store: "
+                         f"pass --overwrite to recompute it, or another --out") from err
 
 
 def _contiguous(path: Path, f: h5py.File, name: str, shape: tuple, dtype) -> int:

@@ -1,5 +1,6 @@
 """`agmae-discover`: shards + merge equal one run, resume, no silent clobbering, bad files, defaults,
 inspect, the SLURM script."""
+import errno
 import os
 import shutil
 import subprocess
@@ -194,3 +195,29 @@ def test_sbatch_submits_one_array_and_a_dependent_merge(tmp_path):
     assert "--dependency=afterok:42" in merge
     assert ("agmae-discover merge '/run/maps-dino.shard-0-of-3.h5' '/run/maps-dino.shard-1-of-3.h5' "
             "'/run/maps-dino.shard-2-of-3.h5' --out '/run/maps-dino.h5'") in merge
+
+
+def test_a_store_another_job_is_writing_is_not_taken_over(small_folder, tmp_path):
+    out = tmp_path / "maps.h5"
+    assert run(*SMOKE, "--data", small_folder, "--out", out).exit_code == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); "
+                               "print('locked', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = run(*SMOKE, "--data", small_folder, "--out", out)
+    finally:
+        holder.kill()
+    assert second.exit_code == 1 and "another job is writing this store" in second.output
+    assert "--overwrite would leave" in second.output and second.output.count("Error") == 1
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing_that_looks_complete(small_folder, tmp_path,
+                                                                                       monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "maps.h5"))
+
+    monkeypatch.setattr(store.StoreWriter, "write", full)
+    result = run(*SMOKE, "--data", small_folder, "--out", tmp_path / "maps.h5")
+    assert result.exit_code == 1 and "No space left on device; free space there" in result.output
+    assert "Traceback" not in result.output
+    assert store.open_maps(tmp_path / "maps.h5").counts()["done"] == 0  # resumable, not complete

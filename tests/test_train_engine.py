@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny MAE: resume exactness, data parallelism, maps handling,
 errors, the CLI, and the SLURM template."""
+import errno
 import json
 import os
 import shutil
@@ -468,3 +469,19 @@ def test_a_rerun_with_other_settings_is_refused_and_the_record_stays_true(image_
     # settings that do not change what is computed, and identical settings: nothing to train
     assert train(_config_for(image_root, run, maps_file, epochs=1, workers=1, save_every=3)) is None
     assert json.loads((run / "config.json").read_text())["tau_start"] == 1.0
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_checkpoint_that_looks_complete(image_root, tmp_path,
+                                                                                           monkeypatch):
+    run = tmp_path / "run"
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(engine, "atomic_save", full)
+    args = ["--no-guidance", "--data", str(image_root), "--out", str(run), "--epochs", "2", "--warmup-epochs", "1",
+            "--batch-size", "4", "--blr", "1e-3", "--workers", "0", "--model", "mae_vit_demo_patch8",
+            *(arg for name, value in TINY_MODEL.items() for arg in (f"--{name.replace('_', '-')}", str(value)))]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 1 and "checkpoint-last.pth: No space left on device; free space" in result.output
+    assert "Traceback" not in result.output and not (run / "checkpoint-last.pth").exists()

@@ -15,6 +15,7 @@ from agmae.data.folder import load_rgb, scan
 from agmae.data.transforms import discovery_transform
 from agmae import store
 from agmae import options
+from agmae.cli.errors import environment_error
 from agmae.hardware import INFERENCE_PRECISIONS
 from agmae.options import click_option
 from agmae.paths import default_run_dir, maps_path
@@ -223,6 +224,8 @@ def main(ctx, method, backbone, weights, random_init, seed, data, out, image_siz
                                overwrite)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise environment_error(err) from None
     total = sum(counts.values())
     click.echo(f"{counts['done']} done, {counts['failed']} failed -> {out}")
     if counts["failed"] > max_failures * total:

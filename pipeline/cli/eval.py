@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from agmae import distributed
+from agmae.cli.errors import environment_error
 from agmae.data import demo
 from agmae.eval import protocols
 from agmae.eval.protocols import AttentionOptions, FeatureOptions, KnnOptions, ProbeOptions
@@ -100,6 +101,8 @@ def _run(steps, opts: dict) -> None:
                 click.echo(f"\n{outcome.key} — {outcome.title}\n{outcome.table}\nresults: {path}")
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
+    except OSError as err:
+        raise environment_error(err) from err
     finally:
         distributed.shutdown()
 

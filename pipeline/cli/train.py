@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from agmae.checkpoint import export_encoder
+from agmae.cli.errors import environment_error
 from agmae.options import click_options
 from agmae.paths import default_maps, default_run_dir, last_checkpoint
 from agmae.train.config import TrainConfig
@@ -33,6 +34,8 @@ def main(ctx, no_guidance, **options):
         metrics = train(config_from_options(no_guidance, **options))
     except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
         raise click.ClickException(str(err)) from err
+    except OSError as err:
+        raise environment_error(err) from err
     if metrics is None:
         click.echo("nothing to train: the checkpoint in the run directory already reached --epochs")
 
