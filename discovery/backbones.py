@@ -307,7 +307,9 @@ def load_backbone(name=None, weights=None, random_init=False, seed=0, device="au
                 f"use --backbone {OFFLINE_LITE0} (offline ImageNet weights), or --random-init for a smoke test"
             ) from None
         sha = state_dict_sha256(model)
-    backbone = Backbone(model, name, sha, device, precision)
+    # The store records this name: random weights must say so, whatever pretrained tag the name carries.
+    label = f"{name} (random init, seed {seed})" if random_init and weights is None else name
+    backbone = Backbone(model, label, sha, device, precision)
     if classifier and backbone.num_classes == 0:
         raise ValueError(f"backbone {name} has no classifier head, which Grad-CAM needs; pass --weights with a "
                          f"`head.weight`, or use a classifier such as {OFFLINE_LITE0}")

@@ -154,3 +154,9 @@ def test_precision_auto_keeps_fp32_on_cpu_and_bf16_follows_the_fp32_maps(monkeyp
     fast = discovery.build("tokencut", backbone="tf_efficientnet_lite0", precision="bf16")(imgs)
     for a, b in zip(exact.flatten(1), fast.flatten(1)):
         assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95
+
+
+def test_a_random_backbone_is_labelled_so_in_what_it_records():
+    with pytest.warns(RandomInitWarning):
+        d = discovery.build("dino", backbone="vit_small_patch16_224.dino", random_init=True, seed=3)
+    assert d.backbone_name == "vit_small_patch16_224.dino (random init, seed 3)"
