@@ -99,11 +99,14 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes: int, k: int 
 
 
 def topk_accuracy(scores: torch.Tensor, labels, ks=(1, 5)) -> dict:
-    """Percent of rows whose label is among the top-k scores, for each k (k capped at the class count)."""
+    """Percent of rows whose label is among the top-k scores, for each k below the class count (top-5 of
+    5 classes or fewer would be 100 % by construction, so it is not reported; top-1 always is).
+    Counted exactly: 1238 of 2000 is 61.9, not float32's 61.900001764."""
     labels = labels_tensor(labels)
-    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    kept = [k for k in ks if k == 1 or k < scores.shape[1]]
+    ranked = scores.topk(min(max(kept), scores.shape[1]), dim=1).indices
     hits = ranked == labels[:, None]
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+    return {f"top{k}": 100.0 * int(hits[:, :k].any(dim=1).sum()) / max(len(labels), 1) for k in kept}
 
 
 def knn_evaluate(train_feats, train_labels, test_feats, test_labels, num_classes: int, ks=KS,

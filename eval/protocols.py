@@ -179,7 +179,7 @@ def run_knn(ev: Evaluation, opts: KnnOptions) -> Outcome | None:
     robustness.check_same_classes(train, {ev.test_split: test})
     results = knn.knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels,
                                len(train.index.classes), ks=opts.ks, T=opts.temperature, progress=True)
-    table = format_table(["k", "top-1", "top-5"], [[int(key[2:]), r["top1"], r["top5"]] for key, r in results.items()])
+    table = format_table(["k", "top-1", "top-5"], [[int(key[2:]), r["top1"], r.get("top5")] for key, r in results.items()])
     options = dict(ks=list(opts.ks), T=opts.temperature, train_split=ev.train_split, test_split=ev.test_split,
                    headline=f"k={knn.HEADLINE_K}")
     return ev.outcome("knn", options, results, [ev.train_split, ev.test_split], started, table)
@@ -204,7 +204,7 @@ def run_linear(ev: Evaluation, opts: ProbeOptions) -> Outcome | None:
     accuracy = linear.probe_accuracy(probe, test.feats, test.index.labels)
     mode = linear.MODES[opts.mode]
     results = dict(mode=mode, **accuracy, lr=lr, final_loss=losses[-1] if losses else None)
-    table = format_table(["mode", "top-1", "top-5"], [[mode, accuracy["top1"], accuracy["top5"]]])
+    table = format_table(["mode", "top-1", "top-5"], [[mode, accuracy["top1"], accuracy.get("top5")]])
     options = dict(**asdict(opts), train_split=ev.train_split, test_split=ev.test_split)
     options["blr"] = fit["blr"]
     name = "linear" if opts.mode == "augmented" else "linear-cached"
