@@ -3,7 +3,7 @@
 Head: BatchNorm1d(affine=False, eps=1e-6) + Linear (trunc-normal std 0.01, zero bias).
 Optimiser: timm's LARS, momentum 0.9, no weight decay, the trust ratio applied to the weight
 matrix only (as in MAE's LARS, which skips 1-D parameters); lr = blr × effective batch / 256
-(blr = 0.1; 12.8 on the demo dataset, see DEMO_BLR), per-iteration linear warm-up then half-cycle
+(blr = 0.1 on ImageNet, scaled to the training set's size: probe_blr), per-iteration linear warm-up then half-cycle
 cosine (timm CosineLRScheduler).
 
 Two modes:
@@ -30,17 +30,18 @@ AUGMENTED_MODE = "augmented (RandomResizedCrop + flip)"
 CACHED_MODE = "cached-features (no augmentation)"
 MODES = {"augmented": AUGMENTED_MODE, "cached": CACHED_MODE}
 MAE_BLR = 0.1
-# LARS moves the weights by lr x 0.001 x |w| per step whatever the gradient's size, so a probe's
-# total travel is proportional to blr x training images x epochs / 256. MAE tuned blr 0.1 on
-# ImageNet-1k's 1,281,167 images; on the demo's 10,000 the same blr leaves the probe at chance
-# loss (top-1 14.7 against 29.5 at 12.8 on one demo encoder, an L-BFGS fit reaching 32.2), so the
-# demo dataset gets the blr that travels as far: 0.1 x 1,281,167 / 10,000.
-DEMO_BLR = 12.8
+IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-def probe_blr(demo_dataset: bool) -> float:
-    """The probe's base lr by recipe: DEMO_BLR on the built-in demo dataset, MAE's elsewhere."""
-    return DEMO_BLR if demo_dataset else MAE_BLR
+def probe_blr(train_images: int) -> float:
+    """The probe's default base lr: MAE's 0.1, tuned on ImageNet-1k, scaled up for a smaller training set.
+
+    LARS moves the weights by lr x 0.001 x |w| per step whatever the gradient's size, so a probe's total
+    travel is proportional to blr x training images x epochs / 256; at MAE's blr the demo's 10,000 images
+    leave the probe at chance loss (top-1 14.7 against 29.5 at 12.8 on one demo encoder, an L-BFGS fit
+    reaching 32.2). The blr that travels as far as on ImageNet is 0.1 x 1,281,167 / N (12.8 for 10k);
+    never below MAE's. Three significant digits."""
+    return float(f"{MAE_BLR * max(1.0, IMAGENET_TRAIN_IMAGES / train_images):.3g}")
 
 
 def build_probe(dim: int, num_classes: int) -> nn.Sequential:

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from agmae import distributed
-from agmae.data.demo import is_demo_root, load_mask
+from agmae.data.demo import load_mask
 from agmae.data.folder import scan
 from agmae.eval import attention, knn, linear, retrieval, robustness
 from agmae.eval.features import POOLS, FeatureSource, image_size_of
@@ -66,17 +66,17 @@ class ProbeOptions:
     warmup_epochs: float = option(10.0, "Linear warm-up epochs.", type=click.FloatRange(min=0))
     linear_batch_size: int = option(256, "Probe batch size (per rank).", type=POSITIVE_INT)
     blr: float | None = option(None, f"Probe base lr: lr = blr × effective batch / 256. [default: MAE's "
-                                     f"{linear.MAE_BLR}; {linear.DEMO_BLR} on the built-in demo dataset, whose "
-                                     "10k images need 128x the LARS steps' length to train the probe as far]",
+                                     f"{linear.MAE_BLR} on ImageNet-1k, scaled by 1.28M / training images so "
+                                     "that LARS trains the probe as far on a smaller set: 12.8 for the demo's 10k]",
                                type=POSITIVE)
     seed: int = seed_option("Seed of the probe's init and data order.")
 
     def __post_init__(self):
         validate(self)
 
-    def fit_options(self, root: Path) -> dict:
-        """Keyword arguments of eval.linear's probe trainers, the blr taken from the dataset's recipe."""
-        blr = self.blr if self.blr is not None else linear.probe_blr(is_demo_root(root))
+    def fit_options(self, train_images: int) -> dict:
+        """Keyword arguments of eval.linear's probe trainers, the default blr scaled to the training set."""
+        blr = self.blr if self.blr is not None else linear.probe_blr(train_images)
         return dict(epochs=self.epochs, warmup_epochs=self.warmup_epochs, batch_size=self.linear_batch_size,
                     blr=blr, seed=self.seed)
 
@@ -163,10 +163,10 @@ class Evaluation:
                                       f"{', '.join(info['examples'][:3])}" for split, info in unreadable.items())
         return Outcome(entry["protocol"], entry, table, title=str(self.checkpoint))
 
-    def bank_and_queries(self):
+    def bank_and_queries(self, protocol: str):
         """(train features, test features), the classes checked to agree."""
         train, test = self.features(self.train_split), self.features(self.test_split)
-        robustness.check_same_classes(train, {self.test_split: test})
+        robustness.check_same_classes(train, {self.test_split: test}, protocol)
         return train, test
 
 
@@ -176,7 +176,7 @@ def run_knn(ev: Evaluation, opts: KnnOptions) -> Outcome | None:
     train, test = ev.features(ev.train_split), ev.features(ev.test_split)
     if not ev.env.is_main:
         return None
-    robustness.check_same_classes(train, {ev.test_split: test})
+    robustness.check_same_classes(train, {ev.test_split: test}, "k-NN")
     results = knn.knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels,
                                len(train.index.classes), ks=opts.ks, T=opts.temperature, progress=True)
     table = format_table(["k", "top-1", "top-5"], [[int(key[2:]), r["top1"], r.get("top5")] for key, r in results.items()])
@@ -188,8 +188,8 @@ def run_knn(ev: Evaluation, opts: KnnOptions) -> Outcome | None:
 def run_linear(ev: Evaluation, opts: ProbeOptions) -> Outcome | None:
     """Linear probe (MAE protocol: BN + Linear, LARS, warm-up + cosine); mode cached for the fast variant."""
     started = time.time()
-    train, test = ev.bank_and_queries()
-    num_classes, fit = len(train.index.classes), opts.fit_options(ev.root)
+    train, test = ev.bank_and_queries("the linear probe")
+    num_classes, fit = len(train.index.classes), opts.fit_options(len(train.index))
     if opts.mode == "cached":
         if not ev.env.is_main:
             return None
@@ -217,7 +217,7 @@ def run_retrieval(ev: Evaluation) -> Outcome | None:
     train, test = ev.features(ev.train_split), ev.features(ev.test_split)
     if not ev.env.is_main:
         return None
-    robustness.check_same_classes(train, {ev.test_split: test})
+    robustness.check_same_classes(train, {ev.test_split: test}, "retrieval")
     results = retrieval.retrieval_metrics(train.feats, train.index.labels, test.feats, test.index.labels)
     table = format_table(["mAP", "R@1", "R@5"], [[results["mAP"], results["R@1"], results["R@5"]]])
     options = dict(train_split=ev.train_split, test_split=ev.test_split, relevance="same class")
@@ -240,7 +240,7 @@ def run_robustness(ev: Evaluation, splits, knn_opts: KnnOptions, probe_opts: Pro
     clean_fg_bank = ev.features(robustness.CLEAN_FG_BANK) if clean_fg else None
     if not ev.env.is_main:
         return None
-    fit = probe_opts.fit_options(ev.root)
+    fit = probe_opts.fit_options(len(train.index))
     probe, _, _ = linear.train_probe_cached(train.feats, train.index.labels, len(train.index.classes), **fit)
     k = knn.HEADLINE_K if knn.HEADLINE_K in knn_opts.ks else max(knn_opts.ks)
     results = robustness.robustness_results(train, features, probe=probe, clean_fg_bank=clean_fg_bank, k=k,

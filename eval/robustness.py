@@ -15,14 +15,17 @@ CLEAN_FG_BANK, CLEAN_FG_QUERIES = "train-fg", "only-fg"
 GAP_SPLITS = ("mixed-same", "mixed-rand")
 
 
-def check_same_classes(reference, others: dict) -> None:
-    """reference, others: FolderFeatures; raise if any split's class names differ from the reference's."""
+def check_same_classes(reference, others: dict, protocol: str = "robustness") -> None:
+    """reference, others: FolderFeatures; raise if any split's class names differ from the reference's,
+    naming the classes one side lacks and the protocol that needs them to agree."""
     for name, split in others.items():
         if split.index.classes != reference.index.classes:
+            mine, theirs = set(reference.index.classes), set(split.index.classes)
             raise ValueError(
-                f"split {name} ({split.index.root}) has classes {split.index.classes[:5]}..., the train split "
-                f"{reference.index.root} has {reference.index.classes[:5]}...; robustness splits must share class names"
-            )
+                f"split {name} ({split.index.root}) lacks the classes {sorted(mine - theirs)[:5]} and has "
+                f"{sorted(theirs - mine)[:5]} that the train split {reference.index.root} lacks; {protocol} "
+                "needs both splits to have the same class folders (an empty folder is not a class: give it "
+                "an image or remove it from both)")
 
 
 def knn_top1(bank, queries, num_classes: int, k: int, T: float) -> float:

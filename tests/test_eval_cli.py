@@ -15,7 +15,7 @@ from agmae.eval.features import FeatureSource
 from agmae.checkpoint import file_sha256
 from agmae.eval.knn import knn_evaluate
 from agmae.eval.retrieval import retrieval_metrics
-from agmae.eval.linear import DEMO_BLR, MAE_BLR
+from agmae.eval.linear import probe_blr
 from agmae import store
 from agmae.cli.eval import main
 
@@ -76,7 +76,7 @@ def test_all_writes_every_protocol_and_keeps_earlier_keys(run_dir, demo_root):
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results) == {"finetune", "knn", "linear-cached", "retrieval", "robustness", "attention"}
     assert results["linear-cached"]["results"]["mode"] == "cached-features (no augmentation)"
-    assert results["linear-cached"]["options"]["blr"] == DEMO_BLR  # the demo's probe lr, not MAE's 0.1
+    assert results["linear-cached"]["options"]["blr"] == probe_blr(len(keys)) == 534.0  # 0.1 x 1.28M / 240
     assert set(results["knn"]["results"]) == {"k=5", "k=20"}
     source = FeatureSource(run_dir / "checkpoint-last.pth", workers=0)
     features = {split: source.features(demo_root / split) for split in ("train", "original", "only-fg", "train-fg")}
@@ -113,7 +113,7 @@ def test_split_missing_from_dataset_is_rejected(run_dir, demo_root):
     assert not (run_dir / "results.json").exists()
 
 
-def test_probe_lr_is_maes_outside_the_demo_dataset(run_dir, demo_root, tmp_path):
+def test_probe_lr_follows_the_size_of_any_training_set(run_dir, demo_root, tmp_path):
     root = tmp_path / "folders"  # the demo's images without its demo.json: an ordinary dataset
     root.mkdir()
     for split in ("train", "original"):
@@ -123,7 +123,8 @@ def test_probe_lr_is_maes_outside_the_demo_dataset(run_dir, demo_root, tmp_path)
                                        "--epochs", "1", "--warmup-epochs", "0", "--linear-batch-size", "64"])
     assert result.exit_code == 0, result.output
     entry = json.loads((run_dir / "results.json").read_text())["linear-cached"]
-    assert entry["options"]["blr"] == MAE_BLR and entry["results"]["lr"] == pytest.approx(MAE_BLR * 64 / 256)
+    assert entry["options"]["blr"] == 534.0 and entry["results"]["lr"] == pytest.approx(534.0 * 64 / 256)
+    assert probe_blr(10_000) == 12.8 and probe_blr(1_281_167) == probe_blr(5_000_000) == 0.1
 
 
 def test_attention_scores_a_centre_prior_at_each_stores_grid_and_takes_no_feature_options(run_dir, demo_root):

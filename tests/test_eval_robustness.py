@@ -7,7 +7,7 @@ import pytest
 
 from agmae.eval.features import FolderFeatures
 from agmae.eval.report import format_table, read_results, update_results
-from agmae.eval.robustness import robustness_results
+from agmae.eval.robustness import check_same_classes, robustness_results
 
 CLASSES = ["a", "b"]
 
@@ -37,8 +37,10 @@ def test_no_gap_without_mixed_same_and_class_mismatch_rejected():
     train = folder([[1, 0], [0, 1]], [0, 1], "train")
     results = robustness_results(train, {"original": folder([[1, 0]], [0], "o")}, k=1)
     assert "bg_gap" not in results and "clean_fg_knn_top1" not in results
-    with pytest.raises(ValueError, match="must share class names"):
+    with pytest.raises(ValueError, match=r"lacks the classes \['b'\] and has \['c'\].*robustness needs"):
         robustness_results(train, {"other": folder([[1, 0]], [0], "x", classes=["a", "c"])}, k=1)
+    with pytest.raises(ValueError, match="k-NN needs both splits"):
+        check_same_classes(train, {"val": folder([[1, 0]], [0], "x", classes=["a"])}, "k-NN")
 
 
 def test_results_json_updates_one_key_and_keeps_the_others(tmp_path):
