@@ -233,11 +233,12 @@ class StoreWriter:
 def create(path, keys: Sequence[str], grid, *, method: str, backbone: str | None,
            weights_sha256: str | None, image_size: int, method_options: dict | None,
            keys_sha256: str | None = None, shard=None, index_range=None,
-           overwrite: bool = False) -> StoreWriter:
+           overwrite: bool = False, image_root=None) -> StoreWriter:
     """Create a store for `keys` with maps `[len(keys), *grid]`, or reopen a compatible one to
     resume. A shard k of n holds the keys of `index_range` (lo, hi) of the full dataset and
     `keys_sha256` is the FULL dataset's fingerprint. An existing store that differs in any
-    identity attr or key raises ValueError unless `overwrite`."""
+    identity attr or key raises ValueError unless `overwrite`. image_root: where the images lie, recorded
+    (not part of the identity: the images may move) so that `inspect` can find them."""
     path = Path(path)
     keys = list(keys)
     if not keys:
@@ -265,6 +266,8 @@ def create(path, keys: Sequence[str], grid, *, method: str, backbone: str | None
                 if value is not None:
                     f.attrs[name] = value
             f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            if image_root is not None:
+                f.attrs["image_root"] = str(Path(image_root).resolve())
             f.attrs["agmae_version"] = agmae.__version__
         os.replace(temp, path)
     finally:
@@ -321,7 +324,7 @@ def merge(shard_paths: Sequence, out_path) -> Path:
     temp = out_path.with_name(f".{out_path.name}.merging-{os.getpid()}")
     try:
         identity = {name: first.attrs[name] for name in _MERGE_ATTRS}
-        with create(temp, keys, overwrite=True, **identity) as writer:
+        with create(temp, keys, overwrite=True, image_root=first.attrs.get("image_root"), **identity) as writer:
             for shard in shards:
                 offset = shard.attrs["index_range"][0]
                 for lo in range(0, len(shard), _ROWS_PER_STEP):

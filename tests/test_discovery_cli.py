@@ -16,6 +16,7 @@ from PIL import Image
 import agmae.discovery.tokencut
 from agmae.data.folder import scan
 from agmae import store
+from agmae.data.folder import load_rgb
 from agmae.cli import discover as discover_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::agmae.discovery.backbones.RandomInitWarning")
@@ -25,9 +26,9 @@ SMOKE = ["--method", "tokencut", "--backbone", "test_vit", "--random-init", "--i
 
 @pytest.fixture(scope="module")
 def small_folder(demo_root, tmp_path_factory):
-    """24 demo training images and their masks, laid out like the demo: ROOT/train, ROOT/masks/train."""
+    """24 demo training images (every 10th: all ten classes) and their masks, laid out like the demo."""
     root = tmp_path_factory.mktemp("small")
-    for key in scan(demo_root / "train").keys[:24]:
+    for key in scan(demo_root / "train").keys[::10]:
         for sub in ("train", "masks/train"):
             (root / sub / key).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(demo_root / sub / key, root / sub / key)
@@ -165,6 +166,26 @@ def test_inspect_summarises_and_draws_overlays(small_folder, tmp_path):
     assert len(histogram) == 10 and sum(int(line.split()[1]) for line in histogram) == 24 * 2 * 2
     with Image.open(tmp_path / "grid.png") as png:
         assert png.width > png.height > 0
+
+
+def test_inspect_finds_the_store_s_own_images_and_refuses_others(small_folder, tmp_path, monkeypatch):
+    out = tmp_path / "maps.h5"
+    assert run(*SMOKE, "--data", small_folder, "--out", out).exit_code == 0
+    assert store.open_maps(out).attrs["image_root"] == str(Path(small_folder).resolve())
+    drawn = []
+    monkeypatch.setattr(discover_cli, "overlay_png", lambda maps, images, path: drawn.append(images))
+    result = run("inspect", out, "--png", tmp_path / "grid.png", "--count", "4")  # no --data: the recorded root
+    assert result.exit_code == 0, result.output
+    keys = store.open_maps(out).keys
+    shown = [keys[i] for i in (0, 8, 15, 23)]  # spread over the store, so over its classes
+    assert len({key.split("/")[0] for key in shown}) > 1
+    assert [np.asarray(image).tolist() for image in drawn[0]] == [
+        np.asarray(load_rgb(Path(small_folder) / key)).tolist() for key in shown]
+    other = tmp_path / "other"
+    shutil.copytree(small_folder, other)
+    next(other.glob("*/*.png")).unlink()
+    refused = run("inspect", out, "--png", tmp_path / "grid.png", "--data", other)
+    assert refused.exit_code == 1 and "holds other images than" in refused.output
 
 
 def test_shard_comes_from_the_flag_or_slurm(monkeypatch):

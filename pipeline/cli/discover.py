@@ -136,7 +136,8 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
                     image_size=size, method_options={**d.options, "precision": d.backbone.precision})
     if shard:
         identity.update(keys_sha256=index.keys_sha256, shard=shard, index_range=(lo, hi))
-    with store.create(out, index.keys[lo:hi], d.grid(size), overwrite=overwrite, **identity) as writer:
+    with store.create(out, index.keys[lo:hi], d.grid(size), overwrite=overwrite, image_root=index.root,
+                      **identity) as writer:
         start = writer.first_pending()
         if start == hi - lo:
             click.echo(f"{out} is already complete; nothing recomputed (pass --overwrite to start over)")
@@ -281,9 +282,25 @@ def overlay_png_pil(maps, images, path, columns, tile=128):
     sheet.save(path)
 
 
+def images_of(file, maps, data) -> Path:
+    """The image folder the store's maps were computed on: --data, else the root the store recorded;
+    refused when its images are not the store's (drawing maps over other images says nothing)."""
+    root = data or maps.attrs.get("image_root")
+    if root is None:
+        raise click.ClickException(f"{file} does not record its image folder; pass --data ROOT, the folder it "
+                                   "was computed on")
+    index = scan(root)
+    lo, hi = maps.attrs["index_range"] or (0, len(index))
+    if index.keys[lo:hi] != maps.keys:
+        raise click.ClickException(f"{root} holds other images than {file} was computed on (keys differ); "
+                                   "pass --data with the folder given to agmae-discover")
+    return Path(root)
+
+
 @main.command()
 @click.argument("file", type=path_type(exists=True, dir_okay=False))
-@click.option("--png", type=path_type(dir_okay=False), help="Also write a grid of maps overlaid on their images.")
+@click.option("--png", type=path_type(dir_okay=False), help="Also write a grid of maps overlaid on their images, "
+                                                            "spread evenly over the store (so over its classes).")
 @click.option("--count", type=click.IntRange(min=1), default=16, show_default=True, help="Maps in the --png grid.")
 @data_option
 def inspect(file, png, count, data):
@@ -311,8 +328,8 @@ def inspect(file, png, count, data):
     for i in failed[:5]:
         click.echo(f"failed: {maps.keys[i]}: {maps.errors[i]}")
     if png:
-        root = data or default_data()
-        shown = done[:count]
+        root = images_of(file, maps, data)
+        shown = done[np.unique(np.linspace(0, len(done) - 1, min(count, len(done))).round().astype(int))]
         images = []
         for i in shown:
             try:
