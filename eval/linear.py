@@ -12,6 +12,8 @@ Two modes:
 - `cached`: trains on the cached eval-view features, no augmentation. Much faster, not the
   paper's protocol; results carry `"mode": CACHED_MODE` so the two are never confused.
 """
+import logging
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -61,8 +63,16 @@ def build_optimizer(probe: nn.Module, lr: float) -> Lars:
 
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int) -> CosineLRScheduler:
     """Per-step lr: linear from 0 over warmup_steps, then half-cycle cosine to 0 at total_steps."""
-    return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), warmup_t=warmup_steps,
-                             warmup_lr_init=0.0, warmup_prefix=True, lr_min=0.0, t_in_epochs=False)
+    # timm logs that a 1-step cosine phase "will have no effect"; for a warm-up-only probe that is the
+    # intent, and a log line of timm's inside agmae-eval's output says nothing to its user.
+    timm_log = logging.getLogger(CosineLRScheduler.__module__)
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), warmup_t=warmup_steps,
+                                 warmup_lr_init=0.0, warmup_prefix=True, lr_min=0.0, t_in_epochs=False)
+    finally:
+        timm_log.setLevel(level)
 
 
 def _world_size() -> int:

@@ -97,3 +97,9 @@ def test_augmented_probe_trains_the_head_reproducibly_and_leaves_the_encoder_fro
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
     torch.manual_seed(0)
     assert not torch.equal(probe[1].weight, build_probe(32, 2)[1].weight)
+
+
+def test_a_probe_without_a_cosine_phase_prints_nothing_of_timm(caplog):
+    with caplog.at_level("DEBUG"):
+        build_scheduler(build_optimizer(build_probe(4, 2), 0.1), total_steps=2, warmup_steps=1)
+    assert not [record for record in caplog.records if record.name.startswith("timm")]
