@@ -1,8 +1,9 @@
 """`tokencut`: normalised cut on the token-similarity graph, batched on the backbone's device.
 
 The generalised problem (D - W) v = λ D v is solved through the symmetric normalised Laplacian
-L_sym = I - D^-1/2 W D^-1/2 (eigenvector u, v = D^-1/2 u) so that one `torch.linalg.eigh` call
-handles the whole batch.
+L_sym = I - D^-1/2 W D^-1/2 (eigenvector u, v = D^-1/2 u). Two solvers (docs/METHOD.md#tokencut):
+`exact`, one batched float64 `torch.linalg.eigh` of the N x N Laplacians; `iterative`, float32 block
+subspace iteration made of batched matmuls, whose unconverged graphs fall back to `exact`.
 """
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,10 @@ from agmae.discovery.backbones import load_backbone
 from agmae.discovery.base import Discoverer, to_grid
 
 FG_RULES = ("seed", "border")
+SOLVERS = ("exact", "iterative")
+# Subspace iteration: block width, steps between convergence checks, most steps, and the residual
+# |A u - θ u| (u unit) under which a graph's Fiedler vector counts as converged.
+BLOCK, CHECK_EVERY, MAX_STEPS, RESIDUAL_TOL = 8, 10, 200, 1e-5
 GRAPHS = ("binary", "weighted")
 OUTPUTS = ("soft", "mask")
 VIT_DEFAULTS = {"tau": 0.2, "center": False, "fg_rule": "seed", "image_size": 224}
@@ -28,27 +33,83 @@ def border_cells(grid, device):
     return cells.flatten()
 
 
-def ncut(feats, tau=0.2, eps=1e-5, binary=True, fg_rule="seed", grid=None):
+def graph_weights(feats, tau=0.2, eps=1e-5, binary=True):
+    """feats: [B, N, C] raw tokens -> W: [B, N, N] float64, the cosine similarities of the L2-normalised
+    tokens thresholded at tau (1 above it, or the similarity when not binary; eps below it)."""
+    # float64 on every device: measured on an H200 (32 graphs of 196 tokens), float32 eigh lost parity
+    # with scipy (|cos| 0.993, one partition flipped) and was slower too (121 ms against 54 ms).
+    tokens = F.normalize(feats.to(torch.float64), dim=-1)
+    sim = tokens @ tokens.transpose(1, 2)
+    return torch.where(sim > tau, torch.ones_like(sim) if binary else sim, torch.full_like(sim, eps))
+
+
+def fiedler_exact(weights):
+    """weights: [B, N, N] float64 graph -> v = D^-1/2 u, u the unit eigenvector of L_sym's second-smallest
+    eigenvalue, from a dense batched eigendecomposition."""
+    inv_sqrt_degree = weights.sum(-1).rsqrt()
+    laplacian = torch.eye(weights.shape[-1], dtype=weights.dtype, device=weights.device) - (
+        inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :])
+    return inv_sqrt_degree * torch.linalg.eigh(laplacian)[1][..., 1]
+
+
+def fiedler_iterative(weights, block=BLOCK, max_steps=MAX_STEPS, tol=RESIDUAL_TOL):
+    """weights: [B, N, N] float32 graph -> (v [B, N] as fiedler_exact's, converged [B] bool).
+
+    L_sym's second-smallest eigenvector is the top eigenvector of A = D^-1/2 W D^-1/2 + I (shifted so its
+    spectrum lies in [0, 2]) once A's known top eigenvector D^1/2 1 is deflated: block subspace iteration
+    on A, QR re-orthonormalisation, and a batched Rayleigh-Ritz on the small block every CHECK_EVERY steps,
+    until every graph's residual is under tol or max_steps."""
+    degree = weights.sum(-1)
+    inv_sqrt_degree = degree.rsqrt()[..., None]
+    trivial = F.normalize(degree.sqrt(), dim=-1)[..., None]  # [B, N, 1]
+
+    def apply(x):
+        return inv_sqrt_degree * (weights @ (inv_sqrt_degree * x)) + x
+
+    def deflated(x):
+        return x - trivial @ (trivial.transpose(1, 2) @ x)
+
+    generator = torch.Generator(device=weights.device).manual_seed(0)
+    x = torch.randn(weights.shape[0], weights.shape[1], block, generator=generator, device=weights.device)
+    x = torch.linalg.qr(deflated(x))[0]
+    for step in range(1, max_steps + 1):
+        x = torch.linalg.qr(deflated(apply(x)))[0]
+        if step % CHECK_EVERY == 0 or step == max_steps:
+            applied = apply(x)
+            theta, ritz = torch.linalg.eigh(x.transpose(1, 2) @ applied)  # [B, block, block]: small
+            u = x @ ritz[..., -1:]
+            residual = (applied @ ritz[..., -1:] - theta[..., -1:, None] * u).norm(dim=1)[:, 0]
+            if bool((residual < tol).all()):
+                break
+    return (inv_sqrt_degree * u)[..., 0], residual < tol
+
+
+def fiedler(weights, solver="exact"):
+    """The Fiedler vectors [B, N] of float64 graphs `weights` by `solver` (see SOLVERS)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"tokencut solver={solver!r}: use one of {SOLVERS}")
+    if solver == "exact":
+        return fiedler_exact(weights)
+    eigvec, converged = fiedler_iterative(weights.float())
+    eigvec = eigvec.double()
+    if not bool(converged.all()):
+        eigvec[~converged] = fiedler_exact(weights[~converged])
+    return eigvec
+
+
+def ncut(feats, tau=0.2, eps=1e-5, binary=True, fg_rule="seed", grid=None, solver="exact"):
     """Fiedler vector of the token graph and its foreground side.
 
     feats: [B, N, C] raw tokens (L2-normalised here) -> eigvec: [B, N] sign-aligned so that the
     foreground is where it is large, foreground: [B, N] bool (eigvec > its mean, then aligned).
     fg_rule "seed": the side holding argmax |v| is the foreground (TokenCut); "border": the side
     touching fewer cells of the grid's outer ring (`grid` (h, w), default square); ties keep "seed".
+    solver: "exact" (float64 eigh) or "iterative" (float32 subspace iteration, exact where it does not
+    converge).
     """
     if fg_rule not in FG_RULES:
         raise ValueError(f"tokencut fg_rule={fg_rule!r}: use one of {FG_RULES}")
-    # float64 on every device: measured on an H200 (32 graphs of 196 tokens), float32 eigh lost parity
-    # with scipy (|cos| 0.993, one partition flipped) and was slower too (121 ms against 54 ms).
-    dtype = torch.float64
-    tokens = F.normalize(feats.to(dtype), dim=-1)
-    sim = tokens @ tokens.transpose(1, 2)
-    weights = torch.where(sim > tau, torch.ones_like(sim) if binary else sim, torch.full_like(sim, eps))
-    inv_sqrt_degree = weights.sum(-1).rsqrt()
-    laplacian = torch.eye(sim.shape[-1], dtype=dtype, device=sim.device) - (
-        inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :])
-    _, eigvecs = torch.linalg.eigh(laplacian)
-    eigvec = inv_sqrt_degree * eigvecs[..., 1]
+    eigvec = fiedler(graph_weights(feats, tau, eps, binary), solver)
     foreground = eigvec > eigvec.mean(-1, keepdim=True)
     seed = eigvec.abs().argmax(-1, keepdim=True)
     flip = ~foreground.gather(-1, seed)
@@ -84,12 +145,14 @@ class TokenCut(Discoverer):
     method = "tokencut"
 
     def __init__(self, backbone, tau=None, eps=1e-5, graph="binary", output="soft", fg_rule=None,
-                 layer=None, center=None):
+                 layer=None, center=None, solver="exact"):
         defaults = VIT_DEFAULTS if backbone.kind == "vit" else CNN_DEFAULTS
         if graph not in GRAPHS:
             raise ValueError(f"tokencut graph={graph!r}: use one of {GRAPHS}")
         if output not in OUTPUTS:
             raise ValueError(f"tokencut output={output!r}: use one of {OUTPUTS}")
+        if solver not in SOLVERS:
+            raise ValueError(f"tokencut solver={solver!r}: use one of {SOLVERS}")
         fg_rule = defaults["fg_rule"] if fg_rule is None else fg_rule
         if fg_rule not in FG_RULES:
             raise ValueError(f"tokencut fg_rule={fg_rule!r}: use one of {FG_RULES}")
@@ -107,6 +170,7 @@ class TokenCut(Discoverer):
             "output": output,
             "fg_rule": fg_rule,
             "center": defaults["center"] if center is None else bool(center),
+            "solver": solver,
         })
 
     def grid(self, size):
@@ -130,7 +194,8 @@ class TokenCut(Discoverer):
         grid = self.grid(imgs.shape[-1])
         opts = self.options
         eigvec, foreground = ncut(self.tokens(imgs), tau=opts["tau"], eps=opts["eps"],
-                                  binary=opts["graph"] == "binary", fg_rule=opts["fg_rule"], grid=grid)
+                                  binary=opts["graph"] == "binary", fg_rule=opts["fg_rule"], grid=grid,
+                                  solver=opts["solver"])
         if opts["output"] == "soft":
             return to_grid(eigvec, grid)
         seed = torch.where(foreground, eigvec.abs(), -1.0).argmax(-1)

@@ -57,6 +57,10 @@ METHOD_OPTIONS = {
                           help="tokencut (CNN) / gradcam: module name of the feature layer, e.g. blocks.5 "
                                "(default: tokencut on EfficientNets blocks.5, other CNNs their head features; "
                                "gradcam the head features for CNNs, blocks[-1].norm1 for ViTs)."),
+    "solver": click.option("--solver", type=click.Choice(["exact", "iterative"]),
+                           help="tokencut: Fiedler vectors by one batched float64 eigh (exact, default) or by "
+                                "float32 subspace iteration made of batched matmuls, exact where it does not "
+                                "converge (iterative; far cheaper at 784 tokens, see benchmarks)."),
     "target": click.option("--target", type=click.Choice(["predicted", "label"]),
                            help="gradcam: explain the top-1 predicted class (default) or the dataset label."),
     "masks": click.option("--masks", type=path_type(exists=True, file_okay=False),
