@@ -1,0 +1,70 @@
+"""TokenCut's cut against its backbone's forward, exact vs iterative Fiedler solver, measured in one run.
+
+For ViT-S/16 and ViT-S/8 at 224 px (196 and 784 tokens, random weights: speed does not depend on them)
+and EfficientNet-Lite0's blocks.5 at 448 px (196 cells, the CNN default), one batch: the backbone forward
+that makes the graph nodes, the exact solve (one batched float64 eigh) and the iterative one (float32
+subspace iteration, exact fallback included). Prints ms per batch and the ratios
+TokenCut / forward = (forward + graph + solve) / forward for both solvers, and iterative / exact.
+Targets (issue 15): TokenCut <= 1.15x forward at 196 tokens, <= 1.5x at 784.
+
+    python benchmarks/fiedler_bench.py [--batch 32] [--iters 3] [--device auto]
+"""
+import statistics
+import time
+import warnings
+
+import click
+import torch
+
+from agmae import discovery
+from agmae.discovery.backbones import RandomInitWarning
+from agmae.discovery.tokencut import fiedler, graph_weights
+
+CASES = {  # name -> (backbone, image size, build options)
+    "ViT-S/16 @224 (196 tokens)": ("vit_small_patch16_224", 224, dict(random_init=True)),
+    "ViT-S/8 @224 (784 tokens)": ("vit_small_patch8_224", 224, dict(random_init=True)),
+    "Lite0 blocks.5 @448 (196 cells)": ("tf_efficientnet_lite0", 448, {}),
+}
+
+
+def median_seconds(fn, device, iters):
+    fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@click.command()
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def main(batch, iters, device):
+    warnings.simplefilter("ignore", RandomInitWarning)
+    print(f"{'case':32s} {'forward':>9s} {'exact':>9s} {'iter.':>9s} {'TC/fwd exact':>13s} {'TC/fwd iter.':>13s} "
+          f"{'iter./exact':>11s}")
+    for name, (backbone, size, options) in CASES.items():
+        d = discovery.build("tokencut", backbone=backbone, device=device, **options)
+        dev = d.backbone.device
+        imgs = torch.randn(batch, 3, size, size, device=dev)
+        with torch.no_grad():
+            tokens = d.tokens(imgs)
+            forward = median_seconds(lambda: d.tokens(imgs), dev, iters)
+            tau = d.options["tau"]
+            dtypes = {"exact": torch.float64, "iterative": torch.float32}
+            solve = {solver: median_seconds(lambda s=solver: fiedler(graph_weights(tokens, tau, dtype=dtypes[s]), s),
+                                            dev, iters) for solver in dtypes}
+        ms = {key: 1000 * value for key, value in (("forward", forward), *solve.items())}
+        print(f"{name:32s} {ms['forward']:8.1f}ms {ms['exact']:8.1f}ms {ms['iterative']:8.1f}ms "
+              f"{(forward + solve['exact']) / forward:12.2f}x {(forward + solve['iterative']) / forward:12.2f}x "
+              f"{solve['iterative'] / solve['exact']:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
