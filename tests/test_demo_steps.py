@@ -75,6 +75,7 @@ def test_a_failed_step_skips_what_needs_it_and_runs_the_rest(tmp_path):
     lines = []
     assert execute([broken, after, other], echo=lines.append) == ["broken", "after"]
     assert out.read_text() == "o" and any("skipped" in line for line in lines)
+    assert not any("ETA" in line or "estimate" in line for line in lines)  # no estimates given: no ETA shown
 
 
 def test_result_neutral_options_do_not_change_the_recipe():

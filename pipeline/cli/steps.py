@@ -144,8 +144,9 @@ def execute(steps: list, runner=stream_runner, echo=click.echo, on_step_done=lam
     step they need failed. Prints one line per step with the elapsed time and an ETA that rescales each
     kind's estimates by the times measured so far."""
     pending = [step for step in steps if not step.done()]
-    echo(f"{len(steps)} steps, {len(pending)} to do, first estimate "
-         f"{duration(sum(step.estimate for step in pending))}")
+    estimated_total = sum(step.estimate for step in pending)
+    echo(f"{len(steps)} steps, {len(pending)} to do"
+         + (f", first estimate {duration(estimated_total)}" if estimated_total else ""))
     measured, estimated, failed, started = {}, {}, [], time.monotonic()
 
     def eta(remaining) -> float:
@@ -170,8 +171,8 @@ def execute(steps: list, runner=stream_runner, echo=click.echo, on_step_done=lam
             failed.append(step.id)
             outcome = f"FAILED (exit {status}; {step.log or 'console'}: {_last_line(step.log)})"
         remaining = [s for s in pending[position:] if not any(need.id in failed for need in s.needs)]
-        echo(f"{prefix}: {outcome} in {duration(seconds)} | elapsed {duration(time.monotonic() - started)} "
-             f"| ETA {duration(eta(remaining))}")
+        echo(f"{prefix}: {outcome} in {duration(seconds)} | elapsed {duration(time.monotonic() - started)}"
+             + (f" | ETA {duration(eta(remaining))}" if estimated_total else ""))
         if status == 0:
             on_step_done(step)
     return failed
