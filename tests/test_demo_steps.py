@@ -6,6 +6,8 @@ from pathlib import Path
 from agmae.cli.demo import run_directory
 from agmae.cli.steps import Step, execute, result_argv, run_step
 
+from helpers import load_benchmark
+
 
 def appender(out, text):
     """A stage stand-in: appends `text` to `out`, so the file shows how often it ran."""
@@ -88,3 +90,32 @@ def test_runs_trained_another_way_get_their_own_directory(tmp_path):
     assert run_directory(tmp_path, "vanilla", six) == run_directory(tmp_path, "vanilla", Step("x", six.argv, Path()))
     assert run_directory(tmp_path, "vanilla", six) != run_directory(tmp_path, "vanilla", twenty)
     assert run_directory(tmp_path, "vanilla", six).parent == tmp_path / "runs"
+
+
+def test_every_command_the_demo_and_the_study_plan_is_accepted_by_its_cli(tmp_path):
+    """Each step's argv parses with the CLI it calls (no option the CLI lacks), without running anything."""
+    import click
+
+    from agmae.cli.demo import plan
+    from agmae.cli.discover import main as discover
+    from agmae.cli.eval import main as evaluate
+    from agmae.cli.train import main as train
+
+    clis = {"agmae-discover": discover, "agmae-train": train, "agmae-eval": evaluate}
+    demo_root = tmp_path / "demo"
+    (demo_root / "train").mkdir(parents=True)
+    steps, _ = plan(tmp_path / "run", demo_root, epochs=2, seed=1)
+    assert {Path(step.argv[0]).name for step in steps} == set(clis)
+    study = load_benchmark("study_plan")
+    study_steps = study.build_plan(study.make_config(out=tmp_path / "study", docs=tmp_path / "docs",
+                                                     precision="fp32")).steps
+    steps += [step for step in study_steps if Path(step.argv[0]).name in clis]
+    for step in steps:
+        command = clis[Path(step.argv[0]).name]
+        args = [str(arg) for arg in step.argv[1:]]
+        if "--data" in args:  # the datasets a step reads exist by the time it runs
+            Path(args[args.index("--data") + 1]).mkdir(parents=True, exist_ok=True)
+        context = command.make_context(Path(step.argv[0]).name, list(args), resilient_parsing=False)
+        if isinstance(command, click.Group) and args and args[0] in command.commands:
+            sub = command.commands[args[0]]
+            sub.make_context(args[0], args[1:], parent=context)

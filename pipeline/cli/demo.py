@@ -74,7 +74,7 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int) -> tuple[list,
         trained = Step(f"train {name}", [*train, "--out", str(run_dir)], run_dir / "train.done.json", needs,
                        kind="train")
         evaluate = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
-                    "--mode", "cached", "--k", "20", *precision]
+                    "--k", "20", *precision]
         steps += [trained, Step(f"evaluate {name}", evaluate, run_dir / "eval.done.json", (trained,), kind="eval")]
     steps.append(Step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)],
                       run_root / "attention.done.json", tuple(discovered.values()), kind="eval"))
