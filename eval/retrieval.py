@@ -7,7 +7,6 @@ least one relevant item (the others are counted, not scored). Recall@k = share o
 with at least one relevant item among their k nearest (the usual retrieval "R@k").
 Queries are ranked in chunks sized so one chunk's full ranking fits `max_chunk_elements`.
 """
-import numpy as np
 import torch
 
 from agmae.eval.knn import BANK_BLOCK, labels_tensor, normalised_rows

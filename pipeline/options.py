@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from agmae.hardware import INFERENCE_PRECISIONS, PRECISIONS, default_workers
+from agmae.hardware import PRECISIONS, default_workers
 
 
 def option(default, help: str, type=None, flags: tuple = (), show_default: bool = True, **click_kwargs):

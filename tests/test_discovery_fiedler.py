@@ -10,7 +10,6 @@ from PIL import Image
 
 from agmae import discovery
 from agmae.data.transforms import eval_transform
-from agmae.discovery.backbones import RandomInitWarning
 from agmae.discovery.tokencut import fiedler, fiedler_iterative, graph_weights
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
