@@ -200,7 +200,7 @@ def _discover_step(config: Config, maps: str, dataset: Step, root: Path) -> tupl
     folder = config.out / "maps" / root.name
     store = folder / f"{maps}.h5"
     step = Step(id=f"discover {root.name}/{maps}", kind="discover",
-                argv=[console_script("agmae-discover"), *MAPS[maps], "--data", str(root / "train"), "--out", str(store)],
+                argv=[console_script("agmae-discover"), *MAPS[maps], "--data", str(root), "--out", str(store)],
                 log=folder / f"{maps}.log", marker=folder / f"{maps}.done.json", needs=(dataset,),
                 estimate=DISCOVER_SECONDS[maps] * config.n_train / 10000, stale_output=store)
     return step, store
@@ -231,7 +231,7 @@ def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, up
     label, step_dir = run_dir.relative_to(config.out), run_dir / "study"
     maps = ["--maps", str(store)] if store else []
     train = Step(id=f"train {label}", kind="train",
-                 argv=[console_script("agmae-train"), *maps, *options, "--data", str(root / "train"), "--out", str(run_dir),
+                 argv=[console_script("agmae-train"), *maps, *options, "--data", str(root), "--out", str(run_dir),
                        "--save-every", "1", "--keep-every", str(KEEP_EVERY)],
                  log=step_dir / "train.log", marker=step_dir / "agmae.train.done.json",
                  needs=tuple(upstream), run_dir=run_dir,

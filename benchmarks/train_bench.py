@@ -66,7 +66,7 @@ def bench_model(model: str, batch_size: int, steps: int, tmp: Path, device_name:
     n_images = batch_size * (steps + 2)
     maps_path = make_dataset(tmp / model, n_images, size_hw, image_format, grid)
     env, device = distributed.init(device_name)
-    common = dict(data=str(tmp / model / "images"), model=model, input_size=input_size, batch_size=batch_size,
+    common = dict(data=str(tmp / model), train_split="images", model=model, input_size=input_size, batch_size=batch_size,
                   workers=0, epochs=1, device=device.type)
     guided = Trainer(TrainConfig(out=str(tmp / model / "guided"), maps=str(maps_path), **common), env, device)
     vanilla = Trainer(TrainConfig(out=str(tmp / model / "vanilla"), **common), env, device)

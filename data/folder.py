@@ -166,6 +166,25 @@ def unreadable_images(index, workers: int | None = None, progress: bool = True) 
     return {i: reason for i, reason in enumerate(reasons) if reason}
 
 
+def split_folder(root, split: str, option: str = "--train-split") -> Path:
+    """ROOT/<split>: one split's image folder in a dataset laid out ROOT/<split>/<class>/<image>, the
+    layout every command's `--data` takes. A one-line error names the splits ROOT has (and `option`, the
+    flag that picks another), or says that ROOT looks like a split's own folder."""
+    root = Path(root)
+    folder = root / split
+    if folder.is_dir():
+        return folder
+    if not root.is_dir():
+        raise ValueError(f"dataset root {root} does not exist; pass --data ROOT with ROOT/<split>/<class>/<image>")
+    children = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    if any(_is_image(f.name) for child in children for f in os.scandir(child.path) if f.is_file()):
+        raise ValueError(f"{root} holds class folders of images, so it is one split's folder; --data takes the "
+                         f"dataset root: pass --data {root.parent} --train-split {root.name}")
+    found = ", ".join(sorted(e.name for e in children)) or "no folders"
+    raise ValueError(f"{root} has no split folder {split!r} (it has: {found}); pass {option} NAME, or lay "
+                     f"the dataset out as ROOT/<split>/<class>/<image>")
+
+
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 

@@ -14,7 +14,7 @@ import click
 
 from agmae import distributed
 from agmae.data.demo import load_mask
-from agmae.data.folder import scan
+from agmae.data.folder import scan, split_folder
 from agmae.eval import attention, knn, linear, retrieval, robustness
 from agmae.eval.features import POOLS, FeatureSource, image_size_of
 from agmae.eval.report import format_table, update_results
@@ -118,6 +118,9 @@ class Evaluation:
         self.train_split = train_split
         self.default_test_split = "original" if (self.root / "original").is_dir() else "val"
         self.test_split = test_split or self.default_test_split
+        for split in (train_split, test_split):  # checked before the checkpoint loads: the cheaper mistake first
+            if split is not None:
+                self.split_root(split)
         self.source = FeatureSource(self.checkpoint, pool=features.pool, batch_size=features.batch_size,
                                     workers=features.workers, device=self.device, use_cache=not features.no_cache,
                                     progress=self.env.is_main, precision=features.precision,
@@ -128,10 +131,7 @@ class Evaluation:
         return (self.root / name).is_dir()
 
     def split_root(self, name: str) -> Path:
-        if not self.has_split(name):
-            raise ValueError(f"split folder {self.root / name} does not exist; pass --data ROOT with ROOT/{name}, "
-                             "or choose another split (--train-split/--test-split/--splits)")
-        return self.root / name
+        return split_folder(self.root, name, option="--train-split/--test-split/--splits")
 
     def features(self, name: str):
         if name not in self._features:
@@ -279,7 +279,7 @@ def run_attention(root, split: str, stores, opts: AttentionOptions) -> Outcome:
     if not has_masks(root, split):
         raise ValueError(f"no ground-truth masks at {root / 'masks' / split}; attention quality needs "
                          f"ROOT/masks/{split}/<key>")
-    index = scan(root / split)
+    index = scan(split_folder(root, split))
 
     def mask_of(key):
         return load_mask(root, split, key)

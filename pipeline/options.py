@@ -2,7 +2,7 @@
 help and validation; the CLIs generate their click options from the fields (`click_options`) and a
 Python caller's values pass the same validation (`validate`).
 
-The options every command shares (`--data`, `--run-dir`, `--device`, `--workers`, `--precision`,
+The options every command shares (`--data` with `--train-split`, `--run-dir`, `--device`, `--workers`, `--precision`,
 `--seed`) are defined here once, so they mean the same in `agmae-discover`, `agmae-train` and `agmae-eval`.
 """
 import dataclasses
@@ -34,16 +34,19 @@ def click_option(name: str, definition: dataclasses.Field):
     return click.option(*declarations, **kwargs)
 
 
-def click_options(config_cls, exclude=()):
-    """A decorator adding one click option per `option` field of `config_cls`, in field order."""
-    decorators = [click_option(f.name, f) for f in dataclasses.fields(config_cls)
-                  if "help" in f.metadata and f.name not in exclude]
-
+def compose(*decorators):
+    """One decorator applying click decorators in the order listed (the first is the first in --help)."""
     def apply(command):
         for decorator in reversed(decorators):
             command = decorator(command)
         return command
     return apply
+
+
+def click_options(config_cls, exclude=()):
+    """A decorator adding one click option per `option` field of `config_cls`, in field order."""
+    return compose(*(click_option(f.name, f) for f in dataclasses.fields(config_cls)
+                     if "help" in f.metadata and f.name not in exclude))
 
 
 def validate(config) -> None:
@@ -91,8 +94,16 @@ class Device(click.ParamType):
         return text
 
 
-def data_option(help: str):
-    return option(None, help, type=click.Path(exists=True, file_okay=False, path_type=Path), show_default=False)
+def data_option():
+    return option(None, "Dataset root holding one folder per split, ROOT/<split>/<class>/<image> (the same "
+                        "in every command; ImageNet: the folder with train/ and val/). [default: the built-in "
+                        "demo dataset]", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                  show_default=False)
+
+
+def train_split_option():
+    return option("train", "Split folder of --data that is discovered, trained on, and used as the k-NN / "
+                           "retrieval bank and the linear probe's training set.", type=click.STRING)
 
 
 def run_dir_option(help: str, flags=("--run-dir",)):
@@ -116,3 +127,8 @@ def precision_option(help: str, choices=PRECISIONS, default="auto"):
 
 def seed_option(help: str):
     return option(0, help, type=click.IntRange(min=0))
+
+
+def dataset_options(command):
+    """`--data ROOT` and `--train-split`, for a command that reads one split of a dataset."""
+    return compose(click_option("data", data_option()), click_option("train_split", train_split_option()))(command)

@@ -27,6 +27,10 @@ CASES = [
     (train, ["--no-guidance", "--device", "foo"], "--device"),
     (train, ["--no-guidance", "--precision", "fp8"], "--precision"),
     (train, ["--no-guidance", "--data", "{data}", "--num-heads", "5", "--epochs", "1"], "heads do not divide"),
+    (train, ["--no-guidance", "--data", "{data}", "--train-split", "nosuch", "--epochs", "1"], "no split folder"),
+    (train, ["--no-guidance", "--data", "{data}/train", "--epochs", "1"], "--train-split train"),
+    (discover, ["--method", "oracle", "--data", "{data}", "--train-split", "nosuch"], "no split folder"),
+    (evaluate, ["knn", "--data", "{data}", "--test-split", "nosuch"], "no split folder"),
     (evaluate, ["knn", "--temperature", "0"], "--temperature"),
     (evaluate, ["knn", "--k", "0"], "--k"),
     (evaluate, ["knn", "--batch-size", "0"], "--batch-size"),
@@ -42,7 +46,7 @@ def test_a_bad_value_gets_one_line_and_a_non_zero_exit(command, args, named, dem
     monkeypatch.setenv("AGMAE_RUN_DIR", str(tmp_path / "run"))
     store = tmp_path / "maps.h5"
     store.write_bytes(b"")
-    args = [arg.format(store=store, data=demo_root / "train") for arg in args]
+    args = [arg.format(store=store, data=demo_root) for arg in args]
     result = CliRunner().invoke(command, args)
     assert result.exit_code in (1, 2), result.output
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)

@@ -18,6 +18,7 @@ from agmae.data.folder import scan
 from agmae import store
 from agmae.data.folder import load_rgb
 from agmae.cli import discover as discover_cli
+from agmae.cli.train import main as train_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::agmae.discovery.backbones.RandomInitWarning")
 REPO = Path(__file__).resolve().parents[1]
@@ -25,14 +26,14 @@ SMOKE = ["--method", "tokencut", "--backbone", "test_vit", "--random-init", "--i
 
 
 @pytest.fixture(scope="module")
-def small_folder(demo_root, tmp_path_factory):
+def small_dataset(demo_root, tmp_path_factory):
     """24 demo training images (every 10th: all ten classes) and their masks, laid out like the demo."""
     root = tmp_path_factory.mktemp("small")
     for key in scan(demo_root / "train").keys[::10]:
         for sub in ("train", "masks/train"):
             (root / sub / key).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(demo_root / sub / key, root / sub / key)
-    return root / "train"
+    return root
 
 
 def run(*args):
@@ -54,13 +55,13 @@ def assert_same_store(a, b):
         np.testing.assert_array_equal(arrays_a[name], arrays_b[name])
 
 
-def test_shards_run_concurrently_and_merge_into_the_single_run(small_folder, tmp_path):
+def test_shards_run_concurrently_and_merge_into_the_single_run(small_dataset, tmp_path):
     out = tmp_path / "maps.h5"
-    shards = [subprocess.Popen([sys.executable, "-m", "agmae.cli.discover", *SMOKE, "--data", str(small_folder),
+    shards = [subprocess.Popen([sys.executable, "-m", "agmae.cli.discover", *SMOKE, "--data", str(small_dataset),
                                 "--out", str(out), "--batch-size", "5", "--shard", f"{k}/2"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for k in range(2)]
-    single = run(*SMOKE, "--data", small_folder, "--out", tmp_path / "single.h5", "--batch-size", "7")
+    single = run(*SMOKE, "--data", small_dataset, "--out", tmp_path / "single.h5", "--batch-size", "7")
     assert single.exit_code == 0, single.output
     for shard in shards:
         output, _ = shard.communicate(timeout=300)
@@ -71,10 +72,10 @@ def test_shards_run_concurrently_and_merge_into_the_single_run(small_folder, tmp
     merged = run("merge", *shard_files, "--out", out)
     assert merged.exit_code == 0, merged.output
     assert_same_store(out, tmp_path / "single.h5")
-    assert store.validate(out, scan(small_folder).keys).status.min() == store.STATUS_DONE
+    assert store.validate(out, scan(small_dataset / "train").keys).status.min() == store.STATUS_DONE
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(small_folder, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_where_it_stopped(small_dataset, tmp_path, monkeypatch):
     out = tmp_path / "maps.h5"
     original = agmae.discovery.tokencut.TokenCut.compute
     calls = []
@@ -86,58 +87,58 @@ def test_an_interrupted_run_resumes_where_it_stopped(small_folder, tmp_path, mon
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(agmae.discovery.tokencut.TokenCut, "compute", dies_on_third_batch)
-    assert isinstance(run(*SMOKE, "--data", small_folder, "--out", out, "--batch-size", "5").exception, RuntimeError)
+    assert isinstance(run(*SMOKE, "--data", small_dataset, "--out", out, "--batch-size", "5").exception, RuntimeError)
     assert store.open_maps(out).status.tolist() == [1] * 10 + [0] * 14
     monkeypatch.setattr(agmae.discovery.tokencut.TokenCut, "compute", original)
-    resumed = run(*SMOKE, "--data", small_folder, "--out", out, "--batch-size", "5")
+    resumed = run(*SMOKE, "--data", small_dataset, "--out", out, "--batch-size", "5")
     assert resumed.exit_code == 0 and "resuming" in resumed.output and "image 10 of 24" in resumed.output
-    fresh = run(*SMOKE, "--data", small_folder, "--out", tmp_path / "fresh.h5", "--batch-size", "5")
+    fresh = run(*SMOKE, "--data", small_dataset, "--out", tmp_path / "fresh.h5", "--batch-size", "5")
     assert fresh.exit_code == 0
     assert_same_store(out, tmp_path / "fresh.h5")
 
 
-def test_a_complete_store_is_kept_unless_overwrite(small_folder, tmp_path):
+def test_a_complete_store_is_kept_unless_overwrite(small_dataset, tmp_path):
     out = tmp_path / "maps.h5"
-    assert run(*SMOKE, "--data", small_folder, "--out", out).exit_code == 0
+    assert run(*SMOKE, "--data", small_dataset, "--out", out).exit_code == 0
     before = contents(out)
-    again = run(*SMOKE, "--data", small_folder, "--out", out)
+    again = run(*SMOKE, "--data", small_dataset, "--out", out)
     assert again.exit_code == 0 and "already complete" in again.output and "24 done" in again.output
     np.testing.assert_array_equal(contents(out)[0]["maps"], before[0]["maps"])
-    different = run(*SMOKE, "--data", small_folder, "--out", out, "--tau", "0.5")
+    different = run(*SMOKE, "--data", small_dataset, "--out", out, "--tau", "0.5")
     assert different.exit_code != 0 and "tau" in different.output and "--overwrite" in different.output
-    redone = run(*SMOKE, "--data", small_folder, "--out", out, "--tau", "0.5", "--overwrite")
+    redone = run(*SMOKE, "--data", small_dataset, "--out", out, "--tau", "0.5", "--overwrite")
     assert redone.exit_code == 0 and store.open_maps(out).attrs["method_options"]["tau"] == 0.5
 
 
-def test_unreadable_files_fail_alone_and_the_failure_budget_decides_the_exit(small_folder, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(small_folder, data)
+def test_unreadable_files_fail_alone_and_the_failure_budget_decides_the_exit(small_dataset, tmp_path):
+    data = tmp_path / "data" / "train"
+    shutil.copytree(small_dataset / "train", data)
     first = sorted(data.glob("*/*.png"))[0]
     (data / "bad").mkdir()
     (data / "bad" / "empty.png").write_bytes(b"")
     (data / "bad" / "text.png").write_text("not an image")
     (data / "bad" / "truncated.png").write_bytes(first.read_bytes()[:200])
-    lenient = run(*SMOKE, "--data", data, "--out", tmp_path / "a.h5", "--max-failures", "0.2")
+    lenient = run(*SMOKE, "--data", data.parent, "--out", tmp_path / "a.h5", "--max-failures", "0.2")
     assert lenient.exit_code == 0, lenient.output
     assert "24 done, 3 failed" in lenient.output
     maps = store.open_maps(tmp_path / "a.h5")
     failed = {key: err for key, err, s in zip(maps.keys, maps.errors, maps.status) if s == store.STATUS_FAILED}
     assert sorted(failed) == ["bad/empty.png", "bad/text.png", "bad/truncated.png"]
     assert all(key in err for key, err in failed.items())
-    strict = run(*SMOKE, "--data", data, "--out", tmp_path / "b.h5")
+    strict = run(*SMOKE, "--data", data.parent, "--out", tmp_path / "b.h5")
     assert strict.exit_code == 1 and "3 of 27 images failed" in strict.output
 
 
-def test_defaults_find_masks_and_run_dir_and_non_finite_maps_fail(small_folder, tmp_path, monkeypatch):
-    data = tmp_path / "demo" / "train"
-    shutil.copytree(small_folder.parent, data.parent)
-    missing = sorted((data.parent / "masks" / "train").glob("*/*.png"))[0]
+def test_defaults_find_masks_and_run_dir_and_non_finite_maps_fail(small_dataset, tmp_path, monkeypatch):
+    data = tmp_path / "demo"
+    shutil.copytree(small_dataset, data)
+    missing = sorted((data / "masks" / "train").glob("*/*.png"))[0]
     missing.unlink()
     monkeypatch.setenv("AGMAE_RUN_DIR", str(tmp_path / "run"))
     result = run("--method", "oracle", "--data", data, "--workers", "0", "--max-failures", "0.1")
     assert result.exit_code == 0, result.output
     maps = store.open_maps(tmp_path / "run" / "maps-oracle.h5")
-    assert maps.attrs["method_options"]["masks"] == str(data.parent / "masks" / "train")
+    assert maps.attrs["method_options"]["masks"] == str(data / "masks" / "train")
     failed = np.flatnonzero(maps.status == store.STATUS_FAILED)
     assert [maps.keys[i] for i in failed] == [missing.relative_to(missing.parents[1]).as_posix()]
     assert maps.errors[failed[0]] == "non-finite map"
@@ -156,10 +157,10 @@ def test_backbone_without_weights_fails_in_one_line_before_touching_data(tmp_pat
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_inspect_summarises_and_draws_overlays(small_folder, tmp_path):
+def test_inspect_summarises_and_draws_overlays(small_dataset, tmp_path):
     out = tmp_path / "maps.h5"
-    assert run(*SMOKE, "--data", small_folder, "--out", out).exit_code == 0
-    result = run("inspect", out, "--png", tmp_path / "grid.png", "--count", "10", "--data", small_folder)
+    assert run(*SMOKE, "--data", small_dataset, "--out", out).exit_code == 0
+    result = run("inspect", out, "--png", tmp_path / "grid.png", "--count", "10", "--data", small_dataset)
     assert result.exit_code == 0, result.output
     assert "24 done, 0 failed, 0 pending" in result.output and '"fg_rule": "seed"' in result.output
     histogram = [line for line in result.output.splitlines() if line.startswith("  0.") or line.startswith("  1.")]
@@ -168,10 +169,10 @@ def test_inspect_summarises_and_draws_overlays(small_folder, tmp_path):
         assert png.width > png.height > 0
 
 
-def test_inspect_finds_the_store_s_own_images_and_refuses_others(small_folder, tmp_path, monkeypatch):
+def test_inspect_finds_the_store_s_own_images_and_refuses_others(small_dataset, tmp_path, monkeypatch):
     out = tmp_path / "maps.h5"
-    assert run(*SMOKE, "--data", small_folder, "--out", out).exit_code == 0
-    assert store.open_maps(out).attrs["image_root"] == str(Path(small_folder).resolve())
+    assert run(*SMOKE, "--data", small_dataset, "--out", out).exit_code == 0
+    assert store.open_maps(out).attrs["image_root"] == str((small_dataset / "train").resolve())
     drawn = []
     monkeypatch.setattr(discover_cli, "overlay_png", lambda maps, images, path: drawn.append(images))
     result = run("inspect", out, "--png", tmp_path / "grid.png", "--count", "4")  # no --data: the recorded root
@@ -180,12 +181,24 @@ def test_inspect_finds_the_store_s_own_images_and_refuses_others(small_folder, t
     shown = [keys[i] for i in (0, 8, 15, 23)]  # spread over the store, so over its classes
     assert len({key.split("/")[0] for key in shown}) > 1
     assert [np.asarray(image).tolist() for image in drawn[0]] == [
-        np.asarray(load_rgb(Path(small_folder) / key)).tolist() for key in shown]
+        np.asarray(load_rgb(small_dataset / "train" / key)).tolist() for key in shown]
     other = tmp_path / "other"
-    shutil.copytree(small_folder, other)
-    next(other.glob("*/*.png")).unlink()
+    shutil.copytree(small_dataset, other)
+    next(other.glob("train/*/*.png")).unlink()
     refused = run("inspect", out, "--png", tmp_path / "grid.png", "--data", other)
     assert refused.exit_code == 1 and "holds other images than" in refused.output
+
+
+def test_every_stage_takes_the_dataset_root_and_names_the_fix_for_a_split_folder(small_dataset, tmp_path):
+    split = run(*SMOKE, "--data", small_dataset / "train", "--out", tmp_path / "maps.h5")
+    assert split.exit_code == 1 and len(split.output.strip().splitlines()) == 1
+    assert f"pass --data {small_dataset} --train-split train" in split.output
+    unknown = run(*SMOKE, "--data", small_dataset, "--train-split", "val", "--out", tmp_path / "maps.h5")
+    assert unknown.exit_code == 1 and "no split folder 'val' (it has: masks, train)" in unknown.output
+    assert not (tmp_path / "maps.h5").exists()
+    train_result = CliRunner().invoke(train_cli, ["--no-guidance", "--data", str(small_dataset / "train"),
+                                                  "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert train_result.exit_code == 1 and f"pass --data {small_dataset} --train-split train" in train_result.output
 
 
 def test_shard_comes_from_the_flag_or_slurm(monkeypatch):
@@ -218,27 +231,27 @@ def test_sbatch_submits_one_array_and_a_dependent_merge(tmp_path):
             "'/run/maps-dino.shard-2-of-3.h5' --out '/run/maps-dino.h5'") in merge
 
 
-def test_a_store_another_job_is_writing_is_not_taken_over(small_folder, tmp_path):
+def test_a_store_another_job_is_writing_is_not_taken_over(small_dataset, tmp_path):
     out = tmp_path / "maps.h5"
-    assert run(*SMOKE, "--data", small_folder, "--out", out).exit_code == 0
+    assert run(*SMOKE, "--data", small_dataset, "--out", out).exit_code == 0
     holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+'); "
                                "print('locked', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        second = run(*SMOKE, "--data", small_folder, "--out", out)
+        second = run(*SMOKE, "--data", small_dataset, "--out", out)
     finally:
         holder.kill()
     assert second.exit_code == 1 and "another job is writing this store" in second.output
     assert "--overwrite would leave" in second.output and second.output.count("Error") == 1
 
 
-def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing_that_looks_complete(small_folder, tmp_path,
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing_that_looks_complete(small_dataset, tmp_path,
                                                                                        monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "maps.h5"))
 
     monkeypatch.setattr(store.StoreWriter, "write", full)
-    result = run(*SMOKE, "--data", small_folder, "--out", tmp_path / "maps.h5")
+    result = run(*SMOKE, "--data", small_dataset, "--out", tmp_path / "maps.h5")
     assert result.exit_code == 1 and "No space left on device; free space there" in result.output
     assert "Traceback" not in result.output
     assert store.open_maps(tmp_path / "maps.h5").counts()["done"] == 0  # resumable, not complete

@@ -109,7 +109,7 @@ def test_missing_checkpoint_fails_with_one_line_and_writes_nothing(tmp_path, dem
 def test_split_missing_from_dataset_is_rejected(run_dir, demo_root):
     result = CliRunner().invoke(main, ["retrieval", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
                                        "--data", str(demo_root), "--test-split", "val", "--workers", "0"])
-    assert result.exit_code != 0 and "val does not exist" in result.output
+    assert result.exit_code != 0 and "no split folder 'val'" in result.output
     assert not (run_dir / "results.json").exists()
 
 

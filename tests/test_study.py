@@ -217,7 +217,7 @@ def test_real_tiny_train_and_eval(study, tmp_path, demo_root):
     config = study.make_config(quick=True, rows="vanilla", out=tmp_path / "study", docs=tmp_path / "docs")
     plan = study.build_plan(config)
     run = plan.runs["vanilla", 0]
-    assert Path(_option(run.train.argv, "--data")).parent == demo_root
+    assert Path(_option(run.train.argv, "--data")) == demo_root
     fake = FakeRunner(plan)
 
     def runner(step):

@@ -39,11 +39,12 @@ FAILED_INDEX = 3
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
+    """The train split's folder of a two-class dataset (ROOT/train/<class>/<image>); --data is its parent."""
+    root = tmp_path_factory.mktemp("dataset") / "train"
     rng = np.random.default_rng(0)
     for i in range(N_IMAGES):
         folder = root / ("cat" if i % 2 else "dog")
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
     return root
 
@@ -67,7 +68,7 @@ def maps_file(image_root, tmp_path_factory):
 def _config_for(image_root, out, maps=None, **overrides):
     settings = {**TINY_MODEL, "model": "mae_vit_demo_patch8", "epochs": 3, "warmup_epochs": 1, "batch_size": 4, "blr": 1e-3, "save_every": 1,
                 "workers": 0, "device": "cpu", **overrides}
-    return TrainConfig(data=str(image_root), out=str(out), maps=None if maps is None else str(maps), **settings)
+    return TrainConfig(data=str(image_root.parent), out=str(out), maps=None if maps is None else str(maps), **settings)
 
 
 def _weights(run_dir):
@@ -274,7 +275,7 @@ def test_resume_with_another_architecture_is_refused(image_root, tmp_path):
 
 def test_cli_trains_with_gradient_accumulation_and_exports(image_root, maps_file, tmp_path):
     run = tmp_path / "run"
-    args = ["--data", str(image_root), "--maps", str(maps_file), "--out", str(run), "--epochs", "1",
+    args = ["--data", str(image_root.parent), "--maps", str(maps_file), "--out", str(run), "--epochs", "1",
             "--batch-size", "2", "--accum-iter", "2", "--workers", "0", "--device", "cpu", "--clip-grad", "1.0",
             "--weight-norm", "sample", "--tau-schedule", "constant", "--tau-start", "0.5"]
     for name, value in TINY_MODEL.items():
@@ -296,7 +297,7 @@ def test_cli_defaults_to_the_demo_recipe_and_names_missing_maps(demo_root, monke
     vanilla = config_from_options(True, **_unset_options()).resolved()
     assert (vanilla.model, vanilla.epochs, vanilla.batch_size, vanilla.blr, vanilla.precision) == (
         "mae_vit_demo_patch8", 30, 256, 1e-3, "native")
-    assert vanilla.data == str(demo_root / "train") and vanilla.maps is None
+    assert vanilla.image_folder() == demo_root / "train" and vanilla.maps is None
     assert vanilla.out == str(tmp_path / "empty-run")
     with pytest.raises(FileNotFoundError, match="agmae-discover"):
         config_from_options(False, **_unset_options())
@@ -305,7 +306,7 @@ def test_cli_defaults_to_the_demo_recipe_and_names_missing_maps(demo_root, monke
 
 
 def test_user_data_takes_the_paper_recipe_and_explicit_values_win(image_root):
-    paper = TrainConfig(data=str(image_root), epochs=3).resolved()
+    paper = TrainConfig(data=str(image_root.parent), epochs=3).resolved()
     assert (paper.model, paper.epochs, paper.blr, paper.batch_size, paper.precision) == (
         RECIPES["paper"]["model"], 3, 1.5e-4, 64, "auto")
 
@@ -425,7 +426,7 @@ def test_kept_checkpoints_fall_back_to_a_copy_where_hard_links_fail(image_root, 
 
 def test_unreadable_images_are_skipped_named_and_counted_up_to_max_failures(image_root, tmp_path, monkeypatch):
     monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "home"))
-    data = tmp_path / "data"
+    data = tmp_path / "data" / "train"
     shutil.copytree(image_root, data)
     bad = add_unreadable_images(data, next(data.glob("cat/*.png")))
     index = scan(data)
@@ -443,7 +444,7 @@ def test_unreadable_images_are_skipped_named_and_counted_up_to_max_failures(imag
 
 def test_an_image_that_breaks_after_the_check_is_skipped_not_fatal(image_root, tmp_path, monkeypatch):
     monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "home"))
-    data = tmp_path / "data"
+    data = tmp_path / "data" / "train"
     shutil.copytree(image_root, data)
     trainer = Trainer(_config_for(data, tmp_path / "run", epochs=1, workers=0), *engine.distributed.init("cpu"))
     broken = data / scan(data).keys[0]
@@ -479,7 +480,7 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_checkpoint_that_look
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(engine, "atomic_save", full)
-    args = ["--no-guidance", "--data", str(image_root), "--out", str(run), "--epochs", "2", "--warmup-epochs", "1",
+    args = ["--no-guidance", "--data", str(image_root.parent), "--out", str(run), "--epochs", "2", "--warmup-epochs", "1",
             "--batch-size", "4", "--blr", "1e-3", "--workers", "0", "--model", "mae_vit_demo_patch8",
             *(arg for name, value in TINY_MODEL.items() for arg in (f"--{name.replace('_', '-')}", str(value)))]
     result = CliRunner().invoke(train_cli, args)

@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 
 from agmae.data import demo
+from agmae.data.folder import split_folder
 from agmae.options import (data_option, device_option, option, precision_option, run_dir_option, seed_option,
-                           validate, workers_option)
+                           train_split_option, validate, workers_option)
 from agmae.paths import default_run_dir
 
 RECIPES = {
@@ -32,8 +33,8 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 
 @dataclass
 class TrainConfig:
-    data: str | None = data_option("Image folder ROOT/<class>/<image> the maps were computed on. "
-                                   "[default: the built-in demo dataset's train split]")
+    data: str | None = data_option()
+    train_split: str = train_split_option()
     out: str | None = run_dir_option("Run directory for checkpoints, metrics.jsonl, config.json. "
                                      "[default: AGMAE_RUN_DIR, else AGMAE_HOME/runs/default]",
                                      flags=("--out", "--run-dir"))
@@ -102,6 +103,10 @@ class TrainConfig:
     def __post_init__(self):
         validate(self)
 
+    def image_folder(self) -> Path:
+        """The training images: the --train-split folder of --data."""
+        return split_folder(self.data, self.train_split)
+
     def model_overrides(self) -> dict:
         names = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
                  "decoder_num_heads")
@@ -110,7 +115,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """This config with the defaults that depend on the data filled in: the demo dataset when no
         data is given, the default run directory, and the recipe's values for the fields left None."""
-        data = self.data or str(demo.ensure_demo() / "train")
-        recipe = RECIPES["demo" if demo.is_demo_root(Path(data).parent) else "paper"]
+        data = self.data or str(demo.ensure_demo())
+        recipe = RECIPES["demo" if demo.is_demo_root(data) else "paper"]
         unset = {name: value for name, value in recipe.items() if getattr(self, name) is None}
         return replace(self, data=data, out=self.out or str(default_run_dir()), **unset)

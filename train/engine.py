@@ -41,7 +41,7 @@ FOREGROUND_THRESHOLD = 0.5
 # Settings that change how a run executes, not what it computes (the global batch is compared as
 # effective_batch, so the ranks may change between kills; the data and maps by their fingerprints).
 # Resuming with any other setting changed is refused, so a run's record always says what trained it.
-EXECUTION_SETTINGS = frozenset({"data", "out", "maps", "resume", "workers", "save_every", "keep_every",
+EXECUTION_SETTINGS = frozenset({"data", "train_split", "out", "maps", "resume", "workers", "save_every", "keep_every",
                                 "verify_images", "max_failures", "device", "batch_size", "accum_iter",
                                 "world_size", "version"})
 
@@ -118,7 +118,8 @@ class Trainer:
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = Path(cfg.out)
         seed_everything(cfg.seed)
-        self.index = scan(cfg.data)
+        self.images = cfg.image_folder()
+        self.index = scan(self.images)
         self.unreadable = self._unreadable_images()
         self.guided = cfg.maps is not None
         self.store_identity = None
@@ -142,7 +143,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader) // cfg.accum_iter
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{cfg.data}: {len(self.sampler)} images per process make no full step of "
+                f"{self.images}: {len(self.sampler)} images per process make no full step of "
                 f"--batch-size {cfg.batch_size} x --accum-iter {cfg.accum_iter}; lower them"
             )
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -184,7 +185,7 @@ class Trainer:
             distributed.barrier()
         if len(unreadable) > self.cfg.max_failures * len(self.index):
             first = ", ".join(self.index.keys[i] for i in list(unreadable)[:3])
-            raise ValueError(f"{self.cfg.data}: {len(unreadable)} of {len(self.index)} images cannot be read "
+            raise ValueError(f"{self.images}: {len(unreadable)} of {len(self.index)} images cannot be read "
                              f"(e.g. {first}: {next(iter(unreadable.values()))}), more than --max-failures "
                              f"{self.cfg.max_failures:g}; fix or remove them, or raise --max-failures")
         return unreadable

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from agmae import discovery
 from agmae.data.demo import ensure_demo
-from agmae.data.folder import load_rgb, scan
+from agmae.data.folder import load_rgb, scan, split_folder
 from agmae.data.transforms import discovery_transform
 from agmae import store
 from agmae import options
@@ -28,8 +28,6 @@ def path_type(**kwargs):
     return click.Path(path_type=Path, **kwargs)
 
 
-data_option = click_option("data", options.data_option(
-    "Image folder ROOT/<class>/<image> (default: the built-in demo dataset's train split)."))
 
 # Method options: default None means "the method's own default"; each applies to the methods whose
 # `discovery.build` accepts it (discovery.method_options).
@@ -119,10 +117,6 @@ class ImageLoading(torch.utils.data.Dataset):
             return torch.zeros(3, self.size, self.size), f"{type(err).__name__}: {err}".replace("\n", " ")
 
 
-def default_data() -> Path:
-    return ensure_demo() / "train"
-
-
 def chosen_options(method, given):
     """The method options given on the command line, rejecting those that belong to other methods."""
     accepted = discovery.method_options(method)
@@ -178,7 +172,7 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
                    "EfficientNet-Lite0 only).")
 @click.option("--random-init", is_flag=True, help="Random backbone weights from --seed, for smoke tests only.")
 @click_option("seed", options.seed_option("Seed of --random-init."))
-@data_option
+@options.dataset_options
 @click.option("--out", type=path_type(dir_okay=False),
               help="Store to write (default: RUN_DIR/maps-<method>.h5). A shard writes OUT with "
                    ".shard-K-of-N before the suffix.")
@@ -198,7 +192,7 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
               help="Exit non-zero when more than this fraction of the images failed (unreadable, non-finite map).")
 @method_options
 @click.pass_context
-def main(ctx, method, backbone, weights, random_init, seed, data, out, image_size, batch_size, workers, device,
+def main(ctx, method, backbone, weights, random_init, seed, data, train_split, out, image_size, batch_size, workers, device,
          precision, shard, overwrite, max_failures, **given):
     """Compute attention maps for every image of a folder into an attention store (HDF5).
 
@@ -215,16 +209,13 @@ def main(ctx, method, backbone, weights, random_init, seed, data, out, image_siz
     if shard:
         out = shard_path(out, *shard)
     try:
+        images = split_folder(data, train_split) if data else None
         if method == "oracle" and "masks" not in options:
-            data = data or default_data()
-            options["masks"] = data.parent / "masks" / data.name
+            options["masks"] = (data or ensure_demo()) / "masks" / train_split
         # The backbone comes first so that missing weights fail before the demo dataset is built.
         d = discovery.build(method, backbone=backbone, weights=weights, device=device,
                             random_init=random_init, seed=seed, precision=precision, **options)
-        data = data or default_data()
-        index = scan(data)
-        if not len(index):
-            raise ValueError(f"no images under {data}; pass --data ROOT with ROOT/<class>/<image> files")
+        index = scan(images or split_folder(ensure_demo(), train_split))
         counts = compute_store(d, index, out, image_size or d.default_image_size, batch_size, workers, shard,
                                overwrite)
     except ValueError as err:
@@ -286,18 +277,18 @@ def overlay_png_pil(maps, images, path, columns, tile=128):
     sheet.save(path)
 
 
-def images_of(file, maps, data) -> Path:
-    """The image folder the store's maps were computed on: --data, else the root the store recorded;
-    refused when its images are not the store's (drawing maps over other images says nothing)."""
-    root = data or maps.attrs.get("image_root")
+def images_of(file, maps, data, split) -> Path:
+    """The image folder the store's maps were computed on: --data's split, else the folder the store
+    recorded; refused when its images are not the store's (drawing maps over other images says nothing)."""
+    root = split_folder(data, split) if data else maps.attrs.get("image_root")
     if root is None:
-        raise click.ClickException(f"{file} does not record its image folder; pass --data ROOT, the folder it "
-                                   "was computed on")
+        raise click.ClickException(f"{file} does not record its image folder; pass --data ROOT and "
+                                   "--train-split, the split it was computed on")
     index = scan(root)
     lo, hi = maps.attrs["index_range"] or (0, len(index))
     if index.keys[lo:hi] != maps.keys:
         raise click.ClickException(f"{root} holds other images than {file} was computed on (keys differ); "
-                                   "pass --data with the folder given to agmae-discover")
+                                   "pass the --data and --train-split given to agmae-discover")
     return Path(root)
 
 
@@ -306,8 +297,8 @@ def images_of(file, maps, data) -> Path:
 @click.option("--png", type=path_type(dir_okay=False), help="Also write a grid of maps overlaid on their images, "
                                                             "spread evenly over the store (so over its classes).")
 @click.option("--count", type=click.IntRange(min=1), default=16, show_default=True, help="Maps in the --png grid.")
-@data_option
-def inspect(file, png, count, data):
+@options.dataset_options
+def inspect(file, png, count, data, train_split):
     """Summarise an attention store: counts by status, histogram of map values, method options."""
     try:
         maps = store.open_maps(file)
@@ -332,7 +323,10 @@ def inspect(file, png, count, data):
     for i in failed[:5]:
         click.echo(f"failed: {maps.keys[i]}: {maps.errors[i]}")
     if png:
-        root = images_of(file, maps, data)
+        try:
+            root = images_of(file, maps, data, train_split)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
         shown = done[np.unique(np.linspace(0, len(done) - 1, min(count, len(done))).round().astype(int))]
         images = []
         for i in shown:

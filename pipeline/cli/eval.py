@@ -18,17 +18,9 @@ from agmae.cli.errors import environment_error
 from agmae.data import demo
 from agmae.eval import protocols
 from agmae.eval.protocols import AttentionOptions, FeatureOptions, KnnOptions, ProbeOptions
-from agmae.options import click_option, click_options, data_option, run_dir_option
+from agmae import options
+from agmae.options import click_option, click_options, compose, run_dir_option
 from agmae.paths import default_run_dir, last_checkpoint
-
-
-def _compose(*decorators):
-    """Apply click decorators in the order listed, so one definition serves every subcommand."""
-    def apply(command):
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-    return apply
 
 
 checkpoint_option = click.option(
@@ -38,11 +30,8 @@ run_dir_opt = click_option("run_dir", run_dir_option(
     "Where results.json is written (and the default checkpoint and map stores are found). Default: the "
     "checkpoint's folder if --checkpoint is given, else the default run directory (AGMAE_RUN_DIR or "
     "AGMAE_HOME/runs/default)."))
-dataset_options = _compose(
-    click_option("data", data_option("Dataset root holding one image folder per split "
-                                     "(ROOT/<split>/<class>/<image>). Default: the built-in demo dataset.")),
-    click.option("--train-split", default="train", show_default=True,
-                 help="Split used as the k-NN / retrieval bank and the linear probe's training set."),
+dataset_options = compose(
+    options.dataset_options,
     click.option("--demo-correlation", type=click.FloatRange(0, 1), default=0.0, show_default=True,
                  help="Background-class correlation of the demo dataset to use when --data is not given "
                       "(> 0 adds the mixed-same split and the BG-gap)."),
@@ -54,8 +43,8 @@ splits_option = click.option(
     "--splits", multiple=True,
     help="Test splits for robustness (repeat the option); they must share the train split's class names. "
          "Default: those of original, mixed-rand, only-fg, mixed-same that exist under the dataset root.")
-encoder_options = _compose(checkpoint_option, run_dir_opt, dataset_options, click_options(FeatureOptions))
-common_options = _compose(encoder_options, test_split_option)
+encoder_options = compose(checkpoint_option, run_dir_opt, dataset_options, click_options(FeatureOptions))
+common_options = compose(encoder_options, test_split_option)
 
 
 def _take(opts: dict, cls):
