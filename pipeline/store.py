@@ -71,6 +71,10 @@ def _read_attrs(f: h5py.File) -> dict:
     return attrs
 
 
+class NotWritableError(ValueError):
+    """The store's file system refuses writes (read-only, no permission)."""
+
+
 def _open_h5(path: Path, mode: str = "r") -> h5py.File:
     """Open with HDF5's file lock off for readers, so `inspect` can look at a store a job is writing.
     Without SWMR such a read can still meet a half-updated /errors heap and fail; retry it."""
@@ -82,9 +86,9 @@ def _open_h5(path: Path, mode: str = "r") -> h5py.File:
                              f"to finish or write to another --out (--overwrite would leave that job writing to an "
                              f"unlinked file)") from err
         if mode != "r" and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise ValueError(f"{path}: cannot be opened for writing ({err.strerror}); a complete store is read "
-                             f"where it lies (agmae-train --maps, agmae-discover inspect), an unfinished one "
-                             f"needs a writable --out") from err
+            raise NotWritableError(f"{path}: cannot be opened for writing ({err.strerror}); a complete store is "
+                                   f"read where it lies (agmae-train --maps, agmae-discover inspect), an "
+                                   f"unfinished one needs a writable --out") from err
         raise ValueError(f"{path}: cannot be opened as HDF5 ({err}); it is truncated or not a store: "
                          f"pass --overwrite to recompute it, or another --out") from err
 
@@ -167,7 +171,14 @@ class StoreWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = _open_h5(path, "r+")
+        try:
+            self._file = _open_h5(path, "r+")
+        except NotWritableError:
+            # A complete store needs no writing: on a read-only file system it is still reported complete.
+            self._file = _open_h5(path)
+            if (self._file["status"][:] == STATUS_PENDING).any():
+                self._file.close()
+                raise
         self._fd = self._file.id.get_vfd_handle()
         self.status = self._file["status"][:]
         self._next = self.first_pending()

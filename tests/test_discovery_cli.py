@@ -255,3 +255,30 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing_that_looks_com
     assert result.exit_code == 1 and "No space left on device; free space there" in result.output
     assert "Traceback" not in result.output
     assert store.open_maps(tmp_path / "maps.h5").counts()["done"] == 0  # resumable, not complete
+
+
+def test_a_read_only_file_system_reports_a_complete_store_and_refuses_the_rest_in_one_line(small_dataset,
+                                                                                           tmp_path, monkeypatch):
+    complete, unfinished = tmp_path / "complete.h5", tmp_path / "unfinished.h5"
+    assert run(*SMOKE, "--data", small_dataset, "--out", complete).exit_code == 0
+    shutil.copy(complete, unfinished)
+    with h5py.File(unfinished, "r+") as f:
+        f["status"][-3:] = store.STATUS_PENDING
+    opened = h5py.File
+
+    def read_only(path, mode="r", **kwargs):
+        if mode != "r":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return opened(path, mode, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", read_only)
+    again = run(*SMOKE, "--data", small_dataset, "--out", complete)
+    assert again.exit_code == 0 and "is already complete; nothing recomputed" in again.output
+    refused = run(*SMOKE, "--data", small_dataset, "--out", unfinished)
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1
+    assert "cannot be opened for writing (Read-only file system)" in refused.output
+    assert "an unfinished one needs a writable --out" in refused.output
+    fresh = run(*SMOKE, "--data", small_dataset, "--out", tmp_path / "new" / "maps.h5")
+    assert fresh.exit_code == 1 and fresh.output.count("\n") == 1
+    assert "Read-only file system; the file system is read-only; write to another --out" in fresh.output
+    assert not (tmp_path / "new" / "maps.h5").exists()

@@ -472,17 +472,21 @@ def test_a_rerun_with_other_settings_is_refused_and_the_record_stays_true(image_
     assert json.loads((run / "config.json").read_text())["tau_start"] == 1.0
 
 
-def test_a_full_disk_while_saving_is_one_line_and_leaves_no_checkpoint_that_looks_complete(image_root, tmp_path,
-                                                                                           monkeypatch):
+@pytest.mark.parametrize("fault, message", [
+    (errno.ENOSPC, "No space left on device; free space"),
+    (errno.EROFS, "Read-only file system; the file system is read-only; write to another --out"),
+])
+def test_a_full_or_read_only_disk_while_saving_is_one_line_and_leaves_no_checkpoint_that_looks_complete(
+        fault, message, image_root, tmp_path, monkeypatch):
     run = tmp_path / "run"
 
-    def full(obj, path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def failing(obj, path):
+        raise OSError(fault, os.strerror(fault), str(path))
 
-    monkeypatch.setattr(engine, "atomic_save", full)
+    monkeypatch.setattr(engine, "atomic_save", failing)
     args = ["--no-guidance", "--data", str(image_root.parent), "--out", str(run), "--epochs", "2", "--warmup-epochs", "1",
             "--batch-size", "4", "--blr", "1e-3", "--workers", "0", "--model", "mae_vit_demo_patch8",
             *(arg for name, value in TINY_MODEL.items() for arg in (f"--{name.replace('_', '-')}", str(value)))]
     result = CliRunner().invoke(train_cli, args)
-    assert result.exit_code == 1 and "checkpoint-last.pth: No space left on device; free space" in result.output
+    assert result.exit_code == 1 and f"checkpoint-last.pth: {message}" in result.output
     assert "Traceback" not in result.output and not (run / "checkpoint-last.pth").exists()
