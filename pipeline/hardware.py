@@ -47,3 +47,10 @@ def resolve_precision(precision: str, device, training: bool = False) -> str:
         raise ValueError("precision fp16 is for training on a CUDA device (CPU autocast and feature "
                          "extraction support bf16 only); use bf16 or fp32")
     return precision
+
+
+def autocast_dtype(resolved: str):
+    """The torch autocast dtype of a resolved precision ("fp32", "bf16", "fp16"); None for fp32."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolved]

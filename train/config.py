@@ -14,6 +14,7 @@ from agmae.data.folder import split_folder
 from agmae.options import (data_option, device_option, option, precision_option, run_dir_option, seed_option,
                            train_split_option, validate, workers_option)
 from agmae.paths import default_run_dir
+from agmae.train.masking import MASKING_RULES, SAMPLING_WEIGHT_FLOOR
 
 RECIPES = {
     "demo": dict(model="mae_vit_demo_patch8", epochs=30, warmup_epochs=2.0, batch_size=256, blr=1e-3,
@@ -38,9 +39,10 @@ class TrainConfig:
     out: str | None = run_dir_option("Run directory for checkpoints, metrics.jsonl, config.json. "
                                      "[default: AGMAE_RUN_DIR, else AGMAE_HOME/runs/default]",
                                      flags=("--out", "--run-dir"))
-    maps: str | None = option(None, "Attention store (agmae-discover's output) that weights the loss; none "
-                                    "trains the vanilla MAE. [agmae-train's default: the best store in the "
-                                    "default run directory]", type=click.Path(dir_okay=False))
+    maps: str | None = option(None, "Attention store (agmae-discover's output) that weights the loss (and with "
+                                    "--masking attention-*, chooses the masked patches); none trains the vanilla "
+                                    "MAE. [agmae-train's default: the best store in the default run directory]",
+                              type=click.Path(dir_okay=False))
     model: str | None = option(None, _recipe("model", "MAE preset, mae_vit_{tiny,small,base,large,huge}_patch"
                                                       "{16,14,8} or mae_vit_demo_patch8."))
     input_size: int | None = option(None, "Training image size in pixels. [default: the preset's, 224 or 64 "
@@ -79,6 +81,16 @@ class TrainConfig:
     weight_norm: str = option("batch", "Loss normalisation: Σmwe/Σmw over the batch, per image then averaged, "
                                        "or γΣmwe/Σm (paper).", type=click.Choice(["batch", "sample", "none"]))
     gamma: float = option(1.0, "γ of --weight-norm none.", type=POSITIVE)
+    masking: str = option("random", "Which patches are masked (always the same number): at random (MAE); "
+                                    "attention-high, the patches of highest map value (AttMask), ties broken at "
+                                    "random; attention-sampled, a sample without replacement by the Efraimidis-"
+                                    "Spirakis keys u^(1/w) of the random noise u, w = map value + "
+                                    f"{SAMPLING_WEIGHT_FLOOR:g}, highest keys masked. The map is the crop's, as in "
+                                    "the loss; a failed or constant map masks at random. Needs --maps.",
+                          type=click.Choice(MASKING_RULES))
+    weight_loss: bool = option(True, "Weight the loss by the maps; --no-weight-loss with --masking attention-* "
+                                     "uses the maps only to choose the masked patches.",
+                               flags=("--weight-loss/--no-weight-loss",))
     require_maps: bool = option(False, "Fail when a training image's map failed (default: train it unguided).")
     allow_missing_maps: bool = option(False, "Train the images whose maps are still pending (an unfinished "
                                              "agmae-discover) unguided instead of refusing the store.")
@@ -102,6 +114,20 @@ class TrainConfig:
 
     def __post_init__(self):
         validate(self)
+        self._check_map_uses()
+
+    def _check_map_uses(self) -> None:
+        """The maps weight the loss, choose the masked patches, or both: refuse a use without maps, and
+        maps given for no use (the vanilla MAE in disguise)."""
+        if self.maps is None and self.masking != "random":
+            raise ValueError(f"--masking {self.masking} chooses the masked patches by the maps: it needs --maps "
+                             f"(not --no-guidance)")
+        if self.maps is None and not self.weight_loss:
+            raise ValueError("--no-weight-loss keeps the maps out of the loss, for --masking attention-* only: "
+                             "it needs --maps (not --no-guidance)")
+        if not self.weight_loss and self.masking == "random":
+            raise ValueError("--no-weight-loss with --masking random uses --maps for nothing: that is the vanilla "
+                             "MAE, train it with --no-guidance")
 
     def image_folder(self) -> Path:
         """The training images: the --train-split folder of --data."""

@@ -61,7 +61,7 @@ class GuidedMAEDataset(Dataset):
     - `img`: [3, S, S] normalised crop, `box`: [4] (x0, y0, x1, y1) relative to the whole image,
       `flip`: bool, `noise`: [L] masking noise in [0, 1)
     - with a store: `map`: [h, w] float32 raw map (zeros when the image has no map, which is
-      uniform weights, i.e. plain MAE for that image) and `has_map`: bool
+      uniform weights and random masking, i.e. plain MAE for that image) and `has_map`: bool
 
     The store is opened lazily in each DataLoader worker (memory-mapped, no h5py handle kept).
     """

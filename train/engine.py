@@ -26,18 +26,18 @@ import agmae
 from agmae.data.folder import scan, unreadable_images
 from agmae import distributed
 from agmae.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint
-from agmae.hardware import resolve_precision
+from agmae.hardware import autocast_dtype, resolve_precision
 from agmae.paths import last_checkpoint
 from agmae.train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
 from agmae.train.loss import foreground_weight_share, guided_mae_loss
 from agmae.train.config import TrainConfig
+from agmae.train.masking import masking_noise
 from agmae.train.model import MaskedAutoencoderViT, create_model
 from agmae.train.schedules import lr_at, tau_at
 
 ADAMW_BETAS = (0.9, 0.95)
 LR_REFERENCE_BATCH = 256
 FOREGROUND_THRESHOLD = 0.5
-# Settings that decide what a checkpoint's weights mean; resuming with any of them changed is refused.
 # Settings that change how a run executes, not what it computes (the global batch is compared as
 # effective_batch, so the ranks may change between kills; the data and maps by their fingerprints).
 # Resuming with any other setting changed is refused, so a run's record always says what trained it.
@@ -93,9 +93,6 @@ def _sum_over_ranks(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _describe(store_identity: dict | None) -> str:
     if store_identity is None:
         return "no maps, vanilla MAE"
@@ -122,6 +119,8 @@ class Trainer:
         self.index = scan(self.images)
         self.unreadable = self._unreadable_images()
         self.guided = cfg.maps is not None
+        # --no-weight-loss: the maps choose the masked patches and stay out of the loss
+        self.weighted = self.guided and cfg.weight_loss
         self.store_identity = None
         self.map_counts = None
         if self.guided:
@@ -154,7 +153,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups_weight_decay(self.model, cfg.weight_decay, no_weight_decay_list=self.model.no_weight_decay()),
             lr=self.lr, betas=ADAMW_BETAS)
-        self.amp_dtype = AMP_DTYPES[resolve_precision(cfg.precision, device, training=True)]
+        self.amp_dtype = autocast_dtype(resolve_precision(cfg.precision, device, training=True))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.config = {
             **asdict(cfg),
@@ -282,8 +281,8 @@ class Trainer:
             tensorboard = _tensorboard(self.run_dir)
             if self.guided and (self.map_counts["failed"] or self.map_counts["pending"]):
                 tqdm.write(f"{self.cfg.maps}: {self.map_counts['failed']} maps failed and {self.map_counts['pending']} "
-                           f"are pending of {len(self.index)}; those images train with uniform weights (the "
-                           f"unreadable among them are skipped)")
+                           f"are pending of {len(self.index)}; those images train unguided (uniform weights, "
+                           f"random masking; the unreadable among them are skipped)")
             if self.unreadable:
                 first = ", ".join(f"{self.index.keys[i]} ({reason})" for i, reason in list(self.unreadable.items())[:3])
                 tqdm.write(f"{len(self.unreadable)} of {len(self.index)} images cannot be read and are skipped: {first}")
@@ -337,7 +336,7 @@ class Trainer:
             closes_step = (micro_step + 1) % cfg.accum_iter == 0
             loss_value, share = self.train_step(batch, tau, closes_step)
             if closes_step and tensorboard is not None:
-                scalars = {"loss": loss_value, "lr": lr, **({"tau": tau} if self.guided else {})}
+                scalars = {"loss": loss_value, "lr": lr, **({"tau": tau} if self.weighted else {})}
                 for name, value in scalars.items():
                     tensorboard.add_scalar(f"train/{name}", value, self.step)
             totals["loss"] += loss_value
@@ -347,7 +346,7 @@ class Trainer:
                 totals["missing_maps"] += int((~batch["has_map"]).sum())
             imgs_per_s = totals["images"] * self.env.world_size / (time.perf_counter() - started)
             shown = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", imgs_s=f"{imgs_per_s:.0f}")
-            if self.guided:
+            if self.weighted:
                 shown["tau"] = f"{tau:.3f}"
             progress.set_postfix(shown, refresh=False)
         elapsed = time.perf_counter() - started
@@ -357,7 +356,7 @@ class Trainer:
             "step": self.step,
             "loss": totals["loss"] / micro_steps,
             "lr": lr,
-            "tau": tau if self.guided else None,
+            "tau": tau if self.weighted else None,
             "fg_weight_share": totals["fg_weight_share"] / micro_steps if self.guided else None,
             "imgs_per_s": images / elapsed,
             "missing_maps": int(_sum_over_ranks(totals["missing_maps"], self.device)),
@@ -384,19 +383,22 @@ class Trainer:
         return loss_value, share_value
 
     def _forward(self, batch: dict, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss of one micro-batch, and the share of its loss weight on the foreground (0 unguided)."""
+        """The loss of one micro-batch, and the share of its loss weight on the foreground (0 without maps)."""
         cfg, device = self.cfg, self.device
         # every copy non-blocking: one blocking copy would wait for the previous step's backward
         # and stop the CPU from queueing this step's kernels meanwhile
         imgs, noise = (batch[name].to(device, non_blocking=True) for name in ("img", "noise"))
         attn = batch["attn"].to(device, non_blocking=True) if self.guided else None
+        noise = masking_noise(cfg.masking, noise, attn)
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             pred, mask = self.ddp(imgs, cfg.mask_ratio, noise)
         loss = guided_mae_loss(
-            pred, self.model.patchify(imgs), mask, attn, tau=tau, weight_norm=cfg.weight_norm, gamma=cfg.gamma,
+            pred, self.model.patchify(imgs), mask, attn if self.weighted else None, tau=tau,
+            weight_norm=cfg.weight_norm, gamma=cfg.gamma,
             sync_denominator=_mean_over_ranks if self.env.distributed else None,
         )
-        share = foreground_weight_share(mask, attn, tau, FOREGROUND_THRESHOLD) if self.guided else torch.zeros_like(loss)
+        share = (foreground_weight_share(mask, attn, tau if self.weighted else None, FOREGROUND_THRESHOLD)
+                 if self.guided else torch.zeros_like(loss))
         return loss, share
 
     def _optimizer_step(self) -> None:

@@ -60,12 +60,14 @@ def guided_mae_loss(
     return gamma * numerator / sync(mask.sum())
 
 
-def foreground_weight_share(mask: torch.Tensor, attn: torch.Tensor, tau: float, threshold: float = 0.5) -> torch.Tensor:
+def foreground_weight_share(mask: torch.Tensor, attn: torch.Tensor, tau: float | None,
+                            threshold: float = 0.5) -> torch.Tensor:
     """Share of the masked patches' loss weight that lies on map values above `threshold` (0-d tensor,
     left on the device so the caller can fetch it with the loss in one synchronisation).
 
-    mask, attn: [B, L]. A diagnostic: 0.5 on uniform weights over a half-foreground map; larger as
-    tau shrinks.
+    mask, attn: [B, L]; tau None: the loss is not weighted by the maps (they only chose the masked
+    patches), so the share is that of the masked patches. A diagnostic: 0.5 on uniform weights over a
+    half-foreground map; larger as tau shrinks.
     """
-    weights = mask.float() * patch_weights(attn, tau)
+    weights = mask.float() if tau is None else mask.float() * patch_weights(attn, tau)
     return (weights * (attn > threshold)).sum() / weights.sum()

@@ -167,7 +167,8 @@ class MaskedAutoencoderViT(nn.Module):
     def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Per-sample random masking: keep the patches with the smallest noise.
 
-        x: [N, L, D], noise: [N, L] in [0, 1) (drawn here when None)
+        x: [N, L, D], noise: [N, L] in [0, 1) (drawn here when None), or any values whose order picks the
+        masked patches (agmae.train.masking)
         returns x_visible: [N, L_keep, D], mask: [N, L] (1 = masked), ids_restore: [N, L]
         """
         n, length, dim = x.shape
