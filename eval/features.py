@@ -81,10 +81,11 @@ class FolderImages(Dataset):
         return self.transform(load_rgb(self.index.path(i))), i
 
 
-def extract_features(model, index: ImageFolderIndex, image_size: int, pool: str = "cls", batch_size: int = 128,
-                     workers: int = 4, device="cpu", progress: bool = True, precision: str = "fp32") -> torch.Tensor:
-    """Features [N, D] float32 on the CPU, in dataset-index order, on every rank; the encoder runs
-    under bf16 autocast when precision is "bf16".
+def embed_folder(embed, dim: int, index: ImageFolderIndex, image_size: int, batch_size: int = 128,
+                 workers: int = 4, device="cpu", progress: bool = True, precision: str = "fp32",
+                 desc: str = "features") -> torch.Tensor:
+    """`embed(imgs [B, 3, S, S]) -> [B, dim]` over the eval view of every image: [N, dim] float32 on the
+    CPU, in dataset-index order, on every rank; under bf16 autocast when precision is "bf16".
 
     Under torch.distributed each rank embeds its DistributedSampler share; the padding
     duplicates the sampler adds are harmless because rows are placed by their dataset index.
@@ -93,22 +94,44 @@ def extract_features(model, index: ImageFolderIndex, image_size: int, pool: str 
     sampler = DistributedSampler(dataset, shuffle=False) if torch.distributed.is_initialized() else None
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=torch.device(device).type == "cuda")
-    model = model.to(device)
-    feats, positions = [], []
+    rows, positions = [], []
     show = progress and not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0)
     device_type = torch.device(device).type
     with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for imgs, idx in tqdm(loader, desc=f"features {index.root.name}", unit="batch", disable=not show):
-            feats.append(pool_tokens(model, imgs.to(device, non_blocking=True), pool).float())
+        for imgs, idx in tqdm(loader, desc=f"{desc} {index.root.name}", unit="batch", disable=not show):
+            rows.append(embed(imgs.to(device, non_blocking=True)).float())
             positions.append(idx.to(device))
-    dim = model.num_features
-    local_feats = torch.cat(feats) if feats else torch.empty(0, dim, device=device)
+    local_rows = torch.cat(rows) if rows else torch.empty(0, dim, device=device)
     local_positions = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long, device=device)
-    gathered_feats = distributed.all_gather_rows(local_feats).cpu()
+    gathered_rows = distributed.all_gather_rows(local_rows).cpu()
     gathered_positions = distributed.all_gather_rows(local_positions).cpu()
     out = torch.empty(len(index), dim)
-    out[gathered_positions] = gathered_feats
+    out[gathered_positions] = gathered_rows
     return out
+
+
+def extract_features(model, index: ImageFolderIndex, image_size: int, pool: str = "cls", batch_size: int = 128,
+                     workers: int = 4, device="cpu", progress: bool = True, precision: str = "fp32") -> torch.Tensor:
+    """Features [N, D] of the frozen encoder (see `embed_folder`)."""
+    model = model.to(device)
+    return embed_folder(lambda imgs: pool_tokens(model, imgs, pool), model.num_features, index, image_size,
+                        batch_size, workers, device, progress, precision)
+
+
+def readable_index(root, verify_images: bool = True, max_failures: float = 0.001,
+                   progress: bool = True) -> tuple[ImageFolderIndex, dict]:
+    """The folder's index without its unreadable images, and {key: reason} of those; more than
+    max_failures of them is an error."""
+    index = scan(root)
+    if not verify_images:
+        return index, {}
+    bad = unreadable_images(index, progress=progress)
+    if len(bad) > max_failures * len(index):
+        first = next(iter(bad))
+        raise ValueError(f"{index.root}: {len(bad)} of {len(index)} images cannot be read (e.g. "
+                         f"{index.keys[first]}: {bad[first]}), more than --max-failures {max_failures:g}; "
+                         "fix or remove them, or raise --max-failures")
+    return index.without(bad), {index.keys[i]: reason for i, reason in bad.items()}
 
 
 def _everyone_agrees(flag: bool, device) -> bool:
@@ -163,18 +186,7 @@ class FeatureSource:
                     keys_sha256=index.keys_sha256, pool=self.pool, precision=self.precision)
 
     def readable(self, root) -> tuple[ImageFolderIndex, dict]:
-        """The folder's index without its unreadable images, and {key: reason} of those; more than
-        max_failures of them is an error."""
-        index = scan(root)
-        if not self.verify_images:
-            return index, {}
-        bad = unreadable_images(index, progress=self.progress)
-        if len(bad) > self.max_failures * len(index):
-            first = next(iter(bad))
-            raise ValueError(f"{index.root}: {len(bad)} of {len(index)} images cannot be read (e.g. "
-                             f"{index.keys[first]}: {bad[first]}), more than --max-failures {self.max_failures:g}; "
-                             "fix or remove them, or raise --max-failures")
-        return index.without(bad), {index.keys[i]: reason for i, reason in bad.items()}
+        return readable_index(root, self.verify_images, self.max_failures, self.progress)
 
     def features(self, root) -> FolderFeatures:
         index, unreadable = self.readable(root)

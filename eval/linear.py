@@ -61,8 +61,8 @@ def build_optimizer(probe: nn.Module, lr: float) -> Lars:
                 lr=lr, momentum=0.9, weight_decay=0.0)
 
 
-def build_scheduler(optimizer, total_steps: int, warmup_steps: int) -> CosineLRScheduler:
-    """Per-step lr: linear from 0 over warmup_steps, then half-cycle cosine to 0 at total_steps."""
+def build_scheduler(optimizer, total_steps: int, warmup_steps: int, lr_min: float = 0.0) -> CosineLRScheduler:
+    """Per-step lr: linear from 0 over warmup_steps, then half-cycle cosine to lr_min at total_steps."""
     # timm logs that a 1-step cosine phase "will have no effect"; for a warm-up-only probe that is the
     # intent, and a log line of timm's inside agmae-eval's output says nothing to its user.
     timm_log = logging.getLogger(CosineLRScheduler.__module__)
@@ -70,7 +70,7 @@ def build_scheduler(optimizer, total_steps: int, warmup_steps: int) -> CosineLRS
     timm_log.setLevel(logging.ERROR)
     try:
         return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), warmup_t=warmup_steps,
-                                 warmup_lr_init=0.0, warmup_prefix=True, lr_min=0.0, t_in_epochs=False)
+                                 warmup_lr_init=0.0, warmup_prefix=True, lr_min=lr_min, t_in_epochs=False)
     finally:
         timm_log.setLevel(level)
 

@@ -1,10 +1,11 @@
 """The evaluation protocols as functions: knn, linear, retrieval, robustness over an encoder's features
-(`Evaluation`), attention over map stores. Each returns an `Outcome` (its results.json key, entry and
+(`Evaluation`), attention over map stores, finetune over the encoder's weights. Each returns an `Outcome` (its results.json key, entry and
 table); `record` writes any of them to RUN_DIR/results.json, the one results path. `agmae-eval` is a
 thin layer over these (docs/METHOD.md#evaluation-protocols).
 
 The options of each protocol are defined once, as fields (`FeatureOptions`, `KnnOptions`,
-`ProbeOptions`, `AttentionOptions`), from which the CLI generates its click options.
+`ProbeOptions`, `AttentionOptions`, and `FinetuneOptions` in eval/finetune.py), from which the CLI
+generates its click options.
 """
 import time
 from dataclasses import asdict, dataclass
@@ -13,10 +14,12 @@ from pathlib import Path
 import click
 
 from agmae import distributed
+from agmae.data import demo
 from agmae.data.demo import load_mask
 from agmae.data.folder import scan, split_folder
-from agmae.eval import attention, knn, linear, retrieval, robustness
-from agmae.eval.features import POOLS, FeatureSource, image_size_of
+from agmae.eval import attention, finetune, knn, linear, retrieval, robustness
+from agmae.eval.features import POOLS, FeatureSource, image_size_of, readable_index
+from agmae.eval.finetune import FinetuneOptions
 from agmae.eval.report import format_table, update_results
 from agmae.options import device_option, option, precision_option, seed_option, validate, workers_option
 from agmae.hardware import INFERENCE_PRECISIONS
@@ -103,6 +106,27 @@ class Outcome:
     title: str = ""
 
 
+def build_outcome(key: str, checkpoint, checkpoint_sha256: str, root, indices: dict, options: dict, results: dict,
+                  started: float, table: str, unreadable: dict) -> Outcome:
+    """The results.json entry of an encoder's evaluation. indices: {split: ImageFolderIndex used};
+    unreadable: {split: {key: reason}} of the images left out, named in the entry and under the table."""
+    entry = dict(checkpoint=str(Path(checkpoint).resolve()), checkpoint_sha256=checkpoint_sha256,
+                 dataset=dict(root=str(Path(root).resolve()),
+                              keys_sha256={split: index.keys_sha256 for split, index in indices.items()}),
+                 protocol=key, options=options, results=results, seconds=round(time.time() - started, 2))
+    left_out = {split: dict(count=len(bad), examples=sorted(bad)[:5]) for split, bad in unreadable.items() if bad}
+    if left_out:
+        entry["unreadable"] = left_out
+        table += "\n" + "\n".join(f"{split}: {info['count']} unreadable images left out, e.g. "
+                                  f"{', '.join(info['examples'][:3])}" for split, info in left_out.items())
+    return Outcome(key, entry, table, title=str(checkpoint))
+
+
+def default_test_split(root) -> str:
+    """'original' where the dataset has it (the demo dataset), else 'val' (ImageNet's layout)."""
+    return "original" if (Path(root) / "original").is_dir() else "val"
+
+
 class Evaluation:
     """Features of a dataset's splits under one frozen encoder, shared by the protocols of one command.
 
@@ -116,7 +140,7 @@ class Evaluation:
         self.env = env or distributed.DistEnv()
         self.device = device or "cpu"
         self.train_split = train_split
-        self.default_test_split = "original" if (self.root / "original").is_dir() else "val"
+        self.default_test_split = default_test_split(self.root)
         self.test_split = test_split or self.default_test_split
         for split in (train_split, test_split):  # checked before the checkpoint loads: the cheaper mistake first
             if split is not None:
@@ -148,25 +172,15 @@ class Evaluation:
 
     def outcome(self, name: str, options: dict, results: dict, splits, started: float, table: str,
                 uses_test_split: bool = True) -> Outcome:
-        entry = dict(checkpoint=str(self.checkpoint.resolve()), checkpoint_sha256=self.source.checkpoint_sha256,
-                     dataset=dict(root=str(self.root.resolve()),
-                                  keys_sha256={split: self.features(split).index.keys_sha256 for split in splits}),
-                     protocol=self.key(name, uses_test_split),
-                     options=dict(pool=self.options.pool, precision=self.options.precision, **options),
-                     results=results, seconds=round(time.time() - started, 2))
-        unreadable = {split: dict(count=len(self.features(split).unreadable),
-                                  examples=sorted(self.features(split).unreadable)[:5]) for split in splits
-                      if self.features(split).unreadable}
-        if unreadable:
-            entry["unreadable"] = unreadable
-            table += "\n" + "\n".join(f"{split}: {info['count']} unreadable images left out, e.g. "
-                                      f"{', '.join(info['examples'][:3])}" for split, info in unreadable.items())
-        return Outcome(entry["protocol"], entry, table, title=str(self.checkpoint))
+        return build_outcome(self.key(name, uses_test_split), self.checkpoint, self.source.checkpoint_sha256,
+                             self.root, {split: self.features(split).index for split in splits},
+                             dict(pool=self.options.pool, precision=self.options.precision, **options), results,
+                             started, table, {split: self.features(split).unreadable for split in splits})
 
     def bank_and_queries(self, protocol: str):
         """(train features, test features), the classes checked to agree."""
         train, test = self.features(self.train_split), self.features(self.test_split)
-        robustness.check_same_classes(train, {self.test_split: test}, protocol)
+        robustness.check_same_classes(train.index, {self.test_split: test.index}, protocol)
         return train, test
 
 
@@ -176,7 +190,7 @@ def run_knn(ev: Evaluation, opts: KnnOptions) -> Outcome | None:
     train, test = ev.features(ev.train_split), ev.features(ev.test_split)
     if not ev.env.is_main:
         return None
-    robustness.check_same_classes(train, {ev.test_split: test}, "k-NN")
+    robustness.check_same_classes(train.index, {ev.test_split: test.index}, "k-NN")
     results = knn.knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels,
                                len(train.index.classes), ks=opts.ks, T=opts.temperature, progress=True)
     table = format_table(["k", "top-1", "top-5"], [[int(key[2:]), r["top1"], r.get("top5")] for key, r in results.items()])
@@ -217,7 +231,7 @@ def run_retrieval(ev: Evaluation) -> Outcome | None:
     train, test = ev.features(ev.train_split), ev.features(ev.test_split)
     if not ev.env.is_main:
         return None
-    robustness.check_same_classes(train, {ev.test_split: test}, "retrieval")
+    robustness.check_same_classes(train.index, {ev.test_split: test.index}, "retrieval")
     results = retrieval.retrieval_metrics(train.feats, train.index.labels, test.feats, test.index.labels)
     table = format_table(["mAP", "R@1", "R@5"], [[results["mAP"], results["R@1"], results["R@5"]]])
     options = dict(train_split=ev.train_split, test_split=ev.test_split, relevance="same class")
@@ -260,6 +274,37 @@ def run_robustness(ev: Evaluation, splits, knn_opts: KnnOptions, probe_opts: Pro
     used = [ev.train_split, *names] + ([robustness.CLEAN_FG_BANK] if clean_fg else [])
     # robustness reads its own splits, so a test split must not label it
     return ev.outcome("robustness", options, results, used, started, table, uses_test_split=False)
+
+
+def run_finetune(checkpoint, root, train_split: str, test_split: str | None, opts: FinetuneOptions, run_dir,
+                 env=None, device="cpu") -> Outcome | None:
+    """MAE fine-tuning (layer decay, Mixup/CutMix, RandAugment, ...): top-1/top-5 of the fine-tuned classifier
+    on the test split and on every background split the dataset has. Resumes RUN_DIR/finetune/."""
+    started, root, env = time.time(), Path(root), env or distributed.DistEnv()
+    opts = opts.resolved(demo.is_demo_root(root))
+    readable = {}
+
+    def index_of(split):
+        index, readable[split] = readable_index(split_folder(root, split, "--train-split/--test-split"),
+                                                opts.verify_images, opts.max_failures, env.is_main)
+        return index
+
+    test_split = test_split or default_test_split(root)
+    tests = {name: index_of(name) for name in dict.fromkeys([test_split, *robustness.DEMO_SPLITS])
+             if name == test_split or (root / name).is_dir()}
+    train_index = index_of(train_split)
+    robustness.check_same_classes(train_index, tests, "fine-tuning")
+    tuning = finetune.FineTuning(checkpoint, train_index, opts, Path(run_dir) / "finetune", env=env, device=device)
+    model = tuning.run()
+    results = {name: finetune.classify(model, index, tuning.image_size, workers=opts.workers, device=device,
+                                       progress=env.is_main) for name, index in tests.items()}
+    if not env.is_main:
+        return None
+    table = format_table(["split", "top-1", "top-5"], [[name, r["top1"], r.get("top5")] for name, r in results.items()])
+    return build_outcome("finetune", checkpoint, tuning.identity["encoder_sha256"], root,
+                         {train_split: train_index, **tests},
+                         dict(**opts.identity(), lr=tuning.lr, train_split=train_split, test_split=test_split),
+                         dict(splits=results, epoch_losses=tuning.losses), started, table, readable)
 
 
 def attention_stores(run_dir, opts: AttentionOptions) -> list[Path]:

@@ -16,14 +16,14 @@ GAP_SPLITS = ("mixed-same", "mixed-rand")
 
 
 def check_same_classes(reference, others: dict, protocol: str = "robustness") -> None:
-    """reference, others: FolderFeatures; raise if any split's class names differ from the reference's,
+    """reference, others: ImageFolderIndex; raise if any split's class names differ from the reference's,
     naming the classes one side lacks and the protocol that needs them to agree."""
     for name, split in others.items():
-        if split.index.classes != reference.index.classes:
-            mine, theirs = set(reference.index.classes), set(split.index.classes)
+        if split.classes != reference.classes:
+            mine, theirs = set(reference.classes), set(split.classes)
             raise ValueError(
-                f"split {name} ({split.index.root}) lacks the classes {sorted(mine - theirs)[:5]} and has "
-                f"{sorted(theirs - mine)[:5]} that the train split {reference.index.root} lacks; {protocol} "
+                f"split {name} ({split.root}) lacks the classes {sorted(mine - theirs)[:5]} and has "
+                f"{sorted(theirs - mine)[:5]} that the train split {reference.root} lacks; {protocol} "
                 "needs both splits to have the same class folders (an empty folder is not a class: give it "
                 "an image or remove it from both)")
 
@@ -44,7 +44,7 @@ def robustness_results(train, splits: dict, *, probe=None, clean_fg_bank=None, k
     Returns {"splits": {name: {"knn_top1", "linear_top1"}}, "bg_gap": {...} (only with
     mixed-same and mixed-rand), "clean_fg_knn_top1": float (only with train-fg and only-fg)}.
     """
-    check_same_classes(train, splits)
+    check_same_classes(train.index, {name: split.index for name, split in splits.items()})
     num_classes = len(train.index.classes)
     per_split = {}
     for name, split in splits.items():
@@ -57,6 +57,6 @@ def robustness_results(train, splits: dict, *, probe=None, clean_fg_bank=None, k
         same, rand = (per_split[name] for name in GAP_SPLITS)
         results["bg_gap"] = {column: same[column] - rand[column] for column in same}
     if clean_fg_bank is not None and CLEAN_FG_QUERIES in splits:
-        check_same_classes(train, {CLEAN_FG_BANK: clean_fg_bank})
+        check_same_classes(train.index, {CLEAN_FG_BANK: clean_fg_bank.index})
         results["clean_fg_knn_top1"] = knn_top1(clean_fg_bank, splits[CLEAN_FG_QUERIES], num_classes, k, T)
     return results

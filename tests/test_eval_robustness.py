@@ -40,7 +40,7 @@ def test_no_gap_without_mixed_same_and_class_mismatch_rejected():
     with pytest.raises(ValueError, match=r"lacks the classes \['b'\] and has \['c'\].*robustness needs"):
         robustness_results(train, {"other": folder([[1, 0]], [0], "x", classes=["a", "c"])}, k=1)
     with pytest.raises(ValueError, match="k-NN needs both splits"):
-        check_same_classes(train, {"val": folder([[1, 0]], [0], "x", classes=["a"])}, "k-NN")
+        check_same_classes(train.index, {"val": folder([[1, 0]], [0], "x", classes=["a"]).index}, "k-NN")
 
 
 def test_results_json_updates_one_key_and_keeps_the_others(tmp_path):

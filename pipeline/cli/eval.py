@@ -17,7 +17,7 @@ from agmae import distributed
 from agmae.cli.errors import environment_error
 from agmae.data import demo
 from agmae.eval import protocols
-from agmae.eval.protocols import AttentionOptions, FeatureOptions, KnnOptions, ProbeOptions
+from agmae.eval.protocols import AttentionOptions, FeatureOptions, FinetuneOptions, KnnOptions, ProbeOptions
 from agmae import options
 from agmae.options import click_option, click_options, compose, run_dir_option
 from agmae.paths import default_run_dir, last_checkpoint
@@ -78,7 +78,7 @@ def _run(steps, opts: dict) -> None:
     every outcome through the one results path; a step may also return a note saying why it was skipped."""
     if "pool" in opts:
         opts["features"] = _take(opts, FeatureOptions)
-    env, device = distributed.init(opts["features"].device if "features" in opts else "cpu")
+    env, device = distributed.init(opts["features"].device if "features" in opts else opts.get("device", "cpu"))
     try:
         command = Command(opts, env, device)
         for step in steps:
@@ -183,6 +183,23 @@ def robustness(**opts):
 def attention(**opts):
     """Mean IoU and pointing accuracy of map stores against ground-truth masks, plus a centre-prior row."""
     _run([attention_step(opts)], opts)
+
+
+@main.command()
+@checkpoint_option
+@run_dir_opt
+@dataset_options
+@test_split_option
+@click_options(FinetuneOptions)
+def finetune(**opts):
+    """MAE fine-tuning of the whole encoder: layer-wise lr decay, drop path, Mixup/CutMix, label smoothing,
+    RandAugment, random erasing, AdamW, warm-up + cosine; top-1/top-5 on the test split and on every background
+    split. Resumes RUN_DIR/finetune/checkpoint-last.pth. Not part of `all` (it trains the encoder)."""
+    finetune_opts = _take(opts, FinetuneOptions)
+    _run([lambda command: protocols.run_finetune(command.checkpoint, command.root, opts["train_split"],
+                                                 opts["test_split"], finetune_opts, command.run_dir,
+                                                 command.env, command.device)],
+         {**opts, "device": finetune_opts.device})
 
 
 @main.command(name="all")
