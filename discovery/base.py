@@ -33,6 +33,9 @@ class Discoverer:
 
     method = None
     default_image_size = 224
+    # False for a method whose maps come from elsewhere (oracle: the masks): the images are then not
+    # decoded at all, and `compute` gets placeholder zeros of the right shape.
+    reads_images = True
 
     def __init__(self, backbone, options):
         self.backbone = backbone

@@ -41,6 +41,7 @@ class Oracle(Discoverer):
     """The mask of image `key` is `masks/key` (a greyscale image, object = bright)."""
 
     method = "oracle"
+    reads_images = False
 
     def __init__(self, masks=None, patch=16):
         masks = Path(masks) if masks is not None else default_masks_dir()

@@ -282,3 +282,16 @@ def test_a_read_only_file_system_reports_a_complete_store_and_refuses_the_rest_i
     assert fresh.exit_code == 1 and fresh.output.count("\n") == 1
     assert "Read-only file system; the file system is read-only; write to another --out" in fresh.output
     assert not (tmp_path / "new" / "maps.h5").exists()
+
+
+def test_oracle_reads_only_the_masks(small_dataset, tmp_path, monkeypatch):
+    def no_image_may_be_opened(path):
+        raise AssertionError(f"oracle opened image {path}")
+
+    monkeypatch.setattr(discover_cli, "load_rgb", no_image_may_be_opened)
+    result = run("--method", "oracle", "--patch", "8", "--data", small_dataset, "--out", tmp_path / "maps.h5",
+                 "--workers", "0", "--image-size", "64")
+    assert result.exit_code == 0, result.output
+    maps = store.open_maps(tmp_path / "maps.h5")
+    assert maps.counts()["done"] == len(maps) == 24
+    assert np.asarray(maps.maps).max() == 1.0

@@ -102,15 +102,18 @@ def shard_path(out, k, n) -> Path:
 
 class ImageLoading(torch.utils.data.Dataset):
     """Images lo..hi-1 of an index, transformed; a file that cannot be read gives a zero image and its reason
-    instead of raising, so one bad file fails one map, not the job."""
+    instead of raising, so one bad file fails one map, not the job. With read=False (a method that reads
+    no images) every image is the zero placeholder and no file is opened."""
 
-    def __init__(self, index, lo, hi, transform, size):
-        self.index, self.lo, self.hi, self.transform, self.size = index, lo, hi, transform, size
+    def __init__(self, index, lo, hi, transform, size, read=True):
+        self.index, self.lo, self.hi, self.transform, self.size, self.read = index, lo, hi, transform, size, read
 
     def __len__(self):
         return self.hi - self.lo
 
     def __getitem__(self, i):
+        if not self.read:
+            return torch.zeros(3, self.size, self.size), ""
         try:
             return self.transform(load_rgb(self.index.path(self.lo + i))), ""
         except IMAGE_ERRORS as err:
@@ -142,7 +145,8 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
             return writer.counts()
         if start:
             click.echo(f"resuming {out} at image {start} of {hi - lo}")
-        dataset = ImageLoading(index, lo + start, hi, discovery_transform(size, d.mean, d.std), size)
+        dataset = ImageLoading(index, lo + start, hi, discovery_transform(size, d.mean, d.std), size,
+                               read=d.reads_images)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                              persistent_workers=False)
         position = start
