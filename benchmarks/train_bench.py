@@ -6,10 +6,12 @@ guided, ... so drift in machine load hits both alike), median step time of each,
 loader's time per batch with maps / without maps (workers=0, so it is the per-batch work of
 the process itself). Targets (SPEC: "negligible overhead"): step ratio <= 1.02, loader <= 1.05.
 Also the vanilla step with timm's fused attention (scaled_dot_product_attention) on / off, which
-decides the engine's default per device.
+decides the engine's default per device, and with --compile the compiled step (`agmae-train --compile`)
+against the eager step with plain attention, the official MAE's (target <= 0.75), and the compile time.
 
     python benchmarks/train_bench.py                      # base/16 at 224 (batch 8) and the demo model
     python benchmarks/train_bench.py --quick              # fewer steps, smaller demo batch: checks it runs
+    python benchmarks/train_bench.py --compile            # adds compiled vs eager (minutes of compiling)
 """
 import argparse
 import statistics
@@ -61,7 +63,7 @@ def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def bench_model(model: str, batch_size: int, steps: int, tmp: Path, device_name: str) -> dict:
+def bench_model(model: str, batch_size: int, steps: int, tmp: Path, device_name: str, compiled: bool) -> dict:
     input_size, size_hw, image_format, grid = CASES[model]
     n_images = batch_size * (steps + 2)
     maps_path = make_dataset(tmp / model, n_images, size_hw, image_format, grid)
@@ -106,9 +108,22 @@ def bench_model(model: str, batch_size: int, steps: int, tmp: Path, device_name:
 
     loader_maps, loader_plain = interleaved_medians(next_batch("guided", guided), next_batch("vanilla", vanilla),
                                                     min(steps, len(guided.loader)))
-    return {"guided_step_s": guided_step, "vanilla_step_s": vanilla_step, "step_ratio": guided_step / vanilla_step,
-            "fused_attn_ratio": fused_step / plain_attn_step,
-            "loader_maps_s": loader_maps, "loader_plain_s": loader_plain, "loader_ratio": loader_maps / loader_plain}
+    results = {"guided_step_s": guided_step, "vanilla_step_s": vanilla_step, "step_ratio": guided_step / vanilla_step,
+               "fused_attn_ratio": fused_step / plain_attn_step,
+               "loader_maps_s": loader_maps, "loader_plain_s": loader_plain, "loader_ratio": loader_maps / loader_plain}
+    if compiled:
+        vanilla.model.set_fused_attn(False)  # the reference's plain attention, this engine's CPU default
+        compiled_trainer = Trainer(TrainConfig(out=str(tmp / model / "compiled"), compile=True, **common), env, device)
+        compiled_trainer.ddp.train()
+        batches["compiled"] = batches["vanilla"]
+        started = time.perf_counter()
+        step("compiled", compiled_trainer)()  # the compilation happens on the first call
+        results["compile_s"] = time.perf_counter() - started
+        compiled_step, eager_step = interleaved_medians(step("compiled", compiled_trainer), step("vanilla", vanilla),
+                                                        steps)
+        results.update(compiled_step_s=compiled_step, eager_plain_step_s=eager_step,
+                       compile_ratio=compiled_step / eager_step)
+    return results
 
 
 def main():
@@ -118,13 +133,16 @@ def main():
     parser.add_argument("--demo-batch", type=int, default=256, help="batch size for the demo model")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--quick", action="store_true", help="6 steps, demo batch 64: a check that it runs")
+    parser.add_argument("--compile", action="store_true",
+                        help="also agmae-train --compile against the eager step with plain attention (the "
+                             "official MAE's), and the compile time; target <= 0.75")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.demo_batch = 6, 64
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         for model, batch in (("mae_vit_base_patch16", args.base_batch), ("mae_vit_demo_patch8", args.demo_batch)):
-            r = bench_model(model, batch, args.steps, Path(tmp), args.device)
+            r = bench_model(model, batch, args.steps, Path(tmp), args.device, args.compile)
             print(f"{model} batch {batch}, {args.steps} steps each, {torch.get_num_threads()} CPU threads, "
                   f"device {args.device}:")
             print(f"  step   guided {r['guided_step_s'] * 1e3:8.1f} ms  vanilla {r['vanilla_step_s'] * 1e3:8.1f} ms"
@@ -132,6 +150,10 @@ def main():
             print(f"  loader maps   {r['loader_maps_s'] * 1e3:8.1f} ms  plain   {r['loader_plain_s'] * 1e3:8.1f} ms"
                   f"  ratio {r['loader_ratio']:.3f} (target <= 1.05)")
             print(f"  vanilla step fused attention on / off: {r['fused_attn_ratio']:.3f}")
+            if args.compile:
+                print(f"  compiled {r['compiled_step_s'] * 1e3:8.1f} ms  eager (plain attention) "
+                      f"{r['eager_plain_step_s'] * 1e3:8.1f} ms  ratio {r['compile_ratio']:.3f} (target <= 0.75); "
+                      f"compiling took {r['compile_s']:.0f} s")
     distributed.shutdown()
 
 

@@ -114,6 +114,31 @@ def test_resumed_run_ends_identical_to_an_uninterrupted_one(image_root, maps_fil
     assert json.loads((tmp_path / "b" / "config.json").read_text())["lr"] == pytest.approx(1e-3 * 4 / 256)
 
 
+def test_a_compiled_run_resumes_exactly_and_matches_eager_up_to_rounding(image_root, maps_file, tmp_path,
+                                                                          monkeypatch):
+    compiled = _config_for(image_root, tmp_path / "compiled", maps_file, epochs=2, compile=True)
+    train(compiled)
+    killed = replace(compiled, out=str(tmp_path / "killed"))
+    real_loss, calls = engine.guided_mae_loss, []
+
+    def loss_then_kill(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4 + 2:  # second micro-step of epoch 2 (4 steps per epoch)
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "guided_mae_loss", loss_then_kill)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed)
+    monkeypatch.setattr(engine, "guided_mae_loss", real_loss)
+    train(killed)
+    a, b = _weights(tmp_path / "compiled"), _weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(replace(compiled, out=str(tmp_path / "eager"), compile=False))
+    losses = [[m["loss"] for m in _metrics(tmp_path / run)] for run in ("compiled", "eager")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 _RANK_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)

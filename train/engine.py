@@ -41,9 +41,9 @@ FOREGROUND_THRESHOLD = 0.5
 # Settings that change how a run executes, not what it computes (the global batch is compared as
 # effective_batch, so the ranks may change between kills; the data and maps by their fingerprints).
 # Resuming with any other setting changed is refused, so a run's record always says what trained it.
-EXECUTION_SETTINGS = frozenset({"data", "train_split", "out", "maps", "resume", "workers", "save_every", "keep_every",
-                                "verify_images", "max_failures", "device", "batch_size", "accum_iter",
-                                "world_size", "version"})
+EXECUTION_SETTINGS = frozenset({"data", "train_split", "out", "maps", "resume", "workers", "save_every",
+                                "keep_every", "verify_images", "max_failures", "device", "compile", "batch_size",
+                                "accum_iter", "world_size", "version"})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -171,6 +171,8 @@ class Trainer:
         self.resumed_from = self._resume()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
                     if env.distributed else self.model)
+        if cfg.compile:  # compiled around DDP, so that its gradient buckets split the graph (DDPOptimizer)
+            self.ddp = torch.compile(self.ddp)
 
     def _unreadable_images(self) -> dict:
         """{index: reason} of the training images that do not decode, skipped in training; more than
