@@ -50,6 +50,9 @@ class Row:
     correlation: float = 0.0
     seeds: str = MAIN  # MAIN rows get --seeds seeds, ABLATION rows --ablation-seeds
     note: str = ""
+    masking: str = "random"  # agmae-train --masking
+    weight_loss: bool = True  # False: the maps only choose the masked patches (--no-weight-loss)
+    finetune: bool = False  # also fine-tuned (agmae-eval finetune), which costs more than every other protocol
 
 
 def _tau(schedule, start, end=None):
@@ -57,9 +60,17 @@ def _tau(schedule, start, end=None):
 
 
 ROWS = [
-    Row("vanilla", None, note="MAE, uniform weights (--no-guidance)"),
-    Row("guided-oracle", "oracle", note="ground-truth masks"),
-    Row("guided-tokencut", "tokencut", note="TokenCut on EfficientNet-Lite0"),
+    Row("vanilla", None, note="MAE, uniform weights (--no-guidance)", finetune=True),
+    Row("guided-oracle", "oracle", note="ground-truth masks", finetune=True),
+    Row("guided-tokencut", "tokencut", note="TokenCut on EfficientNet-Lite0", finetune=True),
+    # The paper's masking ablation: the map chooses the masked patches (AttMask's most-attended rule),
+    # instead of or besides weighting the loss.
+    Row("mask-oracle", "oracle", masking="attention-high", weight_loss=False, note="masking only"),
+    Row("loss+mask-oracle", "oracle", masking="attention-high", note="guided loss and masking"),
+    Row("mask-tokencut", "tokencut", masking="attention-high", weight_loss=False, note="masking only"),
+    Row("loss+mask-tokencut", "tokencut", masking="attention-high", note="guided loss and masking"),
+    Row("mask-sampled-oracle", "oracle", masking="attention-sampled", weight_loss=False, seeds=ABLATION,
+        note="masking only, sampled by the map"),
     Row("guided-gradcam", "gradcam", note="Grad-CAM on EfficientNet-Lite0"),
     Row("guided-dino-random", "dino-random", note="negative control: DINO attention of a random ViT-S/8"),
     Row("tau-const-0.25", "oracle", _tau("constant", 0.25), seeds=ABLATION),
@@ -84,7 +95,10 @@ EVALS = {
     "knn-mean": (("knn", "--pool", "mean"), "knn[pool=mean]"),
     "linear": (("linear", "--mode", "cached"), "linear-cached"),
     "robustness": (("robustness",), "robustness"),
+    "finetune": (("finetune",), "finetune"),
 }
+# Evaluations every run gets; the others only the runs of rows that ask for them.
+COMMON_EVALS = ("knn", "knn-mean", "linear", "robustness")
 # Reported numbers: name -> (column header, path into the run's results.json). k-NN at k = 20.
 METRICS = {
     "knn_cls": ("k-NN CLS", ("knn", "results", "k=20", "top1")),
@@ -97,8 +111,11 @@ METRICS = {
     "clean_fg_knn": ("clean-fg k-NN", ("robustness", "results", "clean_fg_knn_top1")),
     "bg_gap_knn": ("BG-gap k-NN", ("robustness", "results", "bg_gap", "knn_top1")),
     "bg_gap_linear": ("BG-gap linear", ("robustness", "results", "bg_gap", "linear_top1")),
+    "finetune": ("fine-tuned", ("finetune", "results", "splits", "original", "top1")),
 }
-FEATURE_COLUMNS = ("knn_cls", "knn_mean", "linear")
+FEATURE_COLUMNS = ("knn_cls", "knn_mean", "linear", "finetune")
+# The columns each guided row is compared on, seed by seed, with the vanilla row of its dataset.
+PAIRED_COLUMNS = ("knn_mean", "knn_cls", "linear", "only_fg_knn", "mixed_rand_knn", "finetune")
 ROBUSTNESS_COLUMNS = ("mixed_rand_knn", "mixed_rand_linear", "only_fg_knn", "only_fg_linear", "clean_fg_knn",
                       "bg_gap_knn", "bg_gap_linear")
 
@@ -107,7 +124,7 @@ ROBUSTNESS_COLUMNS = ("mixed_rand_knn", "mixed_rand_linear", "only_fg_knn", "onl
 TRAIN_EPOCH_SECONDS = 38.0
 STARTUP_SECONDS = 5.0
 DISCOVER_SECONDS = {"oracle": 40.0, "tokencut": 200.0, "gradcam": 450.0, "dino-random": 400.0}
-EVAL_SECONDS = {"knn": 55.0, "knn-mean": 55.0, "linear": 5.0, "robustness": 75.0}
+EVAL_SECONDS = {"knn": 55.0, "knn-mean": 55.0, "linear": 5.0, "robustness": 75.0, "finetune": 900.0}
 DATASET_SECONDS = 90.0
 
 # 20 epochs: guided and vanilla MAEs on the demo dataset separate only after ~10-20 (docs/RESULTS.md).
@@ -216,8 +233,21 @@ def _training_options(config: Config, row: Row, seed: int) -> tuple[str, list]:
     guidance = {**GUIDANCE_DEFAULTS, **row.guidance}
     if guidance["tau-schedule"] == "constant":
         guidance.pop("tau-end")
-    name = "-".join([row.maps, *(_slug(v) for v in guidance.values())])
-    return name, [*(arg for key, value in guidance.items() for arg in (f"--{key}", _slug(value))), *options]
+    masking = [] if row.masking == "random" else ["--masking", row.masking]
+    masking += [] if row.weight_loss else ["--no-weight-loss"]
+    name = "-".join([row.maps, *(_slug(v) for v in guidance.values()), *(m.lstrip("-") for m in masking)])
+    return name, [*(arg for key, value in guidance.items() for arg in (f"--{key}", _slug(value))), *masking,
+                  *options]
+
+
+def _evals_of(config: Config, row: Row) -> dict:
+    """The row's evaluations: every common one, and fine-tuning for the rows that ask for it, for half the
+    pre-training epochs (the demo's fine-tuning recipe: 10 epochs after 20)."""
+    evals = {protocol: EVALS[protocol] for protocol in COMMON_EVALS}
+    if row.finetune:
+        args, key = EVALS["finetune"]
+        evals["finetune"] = ((*args, "--epochs", str(max(1, config.epochs // 2))), key)
+    return evals
 
 
 def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, upstream: list) -> Run:
@@ -243,7 +273,7 @@ def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, up
                        log=step_dir / f"{protocol}.log", marker=step_dir / f"{protocol}.done.json",
                        needs=(train,), run_dir=run_dir,
                        estimate=STARTUP_SECONDS + EVAL_SECONDS[protocol] * config.n_train / 10000)
-        for protocol, (args, _) in EVALS.items()
+        for protocol, (args, _) in _evals_of(config, row).items()
     }
     return Run(run_dir, train, evals, upstream)
 

@@ -11,7 +11,9 @@ from agmae.checkpoint import atomic_write_text
 from agmae.cli.demo import nested
 from agmae.cli.steps import duration
 from agmae.train.config import RECIPES
-from study_plan import (FEATURE_COLUMNS, FINDINGS, GUIDANCE_DEFAULTS, MAPS, METRICS, ROBUSTNESS_COLUMNS, Plan)
+from scipy import stats
+from study_plan import (FEATURE_COLUMNS, FINDINGS, GUIDANCE_DEFAULTS, MAPS, METRICS, PAIRED_COLUMNS,
+                        ROBUSTNESS_COLUMNS, Plan)
 
 def display_command(argv: list) -> str:
     """The command as a user types it: console scripts by name, everything else as given."""
@@ -27,6 +29,33 @@ def summarise(values: list) -> dict:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "n": len(values)}
+
+
+def paired(guided: dict, vanilla: dict) -> dict | None:
+    """Guided − vanilla on the seeds both finished ({seed: value} each): mean, 95 % t confidence interval,
+    two-sided paired t-test p, and on how many seeds guided was higher. None below two common seeds."""
+    seeds = sorted(set(guided) & set(vanilla), key=int)
+    diffs = [guided[s] - vanilla[s] for s in seeds if guided[s] is not None and vanilla[s] is not None]
+    if len(diffs) < 2:
+        return None
+    mean, sem = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+    half = stats.t.ppf(0.975, len(diffs) - 1) * sem
+    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sem > 0 else (0.0 if mean else 1.0)
+    return dict(mean=mean, ci95=[mean - half, mean + half], p=p, wins=sum(d > 0 for d in diffs), n=len(diffs),
+                per_seed={s: d for s, d in zip(seeds, diffs)})
+
+
+def _pair_with_vanilla(rows: list) -> None:
+    """Each guided row gets `paired`: its difference to the vanilla row of the same dataset, per column."""
+    vanilla = {row["correlation"]: row for row in rows if row["maps"] is None}
+    for row in rows:
+        reference = vanilla.get(row["correlation"])
+        if row["maps"] is None or reference is None:
+            continue
+        row["paired"] = {name: result for name in PAIRED_COLUMNS
+                         if name in row["metrics"] and name in reference["metrics"]
+                         and (result := paired(row["metrics"][name]["per_seed"],
+                                               reference["metrics"][name]["per_seed"])) is not None}
 
 
 def aggregate(plan: Plan) -> dict:
@@ -52,6 +81,7 @@ def aggregate(plan: Plan) -> dict:
                   for seed in seeds},
             train_command_seed0=display_command(first.train.argv),
         ))
+    _pair_with_vanilla(rows)
     seconds = {}
     for step in plan.steps:
         seconds[step.kind] = seconds.get(step.kind, 0.0) + step.seconds()
@@ -70,6 +100,13 @@ def _cell(metric: dict | None) -> str:
     if not metric or metric["mean"] is None:
         return "—"
     return f"{metric['mean']:.1f}" + (f" ± {metric['std']:.1f}" if metric["std"] is not None else "")
+
+
+def _paired_cell(result: dict | None) -> str:
+    if not result:
+        return "—"
+    lo, hi = result["ci95"]
+    return f"{result['mean']:+.1f} [{lo:+.1f}, {hi:+.1f}] p={result['p']:.2f} ({result['wins']}/{result['n']})"
 
 
 def _setup(row: dict) -> str:
@@ -120,6 +157,16 @@ def render_markdown(summary: dict, findings: str = "") -> str:
         lines.append(f"| {row['name']} | {row['correlation']:g} | {len(row['seeds_done'])}/"
                      f"{len(row['seeds_planned'])} | "
                      + " | ".join(_cell(row["metrics"].get(c)) for c in ROBUSTNESS_COLUMNS) + " |")
+    paired_rows = [row for row in rows if row.get("paired")]
+    if paired_rows:
+        lines += ["", "## Guided − vanilla, seed by seed", "",
+                  "Mean difference [95 % t interval], two-sided paired t-test p, and on how many seeds guided "
+                  "was higher, against the vanilla row of the same dataset.", "",
+                  "| row | " + " | ".join(METRICS[c][0] for c in PAIRED_COLUMNS) + " |",
+                  "|---|" + "---|" * len(PAIRED_COLUMNS)]
+        for row in paired_rows:
+            lines.append(f"| {row['name']} | " + " | ".join(_paired_cell(row["paired"].get(c)) for c in PAIRED_COLUMNS)
+                         + " |")
     lines += ["", "## Training command of each row (seed 0; other seeds differ in --seed and --out)", ""]
     for row in rows:
         lines += [f"- `{row['name']}`" + (f" ({row['note']})" if row["note"] else "") + ":",

@@ -97,6 +97,8 @@ class FakeRunner:
             results = {"k=10": {"top1": -1.0}, "k=20": {"top1": k if name == "knn" else k + 1}}
         elif name == "linear":
             results = {"top1": k + 2, "top5": 99.0}
+        elif name == "finetune":
+            results = {"splits": {"original": {"top1": k + 4}}}
         else:
             splits = {"original": {"knn_top1": k, "linear_top1": k + 2},
                       "mixed-rand": {"knn_top1": k - 5, "linear_top1": k - 4},
@@ -119,8 +121,8 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
     failing = FakeRunner(plan, fail={broken})
     with pytest.raises(click.ClickException, match="failed or were skipped"):
         study.run_study(config, runner=failing, echo=lines.append)
-    assert len(failing.calls) == len(plan.steps) - 4  # the broken run's four evaluations are skipped
-    assert sum("skipped" in line for line in lines) == 4 and sum("ETA" in line for line in lines) == len(plan.steps) - 4
+    assert len(failing.calls) == len(plan.steps) - 5  # the broken run's five evaluations are skipped
+    assert sum("skipped" in line for line in lines) == 5 and sum("ETA" in line for line in lines) == len(plan.steps) - 5
 
     partial = json.loads((config.docs / "results.json").read_text())
     assert not partial["complete"] and partial["missing"] == ["guided-oracle seed 1"]
@@ -131,7 +133,7 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
 
     resumed = FakeRunner(plan)
     summary = study.run_study(config, runner=resumed, echo=lines.append)
-    assert resumed.calls == [step.id for step in plan.runs["guided-oracle", 1].steps()[-5:]]
+    assert resumed.calls == [step.id for step in plan.runs["guided-oracle", 1].steps()[-6:]]
     assert summary["complete"] and summary["missing"] == []
 
     rows = {row["name"]: row for row in summary["rows"]}
@@ -142,6 +144,13 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
     assert vanilla["mixed_rand_knn"]["mean"] == 19.0 and vanilla["only_fg_linear"]["mean"] == 15.0
     assert vanilla["clean_fg_knn"]["mean"] == 27.0 and "bg_gap_knn" not in vanilla
     assert rows["guided-oracle"]["metrics"]["knn_cls"]["mean"] == 32.0
+    # guided − vanilla per seed: 10, 8, 6 on every column; t(0.975, 2) = 4.303, sem = 2 / sqrt(3)
+    knn_pair = rows["guided-oracle"]["paired"]["knn_cls"]
+    assert knn_pair["per_seed"] == {"0": 10.0, "1": 8.0, "2": 6.0} and knn_pair["wins"] == 3
+    assert knn_pair["ci95"] == pytest.approx([8.0 - 4.3027 * 2 / math.sqrt(3), 8.0 + 4.3027 * 2 / math.sqrt(3)],
+                                             abs=1e-3)
+    assert knn_pair["p"] == pytest.approx(0.0202, abs=1e-4)  # t = 8 / (2 / sqrt(3)) = 6.93 on 2 df
+    assert rows["guided-oracle"]["paired"]["finetune"]["mean"] == 8.0 and "paired" not in rows["vanilla"]
     correlated = rows["p0.8-vanilla"]["metrics"]
     assert correlated["bg_gap_knn"] == {"mean": 12.0, "std": None, "n": 1, "per_seed": {"0": 12.0}}
 
@@ -151,6 +160,7 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
     assert "| guided-oracle | oracle, τ cos 1→0.5, batch | 0 | 3/3 | 32.0 ± 2.6 |" in markdown
     assert "| p0.8-vanilla | 0.8 | 1/1 | 45.0 | 46.0 | 40.0 | 41.0 | 53.0 | 12.0 | 12.0 |" in markdown
     assert "| vanilla | 0 | 3/3 | 19.0 ± 4.6 |" in markdown and "| — | — |" in markdown
+    assert "| guided-oracle | +8.0 [+3.0, +13.0] p=0.02 (3/3) |" in markdown
 
     again = FakeRunner(plan)
     study.run_study(config, runner=again, echo=lines.append)
@@ -207,13 +217,14 @@ def test_dry_run_lists_the_quick_plan(study, tmp_path):
     result = CliRunner().invoke(study.main, ["--quick", "--dry-run", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     steps = [line for line in result.output.splitlines() if line.startswith("pending")]
-    assert len(steps) == 12 and sum(" train runs/" in line for line in steps) == 2
+    assert len(steps) == 14 and sum(" train runs/" in line for line in steps) == 2  # 1 + 1 + 2 x (1 + 5)
+    assert sum(" finetune runs/" in line for line in steps) == 2
     assert not (tmp_path / "docs").exists()
 
 
 def test_real_tiny_train_and_eval(study, tmp_path, demo_root):
     """The quick configuration's vanilla run through the real agmae-train, agmae-eval knn and robustness
-    (the other two protocols faked to stay within the time budget): the table reads the CLI's numbers."""
+    (the other protocols faked to stay within the time budget): the table reads the CLI's numbers."""
     config = study.make_config(quick=True, rows="vanilla", out=tmp_path / "study", docs=tmp_path / "docs")
     plan = study.build_plan(config)
     run = plan.runs["vanilla", 0]
@@ -221,7 +232,7 @@ def test_real_tiny_train_and_eval(study, tmp_path, demo_root):
     fake = FakeRunner(plan)
 
     def runner(step):
-        if step.kind == "eval" and step.id.split(" ", 1)[0] in ("knn-mean", "linear"):
+        if step.kind == "eval" and step.id.split(" ", 1)[0] in ("knn-mean", "linear", "finetune"):
             return fake(step)
         return study.subprocess_runner(step)
 
