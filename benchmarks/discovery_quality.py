@@ -1,12 +1,17 @@
-"""Map quality of the CNN discovery settings on the demo dataset's `original` test split.
+"""Map quality of discovery settings on the demo dataset's `original` test split.
 
 With the offline ImageNet EfficientNet-Lite0: `tokencut` over input sizes (64 px images up-sampled),
-feature stages and both foreground rules, and `gradcam`; each scored against the ground-truth masks
+feature stages and both foreground rules, and `gradcam`; with `--encoder RUN/checkpoint-last.pth`, also
+`tokencut` (last-block keys) and `dino` (CLS attention) of the project's own encoder at `--encoder-sizes`;
+each scored against the ground-truth masks
 (ROOT/masks/original) by mean IoU (map up-sampled to the mask, thresholded at its mean) and pointing
 accuracy (argmax on the object), next to a centre-prior baseline (eval.attention).
 
     python benchmarks/discovery_quality.py [--limit 500] [--sizes 224,448] [--stages bn2,blocks.5,blocks.4]
+    python benchmarks/discovery_quality.py --encoder RUN/checkpoint-last.pth --stages blocks.5 --sizes 224,448
 """
+from pathlib import Path
+
 import click
 import numpy as np
 import torch
@@ -44,6 +49,14 @@ def tokencut_maps(keys, root, size, stage, batch_size):
     return {rule: torch.cat(m) for rule, m in maps.items()}
 
 
+def own_encoder_maps(keys, root, checkpoint, method, size, batch_size):
+    """Maps of the project's own encoder (`--backbone RUN/checkpoint-last.pth`) with the method's defaults."""
+    d = discovery.build(method, backbone=str(checkpoint))
+    return torch.cat([d(imgs) for imgs in tqdm(batches(keys, root, size, d.mean, d.std, batch_size),
+                                                total=-(-len(keys) // batch_size), desc=f"{method} {size}px",
+                                                leave=False)])
+
+
 def gradcam_maps(keys, root, size, batch_size):
     d = discovery.build("gradcam", backbone=BACKBONE)
     return torch.cat([d(imgs) for imgs in tqdm(batches(keys, root, size, d.mean, d.std, batch_size),
@@ -56,8 +69,14 @@ def gradcam_maps(keys, root, size, batch_size):
 @click.option("--sizes", default="224,448", show_default=True, help="Input sizes S (64 px images up-sampled).")
 @click.option("--stages", default="bn2,blocks.5,blocks.4", show_default=True, help="TokenCut feature layers.")
 @click.option("--batch-size", type=int, default=50, show_default=True)
-def main(limit, sizes, stages, batch_size):
-    root = ensure_demo()
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Demo dataset root (default: the built-in one).")
+@click.option("--encoder", "encoders", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Also score tokencut and dino maps of this agmae-train checkpoint (repeatable).")
+@click.option("--encoder-sizes", default="64,128", show_default=True, help="Input sizes for --encoder.")
+@click.option("--no-cnn", is_flag=True, help="Skip the EfficientNet-Lite0 settings.")
+def main(limit, sizes, stages, batch_size, data, encoders, encoder_sizes, no_cnn):
+    root = data or ensure_demo()
     keys = scan(root / "original").keys
     keys = keys[:limit] if limit else keys
     masks = np.stack([load_mask(root, "original", key) for key in keys])
@@ -69,12 +88,17 @@ def main(limit, sizes, stages, batch_size):
         click.echo(f"{name:40s} IoU {rows[-1][1]:.3f}  pointing {rows[-1][2]:.3f}", err=True)
 
     score("centre prior (Gaussian, sigma 0.25)", np.broadcast_to(centre_prior(14, 14), (len(keys), 14, 14)))
-    for size in (int(s) for s in sizes.split(",")):
+    for checkpoint in encoders:
+        for size in (int(s) for s in encoder_sizes.split(",")):
+            for method in ("tokencut", "dino"):
+                maps = own_encoder_maps(keys, root / "original", checkpoint, method, size, batch_size)
+                score(f"{method} {size}px own {checkpoint.parent.name}", maps)
+    for size in (() if no_cnn else (int(s) for s in sizes.split(","))):
         for stage in stages.split(","):
             for rule, maps in tokencut_maps(keys, root / "original", size, stage, batch_size).items():
                 score(f"tokencut {size}px {stage} fg={rule}", maps)
         score(f"gradcam {size}px bn2 predicted", gradcam_maps(keys, root / "original", size, batch_size))
-    print(f"\n{len(keys)} images of {root / 'original'}, {BACKBONE} (offline ImageNet weights)")
+    print(f"\n{len(keys)} images of {root / 'original'}; CNN rows: {BACKBONE} (offline ImageNet weights)")
     print(f"{'setting':40s} {'mean IoU':>8s} {'pointing':>8s}")
     for name, iou, pointing in rows:
         print(f"{name:40s} {iou:8.3f} {pointing:8.3f}")

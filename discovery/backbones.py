@@ -1,6 +1,7 @@
 """Backbones for discovery: timm ViTs (DINO or any timm ViT) and timm CNNs, with their weights.
 
-Weights resolve in this order: a user file (`weights=`: an official DINO checkpoint, with or
+`--backbone RUN/checkpoint-last.pth` (an agmae-train checkpoint or an exported encoder) makes the
+project's own pre-trained encoder the backbone. For a timm name, weights resolve in this order: a user file (`weights=`: an official DINO checkpoint, with or
 without a `teacher`/`student` wrapper and `module.`/`backbone.` prefixes, or a timm state dict),
 then the installed offline EfficientNet-Lite0 (for `tf_efficientnet_lite0` only), then timm's
 pretrained weights where the hub is reachable. `random_init=True` is for smoke tests only.
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from agmae.checkpoint import file_sha256
+from agmae.checkpoint import file_sha256, load_encoder
 from agmae.hardware import resolve_precision
 
 DEFAULT_VIT = "vit_small_patch16_224.dino"
@@ -171,7 +173,8 @@ def state_dict_sha256(model) -> str:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape first: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -263,6 +266,17 @@ def create(name, pretrained=False, **kwargs):
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
+def own_encoder(path) -> VisionTransformer:
+    """The encoder of an agmae-train checkpoint (or an exported one) as a timm ViT that takes any input size
+    that is a multiple of its patch (its positions interpolated), with the MAE's ImageNet normalisation:
+    the two-round pipeline's first-round backbone, no outside weights involved."""
+    timm_kwargs, state = load_encoder(path)
+    model = VisionTransformer(**{**timm_kwargs, "num_classes": 0, "dynamic_img_size": True})
+    model.load_state_dict(state)
+    model.pretrained_cfg = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    return model
+
+
 def load_backbone(name=None, weights=None, random_init=False, seed=0, device="auto", classifier=False,
                   precision="auto"):
     """Build a frozen backbone.
@@ -272,6 +286,13 @@ def load_backbone(name=None, weights=None, random_init=False, seed=0, device="au
     """
     name = name or DEFAULT_VIT
     device = resolve_device(device)
+    if Path(name).suffix == ".pth" or Path(name).is_file():
+        if weights is not None or random_init:
+            raise ValueError(f"--backbone {name} is an agmae encoder with its own weights; drop --weights/--random-init")
+        if classifier:
+            raise ValueError(f"--backbone {name}: an agmae encoder has no classifier, which Grad-CAM needs; use "
+                             "--method tokencut or dino with it")
+        return Backbone(own_encoder(name), f"agmae encoder {Path(name).name}", file_sha256(name), device, precision)
     if not timm.is_model(name):
         raise ValueError(f"unknown backbone {name!r}; use a timm model name such as {DEFAULT_VIT} or {OFFLINE_LITE0}")
     if weights is not None:

@@ -160,3 +160,35 @@ def test_a_random_backbone_is_labelled_so_in_what_it_records():
     with pytest.warns(RandomInitWarning):
         d = discovery.build("dino", backbone="vit_small_patch16_224.dino", random_init=True, seed=3)
     assert d.backbone_name == "vit_small_patch16_224.dino (random init, seed 3)"
+
+
+def test_an_agmae_checkpoint_is_a_backbone_of_its_own(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from helpers import TINY_VIT
+
+    torch.manual_seed(0)
+    encoder = VisionTransformer(**TINY_VIT, num_classes=0)
+    checkpoint = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": encoder.state_dict(), "config": {"encoder": TINY_VIT}}, checkpoint)
+    backbone = load_backbone(str(checkpoint))
+    assert backbone.kind == "vit" and backbone.name == "agmae encoder checkpoint-last.pth"
+    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), backbone.model.state_dict().values()))
+    assert backbone.mean == (0.485, 0.456, 0.406)
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(backbone.model.forward_features(imgs), encoder.eval().forward_features(imgs), atol=1e-6)
+    maps = discovery.build("tokencut", backbone=str(checkpoint))(torch.randn(2, 3, 64, 64))  # positions interpolated
+    assert maps.shape == (2, 8, 8) and float(maps.max()) == 1.0
+    with pytest.raises(ValueError, match="no classifier, which Grad-CAM needs"):
+        discovery.build("gradcam", backbone=str(checkpoint))
+    with pytest.raises(ValueError, match="drop --weights"):
+        load_backbone(str(checkpoint), weights=str(checkpoint))
+
+
+def test_a_randomly_initialised_cnn_with_batchnorm_counters_is_fingerprinted():
+    with pytest.warns(RandomInitWarning):
+        first = load_backbone("tf_efficientnet_lite0", random_init=True, seed=1)
+    with pytest.warns(RandomInitWarning):
+        again = load_backbone("tf_efficientnet_lite0", random_init=True, seed=1)
+    assert len(first.weights_sha256) == 64 and first.weights_sha256 == again.weights_sha256

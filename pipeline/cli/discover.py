@@ -169,7 +169,8 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
 @click.option("--method", type=click.Choice(list(discovery.METHODS)),
               help="Discovery method; required unless a subcommand is given.")
 @click.option("--backbone", help="timm model name (default: vit_small_patch16_224.dino; gradcam: "
-                                 "tf_efficientnet_lite0). Any timm ViT or CNN.")
+                                 "tf_efficientnet_lite0). Any timm ViT or CNN, or an agmae-train checkpoint "
+                                 "(RUN/checkpoint-last.pth, or an exported encoder): the project's own encoder.")
 @click.option("--weights", type=path_type(exists=True, dir_okay=False),
               help="Checkpoint for the backbone: official DINO (teacher/student, module./backbone. prefixes) "
                    "or a timm state dict. Default: timm's pretrained weights (offline: the installed "
