@@ -291,6 +291,14 @@ def test_weight_decay_spares_norms_biases_and_tokens(image_root, tmp_path):
     assert trainer.optimizer.defaults["betas"] == (0.9, 0.95)
 
 
+@pytest.mark.parametrize("patch, given, fused", [(8, None, False), (4, None, False), (2, None, True),
+                                                 (2, False, False), (8, True, True)])
+def test_fused_attention_is_on_from_128_patches_on_a_cpu_unless_told(patch, given, fused, image_root, tmp_path):
+    trainer = Trainer(_config_for(image_root, tmp_path, patch_size=patch, fused_attn=given),
+                      engine.distributed.DistEnv(), torch.device("cpu"))  # 32 px: 16, 64, 256 patches
+    assert {block.attn.fused_attn for block in [*trainer.model.blocks, *trainer.model.decoder_blocks]} == {fused}
+
+
 def test_resume_with_another_architecture_is_refused(image_root, tmp_path):
     train(_config_for(image_root, tmp_path, epochs=1))
     with pytest.raises(ValueError, match="was trained with --embed-dim 32, this run has 64"):

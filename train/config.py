@@ -56,9 +56,9 @@ class TrainConfig:
     decoder_depth: int | None = option(None, "Override the decoder depth (default 8).", type=POSITIVE_INT)
     decoder_num_heads: int | None = option(None, "Override the decoder head count (default 16).",
                                            type=POSITIVE_INT)
-    fused_attn: bool | None = option(None, "Use torch's scaled_dot_product_attention. [default: on for CUDA, "
-                                           "off on CPU, where matmul-softmax attention is faster at a few dozen "
-                                           "tokens]", flags=("--fused-attn/--no-fused-attn",))
+    fused_attn: bool | None = option(None, "Use torch's scaled_dot_product_attention. [default: on for CUDA; on a "
+                                           "CPU from 128 patches (base/16's 196), off below, where matmul-softmax "
+                                           "attention is faster]", flags=("--fused-attn/--no-fused-attn",))
     compile: bool = option(False, "torch.compile the MAE (inductor; needs a C compiler on a CPU). Same results up to "
                                   "float rounding, exact resume kept; DDP runs compile the wrapped model. Measured "
                                   "on a 2-core CPU: the demo MAE's step 0.88x eager after ~80 s of compiling "

@@ -38,6 +38,9 @@ from agmae.train.schedules import lr_at, tau_at
 ADAMW_BETAS = (0.9, 0.95)
 LR_REFERENCE_BATCH = 256
 FOREGROUND_THRESHOLD = 0.5
+# On a CPU, torch's fused attention pays from this many patches (benchmarks/train_bench.py, 2 threads: the
+# step with it on / off 1.030 for the demo MAE's 64 patches, 0.925 for base/16's 196).
+FUSED_ATTN_MIN_PATCHES = 128
 # Settings that change how a run executes, not what it computes (the global batch is compared as
 # effective_batch, so the ranks may change between kills; the data and maps by their fingerprints).
 # Resuming with any other setting changed is refused, so a run's record always says what trained it.
@@ -128,7 +131,8 @@ class Trainer:
             self.store_identity = store.identity()
 
         self.model: MaskedAutoencoderViT = create_model(cfg.model, **cfg.model_overrides()).to(device)
-        self.model.set_fused_attn(device.type == "cuda" if cfg.fused_attn is None else cfg.fused_attn)
+        fused = device.type == "cuda" or self.model.num_patches >= FUSED_ATTN_MIN_PATCHES
+        self.model.set_fused_attn(fused if cfg.fused_attn is None else cfg.fused_attn)
         input_size = self.model.encoder_kwargs["img_size"]
         positions = [i for i in range(len(self.index)) if i not in self.unreadable]
         dataset = GuidedMAEDataset(self.index, input_size, self.model.num_patches, cfg.seed, cfg.maps, positions)
