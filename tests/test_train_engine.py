@@ -153,9 +153,11 @@ distributed.shutdown()
 """
 
 
-def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(image_root, maps_file, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(compiled, image_root, maps_file, tmp_path):
     # a large lr so that two Adam steps move the weights far beyond float noise
-    single = _config_for(image_root, tmp_path / "single", maps_file, epochs=1, warmup_epochs=0, batch_size=8, blr=0.5)
+    single = _config_for(image_root, tmp_path / "single", maps_file, epochs=1, warmup_epochs=0, batch_size=8, blr=0.5,
+                         compile=compiled)
     train(single)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
