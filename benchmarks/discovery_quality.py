@@ -49,9 +49,18 @@ def tokencut_maps(keys, root, size, stage, batch_size):
     return {rule: torch.cat(m) for rule, m in maps.items()}
 
 
-def own_encoder_maps(keys, root, checkpoint, method, size, batch_size):
-    """Maps of the project's own encoder (`--backbone RUN/checkpoint-last.pth`) with the method's defaults."""
-    d = discovery.build(method, backbone=str(checkpoint))
+# The own encoder's settings scored: each method's defaults, and TokenCut on the final tokens, mean-centred,
+# with the border rule (an MAE's most distinctive token is often background, which misleads the seed rule).
+OWN_ENCODER_SETTINGS = {
+    "tokencut keys": ("tokencut", {}),
+    "tokencut final tokens centred border": ("tokencut", dict(layer="norm", center=True, fg_rule="border")),
+    "dino": ("dino", {}),
+}
+
+
+def own_encoder_maps(keys, root, checkpoint, method, size, batch_size, **options):
+    """Maps of the project's own encoder (`--backbone RUN/checkpoint-last.pth`)."""
+    d = discovery.build(method, backbone=str(checkpoint), **options)
     return torch.cat([d(imgs) for imgs in tqdm(batches(keys, root, size, d.mean, d.std, batch_size),
                                                 total=-(-len(keys) // batch_size), desc=f"{method} {size}px",
                                                 leave=False)])
@@ -90,9 +99,9 @@ def main(limit, sizes, stages, batch_size, data, encoders, encoder_sizes, no_cnn
     score("centre prior (Gaussian, sigma 0.25)", np.broadcast_to(centre_prior(14, 14), (len(keys), 14, 14)))
     for checkpoint in encoders:
         for size in (int(s) for s in encoder_sizes.split(",")):
-            for method in ("tokencut", "dino"):
-                maps = own_encoder_maps(keys, root / "original", checkpoint, method, size, batch_size)
-                score(f"{method} {size}px own {checkpoint.parent.name}", maps)
+            for name, (method, options) in OWN_ENCODER_SETTINGS.items():
+                maps = own_encoder_maps(keys, root / "original", checkpoint, method, size, batch_size, **options)
+                score(f"{name} {size}px own {checkpoint.parent.name}", maps)
     for size in (() if no_cnn else (int(s) for s in sizes.split(","))):
         for stage in stages.split(","):
             for rule, maps in tokencut_maps(keys, root / "original", size, stage, batch_size).items():

@@ -128,7 +128,8 @@ class Backbone:
                              "pick one of its module names (model.named_modules())") from None
 
     def features(self, imgs, layer=None):
-        """CNN feature map of module `layer` (None: the head features). imgs: [B, 3, S, S] -> [B, C, h, w]"""
+        """Output of module `layer` (None: a CNN's head features). imgs: [B, 3, S, S] -> a CNN's [B, C, h, w],
+        a ViT module's tokens [B, T, C]."""
         with capture_output(self.module(layer or self.head_layer())) as taken, self.autocast():
             self.model.forward_features(self.prepare(imgs))
         return taken[0].float()

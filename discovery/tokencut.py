@@ -160,13 +160,13 @@ class TokenCut(Discoverer):
         if fg_rule not in FG_RULES:
             raise ValueError(f"tokencut fg_rule={fg_rule!r}: use one of {FG_RULES}")
         if backbone.kind == "vit" and layer is not None:
-            raise ValueError("tokencut layer= applies to CNN backbones; a ViT always gives its last block's keys")
+            backbone.module(layer)
         if backbone.kind == "cnn":
             layer = layer or CNN_DEFAULT_LAYERS.get(type(backbone.model).__name__) or backbone.head_layer()
             backbone.module(layer)
         self.default_image_size = defaults["image_size"]
         super().__init__(backbone, {
-            "features": "keys" if backbone.kind == "vit" else layer,
+            "features": "keys" if backbone.kind == "vit" and layer is None else layer,
             "tau": defaults["tau"] if tau is None else float(tau),
             "eps": float(eps),
             "graph": graph,
@@ -181,12 +181,15 @@ class TokenCut(Discoverer):
         return self.backbone.grid(size, layer)
 
     def tokens(self, imgs):
-        """imgs: [B, 3, S, S] -> [B, N, C] graph nodes: the last block's keys (heads concatenated,
-        prefix tokens dropped) for a ViT, the chosen stage's cells for a CNN."""
-        if self.backbone.kind == "vit":
+        """imgs: [B, 3, S, S] -> [B, N, C] graph nodes: for a ViT the last block's keys (heads concatenated),
+        or the tokens a named module outputs (e.g. `norm`: the final tokens), prefix tokens dropped; for a
+        CNN the chosen stage's cells."""
+        prefix = self.backbone.model.num_prefix_tokens if self.backbone.kind == "vit" else 0
+        if self.options["features"] == "keys":
             _, k = self.backbone.last_qk(imgs)
-            k = k[:, :, self.backbone.model.num_prefix_tokens:]
-            feats = k.transpose(1, 2).flatten(2)
+            feats = k[:, :, prefix:].transpose(1, 2).flatten(2)
+        elif self.backbone.kind == "vit":
+            feats = self.backbone.features(imgs, self.options["features"])[:, prefix:]
         else:
             feats = self.backbone.features(imgs, self.options["features"]).flatten(2).transpose(1, 2)
         if self.options["center"]:

@@ -1,4 +1,5 @@
-"""What several test modules share: the tiny ViT they evaluate and loading a benchmark script as a module."""
+"""What several test modules share: the tiny ViT they evaluate, a small training split, and loading a
+benchmark script as a module."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -33,3 +34,18 @@ def add_unreadable_images(root, like) -> list:
     (bad / "truncated.jpg").write_bytes((bad / "whole.jpg").read_bytes()[:400])
     (bad / "whole.jpg").unlink()
     return sorted(f"bad/{p.name}" for p in bad.iterdir())
+
+
+def random_training_split(root, count: int):
+    """ROOT/train/{cat,dog}/NN.png: `count` random 48x40 images in two classes, seed 0; returns the split's
+    folder (its parent is the --data root)."""
+    import numpy as np
+    from PIL import Image
+
+    split = Path(root) / "train"
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = split / ("cat" if i % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return split

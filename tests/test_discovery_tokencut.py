@@ -162,6 +162,19 @@ def test_vit_tokencut_cuts_the_last_block_keys(output):
         assert torch.equal(maps, expected) and maps.amax((1, 2)).eq(1).all()
 
 
+def test_vit_tokencut_on_a_named_layer_cuts_its_patch_tokens_mean_centred():
+    with pytest.warns(RandomInitWarning):
+        d = discovery.build("tokencut", backbone="test_vit", random_init=True, layer="norm", center=True,
+                            fg_rule="border")
+    imgs = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        final = d.backbone.model.forward_features(imgs)[:, d.backbone.model.num_prefix_tokens:]
+    eigvec, _ = ncut(final - final.mean(1, keepdim=True), tau=0.2, fg_rule="border", grid=(4, 4))
+    low, high = eigvec.min(1, keepdim=True).values, eigvec.max(1, keepdim=True).values
+    torch.testing.assert_close(d(imgs).flatten(1), (eigvec - low) / (high - low), atol=1e-5, rtol=0)
+    assert d.options["features"] == "norm"
+
+
 def test_cnn_tokencut_defaults_and_grid(demo_root):
     d = discovery.build("tokencut", backbone="tf_efficientnet_lite0")
     assert d.options["features"] == "blocks.5" and d.options["tau"] == 0.0 and d.options["center"] is True

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 import agmae.train.engine as engine
 from agmae.data.folder import scan
@@ -28,7 +27,7 @@ from agmae.hardware import resolve_precision
 from agmae.train.config import RECIPES
 from agmae.train.engine import NonFiniteLossError, TrainConfig, Trainer, train
 
-from helpers import add_unreadable_images
+from helpers import add_unreadable_images, random_training_split
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES, GRID = 16, (5, 6)
@@ -39,14 +38,7 @@ FAILED_INDEX = 3
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
-    """The train split's folder of a two-class dataset (ROOT/train/<class>/<image>); --data is its parent."""
-    root = tmp_path_factory.mktemp("dataset") / "train"
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        folder = root / ("cat" if i % 2 else "dog")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    return root
+    return random_training_split(tmp_path_factory.mktemp("dataset"), N_IMAGES)
 
 
 def _write_store(path, keys, maps, status):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 import agmae.train.engine as engine
 from agmae import store
@@ -20,6 +19,8 @@ from agmae.train.config import TrainConfig
 from agmae.train.engine import train
 from agmae.train.masking import SAMPLING_WEIGHT_FLOOR, masking_noise
 from agmae.train.model import MaskedAutoencoderViT
+
+from helpers import random_training_split
 
 L = 16
 DRAWS = 20_000
@@ -100,14 +101,7 @@ def test_random_masking_hands_the_noise_on_untouched():
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
-    """The train split of a two-class dataset of random images; --data is its parent."""
-    root = tmp_path_factory.mktemp("dataset") / "train"
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        folder = root / ("cat" if i % 2 else "dog")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    return root
+    return random_training_split(tmp_path_factory.mktemp("dataset"), N_IMAGES)
 
 
 @pytest.fixture(scope="module")

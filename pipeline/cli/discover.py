@@ -52,9 +52,10 @@ METHOD_OPTIONS = {
                            help="tokencut: subtract each image's mean feature first (default: on for CNNs, off "
                                 "for ViT keys)."),
     "layer": click.option("--layer",
-                          help="tokencut (CNN) / gradcam: module name of the feature layer, e.g. blocks.5 "
-                               "(default: tokencut on EfficientNets blocks.5, other CNNs their head features; "
-                               "gradcam the head features for CNNs, blocks[-1].norm1 for ViTs)."),
+                          help="tokencut / gradcam: module name of the feature layer, e.g. blocks.5 "
+                               "(default: tokencut on EfficientNets blocks.5, other CNNs their head features, "
+                               "ViTs the last block's keys, `norm` their final tokens; gradcam the head "
+                               "features for CNNs, blocks[-1].norm1 for ViTs)."),
     "solver": click.option("--solver", type=click.Choice(["exact", "iterative"]),
                            help="tokencut: Fiedler vectors by one batched float64 eigh (exact, default) or by "
                                 "float32 subspace iteration made of batched matmuls, exact where it does not "
