@@ -70,6 +70,10 @@ NON_NEGATIVE = click.FloatRange(min=0)
 SHARE = click.FloatRange(0, 1)
 
 
+# How a run executes, not what it computes: the options a resume may change.
+EXECUTION_SETTINGS = frozenset({"workers", "device", "verify_images", "max_failures"})
+
+
 def _recipe(name: str, text: str) -> str:
     return f"{text} [default: {RECIPES['demo'][name]} on the demo dataset, {RECIPES['imagenet'][name]} otherwise]"
 
@@ -132,9 +136,6 @@ class FinetuneOptions:
         return {name: value for name, value in asdict(self).items() if name not in EXECUTION_SETTINGS}
 
 
-EXECUTION_SETTINGS = frozenset({"workers", "device", "verify_images", "max_failures"})
-
-
 def build_classifier(checkpoint, num_classes: int, drop_path: float) -> VisionTransformer:
     """The encoder of `checkpoint` as a timm classifier: mean-pooled patch tokens -> fc_norm -> head."""
     timm_kwargs, state = load_encoder(checkpoint)
@@ -195,7 +196,7 @@ class FineTuning:
     def __init__(self, checkpoint, train_index: ImageFolderIndex, opts: FinetuneOptions, out_dir, *, env=None,
                  device="cpu", progress: bool = True):
         """opts: resolved (`FinetuneOptions.resolved`); out_dir: where checkpoint-last.pth is kept."""
-        self.opts, self.index, self.out_dir = opts, train_index, Path(out_dir)
+        self.opts, self.out_dir = opts, Path(out_dir)
         self.env = env or distributed.DistEnv()
         self.device = torch.device(device)
         self.progress = progress and self.env.is_main
@@ -205,8 +206,8 @@ class FineTuning:
         self.image_size = self.model.patch_embed.img_size[0]
         self.identity = dict(options=opts.identity(), encoder_sha256=file_sha256(checkpoint),
                              keys_sha256=train_index.keys_sha256, world_size=self.env.world_size)
-        self.batches_per_epoch = len(train_index) // (opts.batch_size * self.env.world_size)
-        self.steps_per_epoch = self.batches_per_epoch // opts.accum_iter
+        batches_per_epoch = len(train_index) // (opts.batch_size * self.env.world_size)
+        self.steps_per_epoch = batches_per_epoch // opts.accum_iter
         if self.steps_per_epoch == 0:
             raise ValueError(f"{train_index.root}: {len(train_index)} images make no full step of --batch-size "
                              f"{opts.batch_size} x --accum-iter {opts.accum_iter} x "
@@ -303,7 +304,6 @@ class FineTuning:
         return self.model.eval()
 
 
-@torch.no_grad()
 def classify(model, index: ImageFolderIndex, image_size: int, batch_size: int = 128, workers: int = 4,
              device="cpu", progress: bool = True, precision: str = "fp32") -> dict:
     """Top-1 (and top-5 where there are more than 5 classes) percent of the classifier on the eval view."""

@@ -1,7 +1,7 @@
 """The evaluation protocols as functions: knn, linear, retrieval, robustness over an encoder's features
-(`Evaluation`), attention over map stores, finetune over the encoder's weights. Each returns an `Outcome` (its results.json key, entry and
-table); `record` writes any of them to RUN_DIR/results.json, the one results path. `agmae-eval` is a
-thin layer over these (docs/METHOD.md#evaluation-protocols).
+(`Evaluation`), attention over map stores, finetune over the encoder's weights. Each returns an `Outcome`
+(its results.json key, entry and table); `record` writes any of them to RUN_DIR/results.json, the one
+results path. `agmae-eval` is a thin layer over these (docs/METHOD.md#evaluation-protocols).
 
 The options of each protocol are defined once, as fields (`FeatureOptions`, `KnnOptions`,
 `ProbeOptions`, `AttentionOptions`, and `FinetuneOptions` in eval/finetune.py), from which the CLI
@@ -15,7 +15,6 @@ import click
 
 from agmae import distributed
 from agmae.data import demo
-from agmae.data.demo import load_mask
 from agmae.data.folder import scan, split_folder
 from agmae.eval import attention, finetune, knn, linear, retrieval, robustness
 from agmae.eval.features import POOLS, FeatureSource, image_size_of, readable_index
@@ -193,7 +192,8 @@ def run_knn(ev: Evaluation, opts: KnnOptions) -> Outcome | None:
     robustness.check_same_classes(train.index, {ev.test_split: test.index}, "k-NN")
     results = knn.knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels,
                                len(train.index.classes), ks=opts.ks, T=opts.temperature, progress=True)
-    table = format_table(["k", "top-1", "top-5"], [[int(key[2:]), r["top1"], r.get("top5")] for key, r in results.items()])
+    table = format_table(["k", "top-1", "top-5"],
+                         [[int(key[2:]), r["top1"], r.get("top5")] for key, r in results.items()])
     options = dict(ks=list(opts.ks), T=opts.temperature, train_split=ev.train_split, test_split=ev.test_split,
                    headline=f"k={knn.HEADLINE_K}")
     return ev.outcome("knn", options, results, [ev.train_split, ev.test_split], started, table)
@@ -300,7 +300,8 @@ def run_finetune(checkpoint, root, train_split: str, test_split: str | None, opt
                                        progress=env.is_main) for name, index in tests.items()}
     if not env.is_main:
         return None
-    table = format_table(["split", "top-1", "top-5"], [[name, r["top1"], r.get("top5")] for name, r in results.items()])
+    table = format_table(["split", "top-1", "top-5"],
+                         [[name, r["top1"], r.get("top5")] for name, r in results.items()])
     return build_outcome("finetune", checkpoint, tuning.identity["encoder_sha256"], root,
                          {train_split: train_index, **tests},
                          dict(**opts.identity(), lr=tuning.lr, train_split=train_split, test_split=test_split),
@@ -327,7 +328,7 @@ def run_attention(root, split: str, stores, opts: AttentionOptions) -> Outcome:
     index = scan(split_folder(root, split))
 
     def mask_of(key):
-        return load_mask(root, split, key)
+        return demo.load_mask(root, split, key)
 
     results, rows, grids = {}, [], []
     for path in stores:

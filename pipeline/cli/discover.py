@@ -28,7 +28,6 @@ def path_type(**kwargs):
     return click.Path(path_type=Path, **kwargs)
 
 
-
 # Method options: default None means "the method's own default"; each applies to the methods whose
 # `discovery.build` accepts it (discovery.method_options).
 METHOD_OPTIONS = {
@@ -198,8 +197,8 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
               help="Exit non-zero when more than this fraction of the images failed (unreadable, non-finite map).")
 @method_options
 @click.pass_context
-def main(ctx, method, backbone, weights, random_init, seed, data, train_split, out, image_size, batch_size, workers, device,
-         precision, shard, overwrite, max_failures, **given):
+def main(ctx, method, backbone, weights, random_init, seed, data, train_split, out, image_size, batch_size, workers,
+         device, precision, shard, overwrite, max_failures, **given):
     """Compute attention maps for every image of a folder into an attention store (HDF5).
 
     `agmae-discover --method tokencut` works as typed on the demo dataset. A killed run resumes where it

@@ -73,12 +73,13 @@ class Command:
         return self._evaluation
 
 
-def _run(steps, opts: dict) -> None:
+def _run(steps, opts: dict, device: str = "cpu") -> None:
     """Run each step (Command -> Outcome, or None where it has nothing to record on this rank) and record
-    every outcome through the one results path; a step may also return a note saying why it was skipped."""
+    every outcome through the one results path; a step may also return a note saying why it was skipped.
+    device: where the steps run when they take no feature options (whose --device then decides)."""
     if "pool" in opts:
         opts["features"] = _take(opts, FeatureOptions)
-    env, device = distributed.init(opts["features"].device if "features" in opts else opts.get("device", "cpu"))
+    env, device = distributed.init(opts["features"].device if "features" in opts else device)
     try:
         command = Command(opts, env, device)
         for step in steps:
@@ -199,7 +200,7 @@ def finetune(**opts):
     _run([lambda command: protocols.run_finetune(command.checkpoint, command.root, opts["train_split"],
                                                  opts["test_split"], finetune_opts, command.run_dir,
                                                  command.env, command.device)],
-         {**opts, "device": finetune_opts.device})
+         opts, finetune_opts.device)
 
 
 @main.command(name="all")
