@@ -1,5 +1,6 @@
 """The step runner of `make demo` and the study reuses a step only when it would be made the same way."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -119,3 +120,47 @@ def test_every_command_the_demo_and_the_study_plan_is_accepted_by_its_cli(tmp_pa
         if isinstance(command, click.Group) and args and args[0] in command.commands:
             sub = command.commands[args[0]]
             sub.make_context(args[0], args[1:], parent=context)
+
+
+def recorder(out, seconds=0.0):
+    """A stage stand-in that records its start and end time, its CPU affinity and its thread setting."""
+    code = ("import json, os, time; start = time.time(); time.sleep({s}); "
+            "json.dump(dict(start=start, end=time.time(), cpus=sorted(os.sched_getaffinity(0)), "
+            "threads=os.environ.get('OMP_NUM_THREADS')), open({out!r}, 'w'))").format(s=seconds, out=str(out))
+    return [sys.executable, "-c", code]
+
+
+def test_steps_run_side_by_side_each_on_its_own_cpus_and_wait_for_what_they_need(tmp_path):
+    record = {name: tmp_path / f"{name}.json" for name in ("a", "b", "after_a", "alone")}
+    a = step(tmp_path, "a", recorder(record["a"], 1.5))
+    b = step(tmp_path, "b", recorder(record["b"], 1.5))
+    after_a = step(tmp_path, "after_a", recorder(record["after_a"]), needs=(a,))
+    lines = []
+    # CPU 0 listed twice: two lanes on any machine, so the test needs no second core
+    assert execute([a, b, after_a], echo=lines.append, cpus=(0, 0)) == []
+    seen = {name: json.loads(path.read_text()) for name, path in record.items() if path.exists()}
+    assert seen["a"]["start"] < seen["b"]["end"] and seen["b"]["start"] < seen["a"]["end"]  # overlapped
+    assert all(seen[name]["threads"] == "1" and seen[name]["cpus"] == [0] for name in ("a", "b"))
+    assert seen["after_a"]["start"] >= seen["a"]["end"]
+    assert "2 side by side" in lines[0] and sum("started on CPU 0" in line for line in lines) == 3
+    # a step ready on its own takes every free CPU: both lanes' threads
+    assert execute([step(tmp_path, "alone", recorder(record["alone"]))], echo=lines.append, cpus=(0, 0)) == []
+    assert json.loads(record["alone"].read_text())["threads"] == "2"
+
+
+def test_side_by_side_a_failure_skips_only_what_needs_it(tmp_path):
+    out = tmp_path / "out.txt"
+    broken = step(tmp_path, "broken", [sys.executable, "-c", "raise SystemExit(2)"])
+    after = step(tmp_path, "after", appender(out, "x"), needs=(broken,))
+    other = step(tmp_path, "other", appender(out, "o"))
+    lines = []
+    assert execute([broken, after, other], echo=lines.append, cpus=(0, 0)) == ["broken", "after"]
+    assert out.read_text() == "o" and any("after: skipped" in line for line in lines)
+
+
+def test_one_at_a_time_runs_in_list_order_without_touching_threads(tmp_path):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    steps = [step(tmp_path, "first", recorder(first, 0.2)), step(tmp_path, "second", recorder(second))]
+    assert execute(steps, echo=lambda line: None) == []
+    assert json.loads(second.read_text())["start"] >= json.loads(first.read_text())["end"]
+    assert json.loads(first.read_text())["threads"] == os.environ.get("OMP_NUM_THREADS")
