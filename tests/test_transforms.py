@@ -9,6 +9,7 @@ from agmae.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     JointRandomResizedCrop,
+    NormalisedTensor,
     crop_maps,
     discovery_transform,
     eval_transform,
@@ -225,3 +226,17 @@ def test_discovery_transform_keeps_the_whole_image_without_aspect():
     torch.testing.assert_close(out[:, :, 18:], -torch.ones(3, 32, 14))
     default = discovery_transform(32)(img)
     torch.testing.assert_close(default[:, 0, 0], (1 - MEAN[:, 0, 0]) / STD[:, 0, 0])
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (37, 91)])
+def test_normalised_tensor_is_bit_identical_to_torchvision_to_tensor_then_normalize(hw):
+    from torchvision import transforms as T
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    pixels[0, 0], pixels[-1, -1] = 0, 255
+    img = Image.fromarray(pixels, "RGB")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = T.Compose([T.ToTensor(), T.Normalize(mean, std)])(img)
+    assert NormalisedTensor(mean, std)(img).shape == (3, *hw)
+    assert torch.equal(NormalisedTensor(mean, std)(img), expected)
