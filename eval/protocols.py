@@ -242,15 +242,17 @@ def robustness_splits(ev: Evaluation, requested=()) -> list[str]:
     return list(requested) or [name for name in robustness.DEMO_SPLITS if ev.has_split(name)]
 
 
-def run_robustness(ev: Evaluation, splits, knn_opts: KnnOptions, probe_opts: ProbeOptions) -> Outcome | None:
-    """Accuracy on background-changed splits (k-NN + cached-feature linear), BG-gap, clean-fg k-NN."""
+def run_robustness(ev: Evaluation, splits, knn_opts: KnnOptions, probe_opts: ProbeOptions,
+                   clean_fg: bool = True) -> Outcome | None:
+    """Accuracy on background-changed splits (k-NN + cached-feature linear), BG-gap, and (with clean_fg, where
+    the dataset has its splits) clean-fg k-NN."""
     started = time.time()
     names = robustness_splits(ev, splits)
     if not names:
         raise ValueError(f"no robustness splits under {ev.root}; pass --splits NAME (repeatable)")
     train = ev.features(ev.train_split)
     features = {name: ev.features(name) for name in names}
-    clean_fg = ev.has_split(robustness.CLEAN_FG_BANK) and robustness.CLEAN_FG_QUERIES in features
+    clean_fg = clean_fg and ev.has_split(robustness.CLEAN_FG_BANK) and robustness.CLEAN_FG_QUERIES in features
     clean_fg_bank = ev.features(robustness.CLEAN_FG_BANK) if clean_fg else None
     if not ev.env.is_main:
         return None

@@ -151,6 +151,14 @@ def test_robustness_reads_its_own_splits_and_refuses_a_test_split(run_dir, demo_
     assert set(entry["results"]["splits"]) == {"only-fg", "mixed-rand"} and entry["options"]["splits"] == [
         "only-fg", "mixed-rand"]
     assert set(entry["dataset"]["keys_sha256"]) == {"train", "only-fg", "mixed-rand", "train-fg"}
+    assert "clean_fg_knn_top1" in entry["results"]
+    # without the diagnostic, train-fg is neither read nor reported
+    result = CliRunner().invoke(main, ["robustness", *checkpoint, "--splits", "only-fg", "--no-clean-fg",
+                                       "--epochs", "1", "--warmup-epochs", "0"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((run_dir / "results.json").read_text())["robustness"]
+    assert "clean_fg_knn_top1" not in entry["results"] and set(entry["dataset"]["keys_sha256"]) == {"train", "only-fg"}
+    assert "clean-fg" not in result.output
 
 
 def test_every_protocol_leaves_unreadable_images_out_and_names_them(run_dir, demo_root, tmp_path, monkeypatch):

@@ -43,6 +43,11 @@ splits_option = click.option(
     "--splits", multiple=True,
     help="Test splits for robustness (repeat the option); they must share the train split's class names. "
          "Default: those of original, mixed-rand, only-fg, mixed-same that exist under the dataset root.")
+clean_fg_option = click.option(
+    "--clean-fg/--no-clean-fg", default=True, show_default=True,
+    help="Also the clean-fg k-NN diagnostic (only-fg queries against the training objects on black, train-fg), "
+         "where the dataset has both splits: one more pass over a training-sized split.")
+robustness_options = compose(splits_option, clean_fg_option)
 encoder_options = compose(checkpoint_option, run_dir_opt, dataset_options, click_options(FeatureOptions))
 common_options = compose(encoder_options, test_split_option)
 
@@ -112,12 +117,12 @@ def retrieval_step(opts):
 
 
 def robustness_step(opts, knn_opts, probe_opts, only_if_present=False):
-    splits = opts.pop("splits")
+    splits, clean_fg = opts.pop("splits"), opts.pop("clean_fg")
 
     def step(command):
         if only_if_present and not protocols.robustness_splits(command.evaluation, splits):
             return f"[all] skipped robustness: {command.root} has none of the background splits"
-        return protocols.run_robustness(command.evaluation, splits, knn_opts, probe_opts)
+        return protocols.run_robustness(command.evaluation, splits, knn_opts, probe_opts, clean_fg)
     return step
 
 
@@ -169,7 +174,7 @@ def retrieval(**opts):
 
 @main.command()
 @encoder_options
-@splits_option
+@robustness_options
 @click_options(KnnOptions)
 @click_options(ProbeOptions, exclude=("mode",))
 def robustness(**opts):
@@ -207,7 +212,7 @@ def finetune(**opts):
 @common_options
 @click_options(KnnOptions)
 @click_options(ProbeOptions)
-@splits_option
+@robustness_options
 @click_options(AttentionOptions)
 def run_all(**opts):
     """Every protocol that applies: knn, linear, retrieval; robustness where the dataset has background
