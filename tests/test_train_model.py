@@ -37,9 +37,9 @@ def test_presets_cover_sizes_patches_and_the_demo_model():
             assert MODELS[f"mae_vit_{size}_patch{patch}"]["patch_size"] == patch
     assert MODELS["mae_vit_base_patch16"] == dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     demo = create_model("mae_vit_demo_patch8")
-    assert demo.encoder_kwargs == dict(img_size=64, patch_size=8, in_chans=3, embed_dim=192, depth=6,
-                                       num_heads=3, mlp_ratio=4.0)
-    assert (len(demo.decoder_blocks), demo.decoder_embed.out_features) == (2, 128)
+    assert demo.encoder_kwargs == dict(img_size=64, patch_size=8, in_chans=3, embed_dim=128, depth=4,
+                                       num_heads=4, mlp_ratio=4.0)
+    assert (len(demo.decoder_blocks), demo.decoder_embed.out_features) == (1, 64)
     with pytest.raises(ValueError, match="unknown model"):
         create_model("mae_vit_giant_patch16")
 

@@ -1,12 +1,15 @@
 """`make demo`: the whole pipeline on the built-in demo dataset, as a user would run it.
 
-Builds the demo dataset, discovers maps (oracle masks, TokenCut and Grad-CAM on the offline
-EfficientNet-Lite0), trains a vanilla MAE and guided MAEs (TokenCut and oracle maps) with equal
-compute, evaluates them (k-NN, cached linear probe, background robustness, map quality), prints
-one comparison table and writes `report.png`. Every step is the stage's own CLI in a subprocess,
-run by the step runner it shares with the study (agmae.cli.steps): a second `make demo` (or one
-after a crash) skips the steps finished with the same recipe and redoes those whose options or
-inputs changed.
+Builds the demo dataset, discovers oracle maps (from the masks), trains a vanilla MAE and, with the
+same compute, two guided MAEs: one on the oracle maps and one on maps that need no outside weights,
+TokenCut on the vanilla MAE's own final tokens (the two-round pipeline). Then it evaluates them
+(mean-pooled k-NN, cached linear probe, background robustness, map quality), prints one comparison
+table with the guided - vanilla differences and writes `report.png`.
+
+Every step is the stage's own CLI in a subprocess, run by the step runner it shares with the study
+(agmae.cli.steps), two side by side on a 2-core machine, each on its own core: a second `make demo`
+(or one after a crash) skips the steps finished with the same recipe and redoes those whose options
+or inputs changed.
 """
 import hashlib
 import json
@@ -20,28 +23,30 @@ from agmae.data.demo import ensure_demo
 from agmae.data.folder import load_rgb, scan
 from agmae.eval.report import format_table
 from agmae.store import open_maps
-from agmae.cli.steps import Step, console_script, execute, stream_runner
+from agmae.cli.steps import Step, console_script, cpu_set, execute, log_runner
 from agmae.options import click_option, seed_option
 from agmae.paths import agmae_home, maps_path
+from agmae.train.config import RECIPES
 
-DISCOVERY = {
-    "oracle": ["--method", "oracle", "--patch", "8"],
-    # 224 px, not TokenCut's 448-px CNN default: on 64-px images the larger input buys IoU
-    # (benchmarks/discovery_quality.py) at 4x the compute, which the demo's time budget cannot spend.
-    "tokencut": ["--method", "tokencut", "--backbone", "tf_efficientnet_lite0", "--image-size", "224"],
-    # Grad-CAM needs a backward pass; at 128 px (a 4x4 grid) it fits the demo's 20 minutes.
-    "gradcam": ["--method", "gradcam", "--backbone", "tf_efficientnet_lite0", "--image-size", "128"],
-}
-RUNS = {"vanilla": None, "guided-tokencut": "tokencut", "guided-oracle": "oracle"}
-# First kept epoch at which guided (oracle maps) led vanilla by > 2 k-NN points in the study's learning curve.
-SEPARATION_EPOCH = 12
+ORACLE_MAPS = ["--method", "oracle", "--patch", "8"]
+# TokenCut on the vanilla MAE's final tokens, mean-centred, with the border rule (an MAE's most distinctive
+# token is often background, which misleads TokenCut's seed rule), on inputs up-sampled to 96 px (a 12x12
+# grid). On 1,000 demo images these maps beat TokenCut on the offline ImageNet EfficientNet-Lite0 at 224 px
+# (mean IoU 61.6 against 55.8); 128 px gains 2 more points at twice the cost (docs/CALIBRATION.md).
+MAE_TOKENCUT_MAPS = ["--method", "tokencut", "--layer", "norm", "--center", "--fg-rule", "border",
+                     "--image-size", "96"]
+# run name: the map source that guides it (None: vanilla)
+RUNS = {"vanilla": None, "guided-oracle": "oracle", "guided-mae-tokencut": "mae-tokencut"}
+# Mean-pooled features: the headline metric, chosen from the 20-epoch study's signal-to-noise before any
+# calibration run (docs/CALIBRATION.md); CLS k-NN moved 3.5 points between vanilla seeds there.
+EVALUATION = "robustness[pool=mean]"
+HEADLINE = "k-NN original"
 COLUMNS = {
-    "k-NN original": ("robustness", ("splits", "original", "knn_top1")),
-    "k-NN mixed-rand": ("robustness", ("splits", "mixed-rand", "knn_top1")),
-    "k-NN only-fg": ("robustness", ("splits", "only-fg", "knn_top1")),
-    "clean-fg k-NN": ("robustness", ("clean_fg_knn_top1",)),
-    "linear original": ("robustness", ("splits", "original", "linear_top1")),
-    "linear mixed-rand": ("robustness", ("splits", "mixed-rand", "linear_top1")),
+    "k-NN original": ("splits", "original", "knn_top1"),
+    "k-NN mixed-rand": ("splits", "mixed-rand", "knn_top1"),
+    "k-NN only-fg": ("splits", "only-fg", "knn_top1"),
+    "linear original": ("splits", "original", "linear_top1"),
+    "linear mixed-rand": ("splits", "mixed-rand", "linear_top1"),
 }
 
 
@@ -53,32 +58,50 @@ def run_directory(run_root: Path, name: str, train: Step) -> Path:
 
 
 def plan(run_root: Path, demo_root: Path, epochs: int, seed: int) -> tuple[list, dict]:
-    """The demo's steps in order, and {run name: run directory}."""
+    """The demo's steps in the order the runner starts them when several are ready, and {run name: run
+    directory}. Vanilla and guided-oracle train side by side; the vanilla MAE's maps are discovered once
+    it is done, and guided-mae-tokencut trains on them beside the first evaluations."""
     data = ["--data", str(demo_root)]
     precision = ["--precision", "native"]  # bf16 where the CPU has it natively: 2-3x faster there
-    discovered, steps, run_dirs = {}, [], {}
-    for method, options in DISCOVERY.items():
+    logs = run_root / "logs"
+
+    def discover(method: str, options: list, needs=()) -> Step:
         out_file = maps_path(run_root, method)
-        discovered[method] = Step(f"discover {method}", [console_script("agmae-discover"), *options, *data,
-                                                         *precision, "--out", str(out_file)],
-                                  out_file.with_suffix(".done.json"), kind="discover", stale_output=out_file)
-        steps.append(discovered[method])
-    for name, method in RUNS.items():
+        return Step(f"discover {method}", [console_script("agmae-discover"), *options, *data, *precision,
+                                           "--out", str(out_file)],
+                    out_file.with_suffix(".done.json"), needs, kind="discover", log=logs / f"discover-{method}.log",
+                    stale_output=out_file)
+
+    def train(name: str, maps: Step | None) -> tuple[Step, Path]:
         # no --data: agmae-train's demo recipe (model, batch, blr, native bf16) applies to the demo dataset;
         # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md)
-        train = [console_script("agmae-train"),
-                 *(["--no-guidance"] if method is None else ["--maps", str(maps_path(run_root, method))]),
-                 "--epochs", str(epochs), "--seed", str(seed), "--save-every", "1"]  # a killed demo resumes per epoch
-        needs = () if method is None else (discovered[method],)
-        run_dir = run_dirs[name] = run_directory(run_root, name, Step(name, train, Path(), needs))
-        trained = Step(f"train {name}", [*train, "--out", str(run_dir)], run_dir / "train.done.json", needs,
-                       kind="train")
-        evaluate = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
-                    "--k", "20", *precision]
-        steps += [trained, Step(f"evaluate {name}", evaluate, run_dir / "eval.done.json", (trained,), kind="eval")]
+        argv = [console_script("agmae-train"),
+                *(["--no-guidance"] if maps is None else ["--maps", str(maps.stale_output)]),
+                "--epochs", str(epochs), "--seed", str(seed), "--save-every", "1"]  # a killed demo resumes per epoch
+        needs = () if maps is None else (maps,)
+        run_dir = run_directory(run_root, name, Step(name, argv, Path(), needs))
+        return Step(f"train {name}", [*argv, "--out", str(run_dir)], run_dir / "train.done.json", needs,
+                    kind="train", log=logs / f"train-{name}.log"), run_dir
+
+    def evaluate(name: str, trained: Step, run_dir: Path) -> Step:
+        argv = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
+                "--pool", "mean", "--k", "20", "--no-clean-fg", *precision]  # clean-fg: the study's diagnostic
+        return Step(f"evaluate {name}", argv, run_dir / "eval.done.json", (trained,), kind="eval",
+                    log=logs / f"evaluate-{name}.log")
+
+    oracle = discover("oracle", ORACLE_MAPS)
+    vanilla, vanilla_dir = train("vanilla", None)
+    own_maps = discover("mae-tokencut", [*MAE_TOKENCUT_MAPS, "--backbone", str(vanilla_dir / "checkpoint-last.pth")],
+                        needs=(vanilla,))
+    maps = {"oracle": oracle, "mae-tokencut": own_maps}
+    trained = {"vanilla": (vanilla, vanilla_dir)}
+    trained.update({name: train(name, maps[source]) for name, source in RUNS.items() if source is not None})
+    steps = [oracle, vanilla, own_maps, *(trained[name][0] for name in RUNS if name != "vanilla")]
+    steps += [evaluate(name, *trained[name]) for name in RUNS]
     steps.append(Step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)],
-                      run_root / "attention.done.json", tuple(discovered.values()), kind="eval"))
-    return steps, run_dirs
+                      run_root / "attention.done.json", tuple(maps.values()), kind="eval",
+                      log=logs / "map-quality.log"))
+    return steps, {name: run_dir for name, (_, run_dir) in trained.items()}
 
 
 def nested(results: dict, path: tuple):
@@ -96,20 +119,52 @@ def comparison(run_dirs: dict) -> dict:
     for name, run_dir in run_dirs.items():
         results_file = run_dir / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {}
-        table[name] = {column: nested(results, (protocol, "results", *path)) for column, (protocol, path) in COLUMNS.items()}
+        table[name] = {column: nested(results, (EVALUATION, "results", *path)) for column, path in COLUMNS.items()}
     return table
 
 
+def differences(table: dict) -> dict:
+    """{guided run: {column: guided - vanilla}} (None where either is missing)."""
+    vanilla = table["vanilla"]
+    return {name: {column: None if row[column] is None or vanilla[column] is None else row[column] - vanilla[column]
+                   for column in COLUMNS}
+            for name, row in table.items() if name != "vanilla"}
+
+
+def verdict(table: dict, seed: int) -> list[str]:
+    """One plain line per guided run: did it beat vanilla on the headline metric on this seed."""
+    lines = []
+    for name, delta in differences(table).items():
+        gain = delta[HEADLINE]
+        if gain is None:
+            lines.append(f"{name}: no {HEADLINE} result")
+        elif gain > 0:
+            lines.append(f"{name} beat vanilla on {HEADLINE} (mean-pooled, the headline metric) by {gain:+.2f} "
+                         f"points on seed {seed}")
+        else:
+            lines.append(f"{name} did NOT beat vanilla on {HEADLINE} (mean-pooled, the headline metric) on seed "
+                         f"{seed}: {gain:+.2f} points")
+    return lines
+
+
+def store_label(result_name: str) -> str:
+    """'tokencut (maps-mae-tokencut.h5)' -> 'mae-tokencut': the map source, as the runs name it."""
+    if "(maps-" in result_name:
+        return result_name.split("(maps-")[1].removesuffix(".h5)")
+    return result_name
+
+
 def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) -> Path:
-    """report.png: grouped bars of the comparison table, then demo images with their maps."""
+    """report.png: grouped bars of the comparison table and the map quality, then demo images with each
+    map source's maps."""
     import matplotlib  # the demo extra: imported only where a report is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in DISCOVERY if maps_path(run_root, m).exists()]
-    fig = plt.figure(figsize=(14, 4 + 1.6 * len(methods)))
-    grid = fig.add_gridspec(1 + len(methods), 8, height_ratios=[2.5] + [1] * len(methods))
+    sources = [source for source in RUNS.values() if source and maps_path(run_root, source).exists()]
+    fig = plt.figure(figsize=(14, 4 + 1.6 * len(sources)))
+    grid = fig.add_gridspec(1 + len(sources), 8, height_ratios=[2.5] + [1] * len(sources))
     bars = fig.add_subplot(grid[0, :6])
     columns = list(COLUMNS)
     width = 0.8 / len(table)
@@ -117,9 +172,9 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
         values = [row[c] if row[c] is not None else 0.0 for c in columns]
         bars.bar(np.arange(len(columns)) + i * width, values, width, label=name)
     bars.set_xticks(np.arange(len(columns)) + width * (len(table) - 1) / 2, columns, fontsize=8)
-    bars.set_ylabel("top-1 %")
+    bars.set_ylabel("top-1 % (mean-pooled features)")
     bars.legend(fontsize=8)
-    bars.set_title("vanilla vs attention-guided MAE on the demo dataset")
+    bars.set_title("vanilla vs attention-guided MAE on the demo dataset (one seed)")
     quality = fig.add_subplot(grid[0, 6:])
     names = list(attention)
     quality.barh(names, [attention[n]["mean_iou"] for n in names])
@@ -128,8 +183,8 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
 
     index = scan(demo_root / "train")
     shown = np.linspace(0, len(index) - 1, 8).astype(int)
-    for row, method in enumerate(methods, start=1):
-        store = open_maps(maps_path(run_root, method))
+    for row, source in enumerate(sources, start=1):
+        store = open_maps(maps_path(run_root, source))
         for col, i in enumerate(shown):
             ax = fig.add_subplot(grid[row, col])
             image = np.asarray(load_rgb(index.path(i)))
@@ -138,7 +193,7 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
                       extent=(0, image.shape[1], image.shape[0], 0), interpolation="bilinear")
             ax.set_axis_off()
             if col == 0:
-                ax.set_title(method, fontsize=8, loc="left")
+                ax.set_title(f"{source} maps", fontsize=8, loc="left")
     out = run_root / "report.png"
     fig.savefig(out, dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -146,17 +201,24 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
 
 
 def format_comparison(table: dict) -> str:
+    """The runs' scores, then one row per guided run with its difference to vanilla."""
     columns = list(COLUMNS)
-    return format_table(["run", *columns], [[name, *(row[c] for c in columns)] for name, row in table.items()])
+    rows = [[name, *(row[c] for c in columns)] for name, row in table.items()]
+    rows += [[f"{name} - vanilla", *(delta[c] for c in columns)] for name, delta in differences(table).items()]
+    return format_table(["run", *columns], rows)
+
+
+def step_times(steps: list) -> str:
+    """Recorded seconds per step, for the timing lines the README quotes."""
+    return "\n".join(f"  {step.id:32s} {step.seconds():7.1f} s" for step in steps if step.done())
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
-              help="Run root for the maps, the runs and report.png. [default: AGMAE_HOME/demo-run]")
-@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Run root for the maps, the runs, the logs and report.png. [default: AGMAE_HOME/demo-run]")
+@click.option("--epochs", type=click.IntRange(min=1), default=RECIPES["demo"]["epochs"], show_default=True,
               help="Pre-training epochs of every MAE (equal compute for vanilla and guided). 6 keeps the demo "
-                   "under 20 minutes on 2 CPU cores, too short for guidance to pay: in the study's 20-epoch runs "
-                   "guided and vanilla separate from epoch ~12 (docs/RESULTS.md).")
+                   "within 20 minutes on 2 CPU cores; the learning curves behind it are in docs/CALIBRATION.md.")
 @click_option("seed", seed_option("Training seed of every run."))
 def main(out, epochs, seed):
     """Run discover -> train -> eval on the demo dataset and print the comparison."""
@@ -165,27 +227,30 @@ def main(out, epochs, seed):
     run_root.mkdir(parents=True, exist_ok=True)
     click.echo("[demo] demo dataset (built once into AGMAE_HOME)")
     demo_root = ensure_demo()
+    click.echo(f"[demo] dataset ready after {time.time() - started:.0f} s; step logs in {run_root / 'logs'}")
     steps, run_dirs = plan(run_root, demo_root, epochs, seed)
-    failed = execute(steps, stream_runner, echo=lambda line: click.echo(f"[demo] {line}"))
+    failed = execute(steps, log_runner, echo=lambda line: click.echo(f"[demo] {line}"), cpus=cpu_set())
     if failed:
         raise click.ClickException(f"{len(failed)} demo steps failed or were skipped (first: {failed[0]}); "
                                    "fix the cause shown above and re-run `make demo` to continue")
-    # keys look like "tokencut (maps-tokencut.h5)"; the method alone labels the table and the chart
-    attention = {name.split(" (")[0]: entry for name, entry in
+    attention = {store_label(name): entry for name, entry in
                  json.loads((run_root / "results.json").read_text())["attention"]["results"].items()}
 
     table = comparison(run_dirs)
-    click.echo(f"\n[demo] {epochs} epochs per MAE, seed {seed}; top-1 % (k-NN k=20, linear = cached-feature probe)")
+    click.echo(f"\n[demo] {epochs} epochs per MAE, seed {seed}; top-1 % of mean-pooled features "
+               "(k-NN k=20, linear = cached-feature probe)")
     click.echo(format_comparison(table))
-    if epochs < SEPARATION_EPOCH:
-        click.echo(f"[demo] {epochs} epochs show the pipeline, not the effect: guided and vanilla MAEs separate from "
-                   f"epoch ~{SEPARATION_EPOCH} (docs/RESULTS.md, benchmarks/study.py)")
+    for line in verdict(table, seed):
+        click.echo(f"[demo] {line}")
+    click.echo("[demo] one seed is one draw: the spread over seeds, with paired tests, is in docs/RESULTS.md "
+               "(benchmarks/study.py)")
     click.echo("\n[demo] map quality against the ground-truth masks (demo train split)")
     width = max(map(len, attention))
     for name, entry in attention.items():
         click.echo(f"  {name:{width}s}  mean IoU {entry['mean_iou']:5.1f} %   pointing {entry['pointing']:5.1f} %")
     report = write_report(run_root, table, attention, demo_root)
-    click.echo(f"\n[demo] report: {report}\n[demo] total {(time.time() - started) / 60:.1f} min")
+    click.echo(f"\n[demo] seconds per step (this invocation's steps; earlier ones were reused)\n{step_times(steps)}")
+    click.echo(f"[demo] report: {report}\n[demo] total {(time.time() - started) / 60:.1f} min")
 
 
 if __name__ == "__main__":
