@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from agmae.cli.demo import MAE_TOKENCUT_MAPS, ORACLE_MAPS
 from agmae.cli.steps import Step, console_script
 from agmae.data.demo import demo_name
 from agmae.hardware import resolve_precision
@@ -21,13 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOCS = REPO / "docs"
 DEMO_SEED = 0
 
-# Discovery recipes, one map store per (recipe, dataset). The CNN methods use the offline
-# ImageNet EfficientNet-Lite0 at 224 px (the 64-px images up-sampled; 448, the tokencut CNN
-# default, costs 4x the time); the oracle area-averages the masks onto a 28x28 grid (224 px / patch 8),
-# finer than the model's 8x8 patch grid so that a random crop cuts it between cells;
-# the negative control is DINO's CLS attention of a randomly initialised ViT-S/8 at 64 px.
+# Discovery recipes, one map store per (recipe, dataset), as `make demo` computes them where it uses them.
+# The CNN methods use the offline ImageNet EfficientNet-Lite0 at 224 px (the 64-px images up-sampled; 448,
+# the tokencut CNN default, costs 4x the time); the oracle area-averages the masks onto a 28x28 grid
+# (224 px / patch 8), finer than the model's 8x8 patch grid so that a random crop cuts it between cells;
+# mae-tokencut is TokenCut on the final tokens of the same seed's vanilla run (the two-round pipeline,
+# one store per seed); the negative control is DINO's CLS attention of a randomly initialised ViT-S/8 at 64 px.
 MAPS = {
-    "oracle": ("--method", "oracle", "--patch", "8"),
+    "oracle": tuple(ORACLE_MAPS),
+    "mae-tokencut": tuple(MAE_TOKENCUT_MAPS),
     "tokencut": ("--method", "tokencut", "--backbone", "tf_efficientnet_lite0", "--image-size", "224"),
     "gradcam": ("--method", "gradcam", "--backbone", "tf_efficientnet_lite0", "--image-size", "224"),
     "dino-random": ("--method", "dino", "--backbone", "vit_small_patch8_224", "--random-init", "--seed", "0",
@@ -35,11 +38,17 @@ MAPS = {
 }
 # agmae-train's guidance defaults, passed explicitly so every run's command says what it trained.
 GUIDANCE_DEFAULTS = {"tau-schedule": "cosine", "tau-start": 1.0, "tau-end": 0.5, "weight-norm": "batch"}
-MAIN, ABLATION = "main", "ablation"
+# Recipes whose backbone is the vanilla run of the same dataset and seed (`--backbone RUN/checkpoint-last.pth`).
+FROM_VANILLA = ("mae-tokencut",)
+# Seed tiers: MAIN rows get --seeds seeds, CLAIM rows (the paper's fine-tuning and masking claims)
+# --claim-seeds, ABLATION rows --ablation-seeds.
+MAIN, CLAIM, ABLATION = "main", "claim", "ablation"
 # Kept checkpoints per run (outside the run's identity), for benchmarks/learning_curve.py.
 KEEP_EVERY = 4
 # Hand-written reading of the numbers, kept beside them: RESULTS.md embeds it above the generated tables.
 FINDINGS = "FINDINGS.md"
+# The earlier recipe's findings and tables, frozen: RESULTS.md ends with them as a section.
+EARLIER_RECIPE = "RESULTS-earlier-recipe.md"
 
 
 @dataclass(frozen=True)
@@ -48,11 +57,12 @@ class Row:
     maps: str | None  # a MAPS key; None = vanilla MAE
     guidance: dict = field(default_factory=dict)  # overrides of GUIDANCE_DEFAULTS
     correlation: float = 0.0
-    seeds: str = MAIN  # MAIN rows get --seeds seeds, ABLATION rows --ablation-seeds
+    seeds: str = MAIN  # MAIN, CLAIM or ABLATION
     note: str = ""
     masking: str = "random"  # agmae-train --masking
     weight_loss: bool = True  # False: the maps only choose the masked patches (--no-weight-loss)
-    finetune: bool = False  # also fine-tuned (agmae-eval finetune), which costs more than every other protocol
+    finetune: bool = False  # also fine-tuned (agmae-eval finetune) on the first --claim-seeds seeds: it costs
+    # more than every other protocol
 
 
 def _tau(schedule, start, end=None):
@@ -62,17 +72,21 @@ def _tau(schedule, start, end=None):
 ROWS = [
     Row("vanilla", None, note="MAE, uniform weights (--no-guidance)", finetune=True),
     Row("guided-oracle", "oracle", note="ground-truth masks", finetune=True),
-    Row("guided-tokencut", "tokencut", note="TokenCut on EfficientNet-Lite0", finetune=True),
+    Row("guided-mae-tokencut", "mae-tokencut", note="TokenCut on the vanilla MAE of the same seed (two rounds)",
+        finetune=True),
+    Row("guided-dino-random", "dino-random", note="negative control: DINO attention of a random ViT-S/8"),
     # The paper's masking ablation: the map chooses the masked patches (AttMask's most-attended rule),
     # instead of or besides weighting the loss.
-    Row("mask-oracle", "oracle", masking="attention-high", weight_loss=False, note="masking only"),
-    Row("loss+mask-oracle", "oracle", masking="attention-high", note="guided loss and masking"),
-    Row("mask-tokencut", "tokencut", masking="attention-high", weight_loss=False, note="masking only"),
-    Row("loss+mask-tokencut", "tokencut", masking="attention-high", note="guided loss and masking"),
+    Row("mask-oracle", "oracle", masking="attention-high", weight_loss=False, seeds=CLAIM, note="masking only"),
+    Row("loss+mask-oracle", "oracle", masking="attention-high", seeds=CLAIM, note="guided loss and masking"),
+    Row("mask-mae-tokencut", "mae-tokencut", masking="attention-high", weight_loss=False, seeds=CLAIM,
+        note="masking only"),
+    Row("loss+mask-mae-tokencut", "mae-tokencut", masking="attention-high", seeds=CLAIM,
+        note="guided loss and masking"),
     Row("mask-sampled-oracle", "oracle", masking="attention-sampled", weight_loss=False, seeds=ABLATION,
         note="masking only, sampled by the map"),
-    Row("guided-gradcam", "gradcam", note="Grad-CAM on EfficientNet-Lite0"),
-    Row("guided-dino-random", "dino-random", note="negative control: DINO attention of a random ViT-S/8"),
+    Row("guided-tokencut", "tokencut", seeds=ABLATION, note="TokenCut on EfficientNet-Lite0"),
+    Row("guided-gradcam", "gradcam", seeds=ABLATION, note="Grad-CAM on EfficientNet-Lite0"),
     Row("tau-const-0.25", "oracle", _tau("constant", 0.25), seeds=ABLATION),
     Row("tau-const-0.5", "oracle", _tau("constant", 0.5), seeds=ABLATION),
     Row("tau-const-1", "oracle", _tau("constant", 1.0), seeds=ABLATION),
@@ -84,7 +98,7 @@ ROWS = [
     Row("wn-none", "oracle", {"weight-norm": "none"}, seeds=ABLATION, note="paper's γΣmwe/Σm, γ = 1"),
     Row("p0.8-vanilla", None, correlation=0.8, seeds=ABLATION),
     Row("p0.8-guided-oracle", "oracle", correlation=0.8, seeds=ABLATION),
-    Row("p0.8-guided-tokencut", "tokencut", correlation=0.8, seeds=ABLATION),
+    Row("p0.8-guided-mae-tokencut", "mae-tokencut", correlation=0.8, seeds=ABLATION),
 ]
 ROW_NAMES = [row.name for row in ROWS]
 QUICK_ROWS = ("vanilla", "guided-oracle")
@@ -123,14 +137,15 @@ ROBUSTNESS_COLUMNS = ("mixed_rand_knn", "mixed_rand_linear", "only_fg_knn", "onl
 # only for the first ETA; the ETA rescales them by the measured/estimated ratio of the steps done.
 TRAIN_EPOCH_SECONDS = 38.0
 STARTUP_SECONDS = 5.0
-DISCOVER_SECONDS = {"oracle": 40.0, "tokencut": 200.0, "gradcam": 450.0, "dino-random": 400.0}
+DISCOVER_SECONDS = {"oracle": 40.0, "mae-tokencut": 90.0, "tokencut": 200.0, "gradcam": 450.0, "dino-random": 400.0}
 EVAL_SECONDS = {"knn": 55.0, "knn-mean": 55.0, "linear": 5.0, "robustness": 75.0, "finetune": 900.0}
 DATASET_SECONDS = 90.0
 
 # 20 epochs: guided and vanilla MAEs on the demo dataset separate only after ~10-20 (docs/RESULTS.md).
-FULL_DEFAULTS = dict(epochs=20, seeds=3, ablation_seeds=1, n_train=10000, n_test=2000,
+FULL_DEFAULTS = dict(epochs=RECIPES["demo"]["epochs"], seeds=5, claim_seeds=3, ablation_seeds=1, n_train=10000,
+                     n_test=2000,
                      batch_size=RECIPES["demo"]["batch_size"], rows=",".join(ROW_NAMES))
-QUICK_DEFAULTS = dict(epochs=1, seeds=1, ablation_seeds=1, n_train=240, n_test=60, batch_size=64,
+QUICK_DEFAULTS = dict(epochs=1, seeds=1, claim_seeds=1, ablation_seeds=1, n_train=240, n_test=60, batch_size=64,
                       rows=",".join(QUICK_ROWS))
 
 
@@ -138,6 +153,7 @@ QUICK_DEFAULTS = dict(epochs=1, seeds=1, ablation_seeds=1, n_train=240, n_test=6
 class Config:
     epochs: int
     seeds: int
+    claim_seeds: int
     ablation_seeds: int
     n_train: int
     n_test: int
@@ -148,10 +164,10 @@ class Config:
     precision: str
 
     def seeds_of(self, row: Row) -> list[int]:
-        return list(range(self.seeds if row.seeds == MAIN else self.ablation_seeds))
+        return list(range({MAIN: self.seeds, CLAIM: self.claim_seeds, ABLATION: self.ablation_seeds}[row.seeds]))
 
     def warmup_epochs(self) -> float:
-        """The demo recipe's warm-up share (2 of 30 epochs) of --epochs."""
+        """The demo recipe's warm-up share (2 of its 6 epochs) of --epochs."""
         return round(RECIPES["demo"]["warmup_epochs"] * self.epochs / RECIPES["demo"]["epochs"], 4)
 
     def command(self) -> str:
@@ -159,7 +175,8 @@ class Config:
         python = Path(sys.executable)
         python = python.relative_to(REPO) if python.is_relative_to(REPO) else python
         parts = [str(python), "benchmarks/study.py", "--epochs", self.epochs, "--seeds", self.seeds,
-                 "--ablation-seeds", self.ablation_seeds, "--n-train", self.n_train, "--n-test", self.n_test,
+                 "--claim-seeds", self.claim_seeds, "--ablation-seeds", self.ablation_seeds,
+                 "--n-train", self.n_train, "--n-test", self.n_test,
                  "--batch-size", self.batch_size, "--rows", ",".join(self.rows), "--precision", self.precision]
         if self.out != agmae_home() / "study":
             parts += ["--out", self.out]
@@ -212,13 +229,19 @@ def _dataset_step(config: Config, correlation: float) -> tuple[Step, Path]:
     return step, agmae_home() / "demo" / variant
 
 
-def _discover_step(config: Config, maps: str, dataset: Step, root: Path) -> tuple[Step, Path]:
-    """The step that computes the map store of recipe `maps` on a dataset's train split, and the store."""
+def _discover_step(config: Config, maps: str, dataset: Step, root: Path, vanilla: Step | None = None
+                   ) -> tuple[Step, Path]:
+    """The step that computes the map store of recipe `maps` on a dataset's train split, and the store.
+    A FROM_VANILLA recipe takes the `vanilla` training step's final checkpoint as its backbone."""
     folder = config.out / "maps" / root.name
-    store = folder / f"{maps}.h5"
-    step = Step(id=f"discover {root.name}/{maps}", kind="discover",
-                argv=[console_script("agmae-discover"), *MAPS[maps], "--data", str(root), "--out", str(store)],
-                log=folder / f"{maps}.log", marker=folder / f"{maps}.done.json", needs=(dataset,),
+    name = maps if vanilla is None else f"{maps}-{vanilla.run_dir.name}"
+    store = folder / f"{name}.h5"
+    backbone = [] if vanilla is None else ["--backbone", str(vanilla.run_dir / "checkpoint-last.pth")]
+    step = Step(id=f"discover {root.name}/{name}", kind="discover",
+                argv=[console_script("agmae-discover"), *MAPS[maps], *backbone, "--data", str(root),
+                      "--out", str(store)],
+                log=folder / f"{name}.log", marker=folder / f"{name}.done.json",
+                needs=(dataset,) if vanilla is None else (dataset, vanilla),
                 estimate=DISCOVER_SECONDS[maps] * config.n_train / 10000, stale_output=store)
     return step, store
 
@@ -240,11 +263,11 @@ def _training_options(config: Config, row: Row, seed: int) -> tuple[str, list]:
                   *options]
 
 
-def _evals_of(config: Config, row: Row) -> dict:
-    """The row's evaluations: every common one, and fine-tuning for the rows that ask for it, for half the
-    pre-training epochs (the demo's fine-tuning recipe: 10 epochs after 20)."""
+def _evals_of(config: Config, row: Row, seed: int) -> dict:
+    """The row's evaluations: every common one, and fine-tuning on the first --claim-seeds seeds of the rows
+    that ask for it, for half the pre-training epochs (the demo's fine-tuning recipe: 10 epochs after 20)."""
     evals = {protocol: EVALS[protocol] for protocol in COMMON_EVALS}
-    if row.finetune:
+    if row.finetune and seed < config.claim_seeds:
         args, key = EVALS["finetune"]
         evals["finetune"] = ((*args, "--epochs", str(max(1, config.epochs // 2))), key)
     return evals
@@ -273,7 +296,7 @@ def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, up
                        log=step_dir / f"{protocol}.log", marker=step_dir / f"{protocol}.done.json",
                        needs=(train,), run_dir=run_dir,
                        estimate=STARTUP_SECONDS + EVAL_SECONDS[protocol] * config.n_train / 10000)
-        for protocol, (args, _) in _evals_of(config, row).items()
+        for protocol, (args, _) in _evals_of(config, row, seed).items()
     }
     return Run(run_dir, train, evals, upstream)
 
@@ -290,14 +313,19 @@ def build_plan(config: Config) -> Plan:
         return by_id[step.id]
 
     rows = [row for row in ROWS if row.name in config.rows]
-    for seed in range(max(config.seeds, config.ablation_seeds)):
+    for seed in range(max(config.seeds, config.claim_seeds, config.ablation_seeds)):
         for row in rows:
             if seed not in config.seeds_of(row):
                 continue
             dataset, root = _dataset_step(config, row.correlation)
             upstream, store = [add(dataset)], None
             if row.maps is not None:
-                discover, store = _discover_step(config, row.maps, dataset, root)
+                vanilla = None
+                if row.maps in FROM_VANILLA:
+                    vanilla_row = Row(f"vanilla p={row.correlation:g}", None, correlation=row.correlation)
+                    vanilla = add(_run(config, vanilla_row, seed, root, None, upstream).train)
+                    upstream.append(vanilla)
+                discover, store = _discover_step(config, row.maps, dataset, root, vanilla)
                 upstream.append(add(discover))
             run = _run(config, row, seed, root, store, upstream)
             run.train = add(run.train)
@@ -314,10 +342,11 @@ def _default_precision() -> str:
     return resolve_precision(RECIPES["demo"]["precision"], torch.device("cpu"), training=True)
 
 
-def make_config(quick=False, epochs=None, seeds=None, ablation_seeds=None, n_train=None, n_test=None,
+def make_config(quick=False, epochs=None, seeds=None, claim_seeds=None, ablation_seeds=None, n_train=None, n_test=None,
                 batch_size=None, rows=None, out=None, docs=None, precision=None) -> Config:
     defaults = QUICK_DEFAULTS if quick else FULL_DEFAULTS
-    given = dict(epochs=epochs, seeds=seeds, ablation_seeds=ablation_seeds, n_train=n_train, n_test=n_test,
+    given = dict(epochs=epochs, seeds=seeds, claim_seeds=claim_seeds, ablation_seeds=ablation_seeds,
+                 n_train=n_train, n_test=n_test,
                  batch_size=batch_size, rows=rows)
     values = {name: defaults[name] if value is None else value for name, value in given.items()}
     names = tuple(name.strip() for name in values["rows"].split(",") if name.strip())
@@ -325,7 +354,7 @@ def make_config(quick=False, epochs=None, seeds=None, ablation_seeds=None, n_tra
     if unknown or not names:
         raise click.BadParameter(f"unknown row(s) {', '.join(unknown) or '(none given)'}; choose from "
                                  f"{', '.join(ROW_NAMES)}", param_hint="--rows")
-    for name in ("epochs", "seeds", "ablation_seeds", "batch_size"):
+    for name in ("epochs", "seeds", "claim_seeds", "ablation_seeds", "batch_size"):
         if values[name] < 1:
             raise click.BadParameter(f"{values[name]} must be >= 1", param_hint="--" + name.replace("_", "-"))
     out = Path(out) if out else agmae_home() / "study"

@@ -1,6 +1,7 @@
 """The study's report: per row the per-seed numbers and their mean ± std, as docs/results.json and the
 tables of docs/RESULTS.md (after the hand-written docs/FINDINGS.md)."""
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -12,8 +13,8 @@ from agmae.cli.demo import nested
 from agmae.cli.steps import duration
 from agmae.train.config import RECIPES
 from scipy import stats
-from study_plan import (FEATURE_COLUMNS, FINDINGS, GUIDANCE_DEFAULTS, MAPS, METRICS, PAIRED_COLUMNS,
-                        ROBUSTNESS_COLUMNS, Plan)
+from study_plan import (EARLIER_RECIPE, FEATURE_COLUMNS, FINDINGS, GUIDANCE_DEFAULTS, MAPS, METRICS,
+                        PAIRED_COLUMNS, ROBUSTNESS_COLUMNS, Plan)
 
 def display_command(argv: list) -> str:
     """The command as a user types it: console scripts by name, everything else as given."""
@@ -88,7 +89,8 @@ def aggregate(plan: Plan) -> dict:
     return dict(
         command=config.command(), generated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=not missing,
         missing=missing, plan=dict(epochs=config.epochs, warmup_epochs=config.warmup_epochs(), seeds=config.seeds,
-                                   ablation_seeds=config.ablation_seeds, n_train=config.n_train,
+                                   claim_seeds=config.claim_seeds, ablation_seeds=config.ablation_seeds,
+                                   n_train=config.n_train,
                                    n_test=config.n_test, batch_size=config.batch_size, precision=config.precision,
                                    model=RECIPES["demo"]["model"], blr=RECIPES["demo"]["blr"], knn_k=20),
         wall_seconds=dict(total=round(sum(seconds.values()), 1), **{k: round(v, 1) for k, v in seconds.items()}),
@@ -118,8 +120,9 @@ def _setup(row: dict) -> str:
     return f"{row['maps']}, {tau}, {g['weight-norm']}"
 
 
-def render_markdown(summary: dict, findings: str = "") -> str:
-    """RESULTS.md: the generated tables, after the hand-written findings (docs/FINDINGS.md) when there are any."""
+def render_markdown(summary: dict, findings: str = "", earlier: str = "") -> str:
+    """RESULTS.md: the generated tables, after the hand-written findings (docs/FINDINGS.md) when there are any,
+    and then the earlier recipe's frozen results (docs/RESULTS-earlier-recipe.md), one heading level down."""
     plan, rows = summary["plan"], summary["rows"]
     wall = summary["wall_seconds"]
     lines = ["# AttG study results", ""]
@@ -136,8 +139,9 @@ def render_markdown(summary: dict, findings: str = "") -> str:
         f"(k-NN: k = {plan['knn_k']}, CLS features unless marked; linear: cached-feature probe), "
         "mean ± sample std (n − 1) over the n finished seeds. Maps: oracle = masks area-averaged to a 28×28 "
         "grid (resampled with each crop onto the 8×8 patch grid); "
-        "tokencut / gradcam = EfficientNet-Lite0 at 224 px; dino-random = CLS attention of a random ViT-S/8 "
-        "at 64 px. BG-gap = mixed-same − mixed-rand (only with correlated backgrounds, p > 0). "
+        "mae-tokencut = TokenCut on the final tokens of the same seed's vanilla run, mean-centred, border rule, "
+        "at 96 px (the two-round pipeline); tokencut / gradcam = EfficientNet-Lite0 at 224 px; dino-random = CLS "
+        "attention of a random ViT-S/8 at 64 px. BG-gap = mixed-same − mixed-rand (only with correlated backgrounds, p > 0). "
         "clean-fg = k-NN of only-fg queries against the training objects on black.",
         "",
         f"Wall time (sum of the recorded step times): {duration(wall['total'])} ("
@@ -172,13 +176,15 @@ def render_markdown(summary: dict, findings: str = "") -> str:
         lines += [f"- `{row['name']}`" + (f" ({row['note']})" if row["note"] else "") + ":",
                   f"  `{row['train_command_seed0']}`"]
     lines += ["", "Per-seed numbers, run directories and every command: `results.json` beside this file.", ""]
+    if earlier.strip():
+        lines += [re.sub(r"^(#+) ", r"#\1 ", earlier.strip(), flags=re.MULTILINE), ""]
     return "\n".join(lines)
 
 
 def write_report(plan: Plan) -> dict:
     summary = aggregate(plan)
     atomic_write_text(json.dumps(summary, indent=2) + "\n", plan.config.docs / "results.json")
-    findings = plan.config.docs / FINDINGS
-    atomic_write_text(render_markdown(summary, findings.read_text() if findings.is_file() else ""),
-                      plan.config.docs / "RESULTS.md")
+    texts = [path.read_text() if path.is_file() else "" for path in (plan.config.docs / FINDINGS,
+                                                                      plan.config.docs / EARLIER_RECIPE)]
+    atomic_write_text(render_markdown(summary, *texts), plan.config.docs / "RESULTS.md")
     return summary

@@ -34,8 +34,11 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     assert "--precision bf16" in config.command()
 
     assert [row.name for row in plan.rows] == plan_of.ROW_NAMES
-    assert sorted(seed for name, seed in plan.runs if name == "guided-tokencut") == [0, 1, 2]
+    assert sorted(seed for name, seed in plan.runs if name == "guided-mae-tokencut") == [0, 1, 2, 3, 4]
+    assert sorted(seed for name, seed in plan.runs if name == "mask-oracle") == [0, 1, 2]
     assert sorted(seed for name, seed in plan.runs if name == "tau-const-2") == [0]
+    # fine-tuning only on the claim seeds
+    assert "finetune" in plan.runs["vanilla", 2].evals and "finetune" not in plan.runs["vanilla", 3].evals
     # Rows with the same configuration share one run: guided-oracle seed 0 is also tau cos 1->0.5 and wn batch.
     shared = {plan.runs[name, 0].run_dir for name in ("guided-oracle", "tau-cos-1-0.5", "wn-batch")}
     assert len(shared) == 1
@@ -46,8 +49,16 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     assert all(ids.index(need.id) < ids.index(step.id) for step in plan.steps for need in step.needs)
     stores = sorted(step.id.split(" ", 1)[1] for step in plan.steps if step.kind == "discover")
     p0, p08 = (plan_of.demo_name(p, 0, 10000, 2000) for p in (0.0, 0.8))
+    own = [f"{p0}/mae-tokencut-{plan.runs['vanilla', seed].run_dir.name}" for seed in range(5)]
+    own.append(f"{p08}/mae-tokencut-{plan.runs['p0.8-vanilla', 0].run_dir.name}")
     assert stores == sorted([f"{p0}/oracle", f"{p0}/tokencut", f"{p0}/gradcam", f"{p0}/dino-random",
-                             f"{p08}/oracle", f"{p08}/tokencut"])
+                             f"{p08}/oracle", *own])
+    # the two-round maps of seed 3 come from the vanilla run of seed 3, after it
+    discover = next(step for step in plan.steps if step.id.endswith(own[3]))
+    vanilla = plan.runs["vanilla", 3].train
+    assert vanilla in discover.needs and _option(discover.argv, "--backbone") == str(
+        vanilla.run_dir / "checkpoint-last.pth")
+    assert discover in plan.runs["guided-mae-tokencut", 3].train.needs
     dino = next(step for step in plan.steps if step.id.endswith("/dino-random"))
     assert {"--random-init", "vit_small_patch8_224"} <= set(dino.argv) and _option(dino.argv, "--image-size") == "64"
 
@@ -59,8 +70,8 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     assert _option(constant, "--tau-schedule") == "constant" and _option(constant, "--tau-start") == "0.25"
     assert "--tau-end" not in constant
     assert _option(plan.runs["wn-none", 0].train.argv, "--weight-norm") == "none"
-    correlated = plan.runs["p0.8-guided-tokencut", 0].train.argv
-    assert p08 in _option(correlated, "--data") and f"maps/{p08}/tokencut.h5" in _option(correlated, "--maps")
+    correlated = plan.runs["p0.8-guided-oracle", 0].train.argv
+    assert p08 in _option(correlated, "--data") and f"maps/{p08}/oracle.h5" in _option(correlated, "--maps")
     assert "--no-guidance" in plan.runs["vanilla", 1].train.argv and _option(plan.runs["vanilla", 1].train.argv,
                                                                               "--seed") == "1"
 
