@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from agmae.cli.demo import run_directory
 from agmae.cli.steps import Step, execute, result_argv, run_step
 
@@ -70,14 +72,15 @@ def test_an_output_without_a_marker_is_of_unknown_making_and_redone(tmp_path):
     assert out.read_text() == "new"
 
 
-def test_a_failed_step_skips_what_needs_it_and_runs_the_rest(tmp_path):
+@pytest.mark.parametrize("cpus", [None, (0, 0)], ids=["one-at-a-time", "side-by-side"])
+def test_a_failed_step_skips_what_needs_it_and_runs_the_rest(tmp_path, cpus):
     out = tmp_path / "out.txt"
     broken = step(tmp_path, "broken", [sys.executable, "-c", "raise SystemExit(2)"])
     after = step(tmp_path, "after", appender(out, "x"), needs=(broken,))
     other = step(tmp_path, "other", appender(out, "o"))
     lines = []
-    assert execute([broken, after, other], echo=lines.append) == ["broken", "after"]
-    assert out.read_text() == "o" and any("skipped" in line for line in lines)
+    assert execute([broken, after, other], echo=lines.append, cpus=cpus) == ["broken", "after"]
+    assert out.read_text() == "o" and any("after: skipped" in line for line in lines)
     assert not any("ETA" in line or "estimate" in line for line in lines)  # no estimates given: no ETA shown
 
 
@@ -146,16 +149,6 @@ def test_steps_run_side_by_side_each_on_its_own_cpus_and_wait_for_what_they_need
     # a step ready on its own takes every free CPU: both lanes' threads
     assert execute([step(tmp_path, "alone", recorder(record["alone"]))], echo=lines.append, cpus=(0, 0)) == []
     assert json.loads(record["alone"].read_text())["threads"] == "2"
-
-
-def test_side_by_side_a_failure_skips_only_what_needs_it(tmp_path):
-    out = tmp_path / "out.txt"
-    broken = step(tmp_path, "broken", [sys.executable, "-c", "raise SystemExit(2)"])
-    after = step(tmp_path, "after", appender(out, "x"), needs=(broken,))
-    other = step(tmp_path, "other", appender(out, "o"))
-    lines = []
-    assert execute([broken, after, other], echo=lines.append, cpus=(0, 0)) == ["broken", "after"]
-    assert out.read_text() == "o" and any("after: skipped" in line for line in lines)
 
 
 def test_one_at_a_time_runs_in_list_order_without_touching_threads(tmp_path):
