@@ -165,7 +165,7 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
     sources = [source for source in RUNS.values() if source and maps_path(run_root, source).exists()]
     fig = plt.figure(figsize=(14, 4 + 1.6 * len(sources)))
     grid = fig.add_gridspec(1 + len(sources), 8, height_ratios=[2.5] + [1] * len(sources))
-    bars = fig.add_subplot(grid[0, :6])
+    bars = fig.add_subplot(grid[0, :5])  # column 5 left free for the quality chart's labels
     columns = list(COLUMNS)
     width = 0.8 / len(table)
     for i, (name, row) in enumerate(table.items()):
