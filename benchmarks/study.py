@@ -29,13 +29,12 @@ every run, so a partial study gives a partial table that names what is missing.
     python benchmarks/study.py --report-only    # regenerate the docs (pass the same plan options)
     python benchmarks/study.py --quick          # smoke test: tiny dataset, 1 epoch, 2 rows, 1 seed
 """
-import signal
 from functools import partial
 from pathlib import Path
 
 import click
 
-from agmae.cli.steps import cpu_set, duration, execute, log_runner
+from agmae.cli.steps import cpu_set, duration, execute, interrupt_on_sigterm, log_runner
 from study_plan import (FULL_DEFAULTS, QUICK_DEFAULTS, QUICK_ROWS, REPO, ROW_NAMES, Config, Plan, build_plan,
                         make_config)
 from study_report import write_report
@@ -76,10 +75,6 @@ def print_plan(plan: Plan, echo=click.echo) -> None:
          f"{len({run.run_dir for run in plan.runs.values()})}")
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--epochs", type=int, help=f"Training epochs of every run. [default: {FULL_DEFAULTS['epochs']}; "
                                          f"--quick {QUICK_DEFAULTS['epochs']}]")
@@ -115,7 +110,7 @@ def _raise_keyboard_interrupt(signum, frame):
                                              "run nothing, write nothing.")
 def main(quick, report_only, side_by_side, dry_run, **options):
     """Run the AttG study (vanilla vs guided MAE, τ and weight-norm ablations, BG-gap) and write its tables."""
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    interrupt_on_sigterm()
     config = make_config(quick=quick, **options)
     if dry_run:
         print_plan(build_plan(config))

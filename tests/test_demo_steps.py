@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,32 @@ def test_one_at_a_time_runs_in_list_order_without_touching_threads(tmp_path):
     assert execute(steps, echo=lambda line: None) == []
     assert json.loads(second.read_text())["start"] >= json.loads(first.read_text())["end"]
     assert json.loads(first.read_text())["threads"] == os.environ.get("OMP_NUM_THREADS")
+
+
+def test_sigterm_while_steps_run_side_by_side_ends_their_processes(tmp_path):
+    """A batch scheduler's SIGTERM (interrupt_on_sigterm) while steps run in other threads: no step's process
+    outlives execute."""
+    import signal
+    import threading
+
+    from agmae.cli import steps as runner
+
+    pids = tmp_path / "pids"
+    sleeper = [sys.executable, "-c", f"import os, time; open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n'); "
+                                     "time.sleep(60)"]
+    previous = signal.getsignal(signal.SIGTERM)
+    runner.interrupt_on_sigterm()
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            execute([step(tmp_path, name, sleeper) for name in ("a", "b")], echo=lambda line: None, cpus=(0, 0))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert time.monotonic() - started < 30
+    started_pids = list(map(int, pids.read_text().split()))
+    assert len(started_pids) == 2
+    for pid in started_pids:
+        with pytest.raises(ProcessLookupError):  # ended and reaped
+            os.kill(pid, 0)
+    assert not runner._live_processes

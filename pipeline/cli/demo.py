@@ -23,7 +23,7 @@ from agmae.data.demo import ensure_demo
 from agmae.data.folder import load_rgb, scan
 from agmae.eval.report import format_table
 from agmae.store import open_maps
-from agmae.cli.steps import Step, console_script, cpu_set, execute, log_runner
+from agmae.cli.steps import Step, console_script, cpu_set, execute, interrupt_on_sigterm, log_runner
 from agmae.options import click_option, seed_option
 from agmae.paths import agmae_home, maps_path
 from agmae.train.config import RECIPES
@@ -229,7 +229,12 @@ def main(out, epochs, seed):
     demo_root = ensure_demo()
     click.echo(f"[demo] dataset ready after {time.time() - started:.0f} s; step logs in {run_root / 'logs'}")
     steps, run_dirs = plan(run_root, demo_root, epochs, seed)
-    failed = execute(steps, log_runner, echo=lambda line: click.echo(f"[demo] {line}"), cpus=cpu_set())
+    interrupt_on_sigterm()
+    try:
+        failed = execute(steps, log_runner, echo=lambda line: click.echo(f"[demo] {line}"), cpus=cpu_set())
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; the running steps were stopped and resume on the next "
+                                   "`make demo`") from None
     if failed:
         raise click.ClickException(f"{len(failed)} demo steps failed or were skipped (first: {failed[0]}); "
                                    "fix the cause shown above and re-run `make demo` to continue")

@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -241,36 +242,49 @@ def execute(steps: list, runner=stream_runner, echo=click.echo, on_step_done=lam
                 finished.put((step, f"{type(error).__name__}: {error}", 0.0))
         threading.Thread(target=work, daemon=True).start()
 
-    while waiting or running:
-        for step in [s for s in waiting if any(need.id in failed for need in s.needs)]:
-            waiting.remove(step)
-            failed.append(step.id)
-            reported += 1
-            echo(f"[{reported:>3}/{len(pending)}] {step.id}: skipped, a step it needs failed")
-        ready = [s for s in waiting if all(need.done() for need in s.needs)]
-        if not cpus:
-            if not ready:
+    try:
+        while waiting or running:
+            for step in [s for s in waiting if any(need.id in failed for need in s.needs)]:
+                waiting.remove(step)
+                failed.append(step.id)
+                reported += 1
+                echo(f"[{reported:>3}/{len(pending)}] {step.id}: skipped, a step it needs failed")
+            ready = [s for s in waiting if all(need.done() for need in s.needs)]
+            if not cpus:
+                if not ready:
+                    break
+                start(ready[0])
+                continue
+            while ready and free:
+                share = max(1, len(free) // len(ready))
+                step = ready.pop(0)
+                step.cpus, free[:share] = tuple(free[:share]), []
+                start(step)
+            if not running:
                 break
-            start(ready[0])
-            continue
-        while ready and free:
-            share = max(1, len(free) // len(ready))
-            step = ready.pop(0)
-            step.cpus, free[:share] = tuple(free[:share]), []
-            start(step)
-        if not running:
-            break
-        try:
-            step, status, seconds = finished.get()
-        except KeyboardInterrupt:
-            for process in list(_live_processes):
-                end(process)
-            raise
-        running.remove(step)
-        free = sorted(free + list(step.cpus))
-        step.cpus = None
-        report(step, status, seconds)
+            try:  # a timed wait, so that an interrupt is taken even where it does not wake a blocked lock
+                step, status, seconds = finished.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            running.remove(step)
+            free = sorted(free + list(step.cpus))
+            step.cpus = None
+            report(step, status, seconds)
+    except KeyboardInterrupt:  # steps running side by side wait in other threads: end their processes here
+        for process in list(_live_processes):
+            end(process)
+        raise
     for step in waiting:  # their needs are neither done nor pending: nothing will make them
         failed.append(step.id)
         echo(f"      {step.id}: not run, a step it needs is not in the plan and not done")
     return failed
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (a batch scheduler's time limit, `kill PID`) raise KeyboardInterrupt as Ctrl-C does, so
+    that `execute` ends the running steps instead of leaving them running without it."""
+    signal.signal(signal.SIGTERM, _interrupt)
