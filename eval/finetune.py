@@ -31,6 +31,7 @@ import click
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
@@ -174,11 +175,30 @@ def build_mixup(opts: FinetuneOptions, num_classes: int) -> Mixup | None:
                  label_smoothing=opts.smoothing, num_classes=num_classes)
 
 
+class PosterizeToBlackAtZeroBits:
+    """timm's posterize op, with 0 bits kept giving a black image as Pillow gave before it refused 0 (Pillow 13
+    raises "bits must be between or equal to 1 and 8"). MAE's rand-m9-mstd0.5-inc1 asks for 0 bits whenever its
+    magnitude draw reaches 10, about 2 % of its draws, so without this a fine-tune dies within an epoch."""
+
+    def __init__(self, posterize):
+        self.posterize = posterize
+
+    def __call__(self, img, bits_to_keep, **kwargs):
+        if bits_to_keep < 1:
+            return Image.new(img.mode, img.size)
+        return self.posterize(img, bits_to_keep, **kwargs)
+
+
 def train_transform(image_size: int, opts: FinetuneOptions):
     policy = None if opts.randaugment == "none" else opts.randaugment
-    return create_transform(image_size, is_training=True, color_jitter=None, auto_augment=policy,
-                            interpolation="bicubic", re_prob=opts.reprob, re_mode="pixel", re_count=1,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    transform = create_transform(image_size, is_training=True, color_jitter=None, auto_augment=policy,
+                                 interpolation="bicubic", re_prob=opts.reprob, re_mode="pixel", re_count=1,
+                                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):  # RandAugment's ops
+            if op.name.startswith("Posterize"):
+                op.aug_fn = PosterizeToBlackAtZeroBits(op.aug_fn)
+    return transform
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:

@@ -153,3 +153,20 @@ def test_background_splits_are_scored_beside_the_test_split(encoder_checkpoint, 
                            FinetuneOptions(**{**QUICK, "epochs": 1, "batch_size": 32}), tmp_path)
     assert list(outcome.entry["results"]["splits"]) == ["original", "mixed-rand", "only-fg"]
     assert all("top5" in r for r in outcome.entry["results"]["splits"].values())
+
+
+def test_randaugment_at_full_magnitude_posterizes_to_black_instead_of_failing():
+    """MAE's rand-m9-mstd0.5-inc1 draws magnitude 10 about 2 % of the time, where posterize keeps 0 bits:
+    black in older Pillow, an error in Pillow 13. Every posterize op of the fine-tune transform gives black."""
+    from PIL import Image
+
+    from agmae.eval.finetune import FinetuneOptions, train_transform
+
+    transform = train_transform(32, FinetuneOptions(randaugment="rand-m9-mstd0.5-inc1", reprob=0.25))
+    randaugment = next(step for step in transform.transforms if hasattr(step, "ops"))
+    posterize = [op for op in randaugment.ops if op.name.startswith("Posterize")]
+    assert posterize
+    image = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
+    for op in posterize:
+        assert np.asarray(op.aug_fn(image, 0)).max() == 0
+        assert np.asarray(op.aug_fn(image, 4)).max() == 192  # any other bit count: timm's op unchanged
