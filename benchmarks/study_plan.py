@@ -16,7 +16,7 @@ from agmae.cli.steps import Step, console_script
 from agmae.data.demo import demo_name
 from agmae.hardware import resolve_precision
 from agmae.paths import agmae_home
-from agmae.train.config import RECIPES
+from agmae.train.config import RECIPES, demo_warmup_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOCS = REPO / "docs"
@@ -168,8 +168,7 @@ class Config:
         return list(range({MAIN: self.seeds, CLAIM: self.claim_seeds, ABLATION: self.ablation_seeds}[row.seeds]))
 
     def warmup_epochs(self) -> float:
-        """The demo recipe's warm-up share (2 of its 6 epochs) of --epochs."""
-        return round(RECIPES["demo"]["warmup_epochs"] * self.epochs / RECIPES["demo"]["epochs"], 4)
+        return demo_warmup_epochs(self.epochs)
 
     def command(self) -> str:
         """The study command line that reproduces this plan, every plan option explicit."""

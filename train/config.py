@@ -17,11 +17,17 @@ from agmae.paths import default_run_dir
 from agmae.train.masking import MASKING_RULES, SAMPLING_WEIGHT_FLOOR
 
 RECIPES = {
-    "demo": dict(model="mae_vit_demo_patch8", epochs=6, warmup_epochs=2.0, batch_size=64, blr=1e-3,
+    "demo": dict(model="mae_vit_demo_patch8", epochs=15, warmup_epochs=5.0, batch_size=64, blr=1e-3,
                  precision="native"),
     "paper": dict(model="mae_vit_base_patch16", epochs=800, warmup_epochs=40.0, batch_size=64, blr=1.5e-4,
                   precision="auto"),
 }
+
+
+def demo_warmup_epochs(epochs: int) -> float:
+    """The demo recipe's warm-up share of its epochs (a third), applied to `epochs`: what the demo and the
+    study train with when they change the number of epochs."""
+    return round(RECIPES["demo"]["warmup_epochs"] * epochs / RECIPES["demo"]["epochs"], 4)
 
 
 def _recipe(name: str, text: str) -> str:
