@@ -144,7 +144,7 @@ DATASET_SECONDS = 20.0
 
 # 20 epochs: guided and vanilla MAEs on the demo dataset separate only after ~10-20 (docs/RESULTS.md).
 FULL_DEFAULTS = dict(epochs=RECIPES["demo"]["epochs"], seeds=5, claim_seeds=3, ablation_seeds=1, n_train=10000,
-                     n_test=2000,
+                     n_test=10000,
                      batch_size=RECIPES["demo"]["batch_size"], rows=",".join(ROW_NAMES))
 QUICK_DEFAULTS = dict(epochs=1, seeds=1, claim_seeds=1, ablation_seeds=1, n_train=240, n_test=60, batch_size=64,
                       rows=",".join(QUICK_ROWS))

@@ -272,7 +272,7 @@ def demo_name(correlation: float, seed: int, n_train: int, n_test: int, garment_
     return f"fmnist-v{GENERATOR_VERSION}-p{correlation:g}-seed{seed}-train{n_train}-test{n_test}-garment{lo}-{hi}"
 
 
-def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=2000, garment_sizes=GARMENT_SIZES) -> Path:
+def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=10000, garment_sizes=GARMENT_SIZES) -> Path:
     """Root of the demo dataset with these parameters, building it (once) into AGMAE_HOME/demo/ if needed.
 
     correlation: probability that an image's background is its class's own photograph

@@ -48,7 +48,8 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     assert len(ids) == len(set(ids))
     assert all(ids.index(need.id) < ids.index(step.id) for step in plan.steps for need in step.needs)
     stores = sorted(step.id.split(" ", 1)[1] for step in plan.steps if step.kind == "discover")
-    p0, p08 = (plan_of.demo_name(p, 0, 10000, 2000) for p in (0.0, 0.8))
+    sizes = plan_of.FULL_DEFAULTS["n_train"], plan_of.FULL_DEFAULTS["n_test"]
+    p0, p08 = (plan_of.demo_name(p, 0, *sizes) for p in (0.0, 0.8))
     own = [f"{p0}/mae-tokencut-{plan.runs['vanilla', seed].run_dir.name}" for seed in range(5)]
     own.append(f"{p08}/mae-tokencut-{plan.runs['p0.8-vanilla', 0].run_dir.name}")
     assert stores == sorted([f"{p0}/oracle", f"{p0}/tokencut", f"{p0}/gradcam", f"{p0}/dino-random",
