@@ -1,0 +1,63 @@
+"""How much of a guided − vanilla k-NN difference is the choice of test images?
+
+For two runs trained on the same data (a guided one and its vanilla pair), classifies every test image with
+each run's weighted k-NN (k = 20, the demo's headline metric: mean-pooled by default) and prints the
+difference of their top-1 accuracies, the share of test images on which exactly one of them is right, and the
+standard error of the difference that this disagreement implies, sqrt((d − Δ²) / n) for paired proportions.
+A per-seed difference within about two standard errors says nothing on its own (docs/CALIBRATION.md, lever 6).
+
+    python benchmarks/paired_noise.py GUIDED_RUN VANILLA_RUN [--data DEMO_ROOT] [--test-split original]
+"""
+from pathlib import Path
+
+import click
+import torch
+
+from agmae.eval.features import POOLS, FeatureSource
+from agmae.eval.knn import HEADLINE_K, knn_predict
+
+
+def correct_per_image(checkpoint: Path, root: Path, test_split: str, pool: str, workers: int,
+                      precision: str) -> torch.Tensor:
+    """[n] bool: whether the run's k-NN classifies each test image correctly."""
+    source = FeatureSource(checkpoint, pool=pool, workers=workers, use_cache=False, progress=False,
+                           precision=precision)
+    bank, queries = source.features(root / "train"), source.features(root / test_split)
+    scores = knn_predict(bank.feats, bank.index.labels, queries.feats, len(bank.index.classes), k=HEADLINE_K)
+    return scores.argmax(dim=1) == torch.as_tensor(queries.index.labels)
+
+
+def paired_difference(first: torch.Tensor, second: torch.Tensor) -> dict:
+    """Percent points: accuracy difference first − second, disagreement share, and its standard error."""
+    difference = (first.double() - second.double()).mean().item()
+    disagreement = (first != second).double().mean().item()
+    standard_error = ((disagreement - difference ** 2) / len(first)) ** 0.5
+    return {"difference": 100 * difference, "disagreement": 100 * disagreement,
+            "standard_error": 100 * standard_error}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("guided", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("vanilla", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Dataset root with train/ and the test split. [default: the built-in demo dataset]")
+@click.option("--test-split", default="original", show_default=True)
+@click.option("--pool", type=click.Choice(POOLS), default="mean", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Image-decoding worker processes.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Feature extraction autocast.")
+def main(guided, vanilla, data, test_split, pool, workers, precision):
+    from agmae.data.demo import ensure_demo
+
+    root = data or ensure_demo()
+    first, second = (correct_per_image(run / "checkpoint-last.pth", root, test_split, pool, workers, precision)
+                     for run in (guided, vanilla))
+    result = paired_difference(first, second)
+    click.echo(f"{guided.name} - {vanilla.name} on {test_split} ({len(first)} images, k-NN k={HEADLINE_K}, {pool}): "
+               f"{result['difference']:+.2f} points; they disagree on {result['disagreement']:.1f} % of the images, "
+               f"standard error {result['standard_error']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
