@@ -14,7 +14,7 @@ import click
 import torch
 
 from agmae.eval.features import POOLS, FeatureSource
-from agmae.eval.knn import HEADLINE_K, knn_predict
+from agmae.eval.knn import HEADLINE_K, knn_correct, paired_difference
 
 
 def correct_per_image(checkpoint: Path, root: Path, test_split: str, pool: str, workers: int,
@@ -23,17 +23,7 @@ def correct_per_image(checkpoint: Path, root: Path, test_split: str, pool: str, 
     source = FeatureSource(checkpoint, pool=pool, workers=workers, use_cache=False, progress=False,
                            precision=precision)
     bank, queries = source.features(root / "train"), source.features(root / test_split)
-    scores = knn_predict(bank.feats, bank.index.labels, queries.feats, len(bank.index.classes), k=HEADLINE_K)
-    return scores.argmax(dim=1) == torch.as_tensor(queries.index.labels)
-
-
-def paired_difference(first: torch.Tensor, second: torch.Tensor) -> dict:
-    """Percent points: accuracy difference first − second, disagreement share, and its standard error."""
-    difference = (first.double() - second.double()).mean().item()
-    disagreement = (first != second).double().mean().item()
-    standard_error = ((disagreement - difference ** 2) / len(first)) ** 0.5
-    return {"difference": 100 * difference, "disagreement": 100 * disagreement,
-            "standard_error": 100 * standard_error}
+    return knn_correct(bank.feats, bank.index.labels, queries.feats, queries.index.labels, len(bank.index.classes))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -109,6 +109,24 @@ def topk_accuracy(scores: torch.Tensor, labels, ks=(1, 5)) -> dict:
     return {f"top{k}": 100.0 * int(hits[:, :k].any(dim=1).sum()) / max(len(labels), 1) for k in kept}
 
 
+def knn_correct(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = HEADLINE_K,
+                T: float = DEFAULT_T) -> torch.Tensor:
+    """[M] bool: whether weighted k-NN ranks each query's own class first (its top-1 hits)."""
+    scores = knn_predict(train_feats, train_labels, test_feats, num_classes, k=k, T=T)
+    return scores.argmax(dim=1) == labels_tensor(test_labels)
+
+
+def paired_difference(first: torch.Tensor, second: torch.Tensor) -> dict:
+    """Two classifiers' per-query hits ([M] bool, the same queries) -> percent points: the accuracy
+    difference first - second, the share of queries exactly one of them gets right, and the standard error
+    of the difference over the choice of queries, sqrt((d - diff^2) / M) for paired proportions."""
+    difference = (first.double() - second.double()).mean().item()
+    disagreement = (first != second).double().mean().item()
+    standard_error = ((disagreement - difference ** 2) / len(first)) ** 0.5
+    return {"difference": 100 * difference, "disagreement": 100 * disagreement,
+            "standard_error": 100 * standard_error}
+
+
 def knn_evaluate(train_feats, train_labels, test_feats, test_labels, num_classes: int, ks=KS,
                  T: float = DEFAULT_T, **chunking) -> dict:
     """Top-1/top-5 (percent) for every k in ks, from one neighbour search for the largest k.

@@ -1,11 +1,11 @@
-"""benchmarks/paired_noise.py: the paired difference of two runs' k-NN and its standard error."""
+"""The paired difference of two runs' k-NN hits and its standard error (agmae.eval.knn, benchmarks/paired_noise.py)."""
 import pytest
 import torch
 from click.testing import CliRunner
 from timm.models.vision_transformer import VisionTransformer
 
 from agmae.eval.features import FeatureSource
-from agmae.eval.knn import knn_evaluate
+from agmae.eval.knn import knn_evaluate, paired_difference
 
 from helpers import TINY_VIT, load_benchmark
 
@@ -17,15 +17,15 @@ def noise():
     return load_benchmark("paired_noise")
 
 
-def test_standard_error_is_that_of_the_mean_per_image_difference(noise):
+def test_standard_error_is_that_of_the_mean_per_image_difference():
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.rand(997, generator=generator) < share for share in (0.3, 0.25))
-    result = noise.paired_difference(first, second)
+    result = paired_difference(first, second)
     per_image = first.double() - second.double()
     assert result["difference"] == pytest.approx(100 * per_image.mean().item())
     assert result["standard_error"] == pytest.approx(100 * per_image.std(unbiased=False).item() / 997 ** 0.5)
     assert result["disagreement"] == pytest.approx(100 * (first ^ second).double().mean().item())
-    small = noise.paired_difference(torch.tensor([1, 1, 0, 0, 1]).bool(), torch.tensor([1, 0, 1, 0, 0]).bool())
+    small = paired_difference(torch.tensor([1, 1, 0, 0, 1]).bool(), torch.tensor([1, 0, 1, 0, 0]).bool())
     assert small == pytest.approx({"difference": 20.0, "disagreement": 60.0, "standard_error": 100 * 0.112 ** 0.5})
 
 

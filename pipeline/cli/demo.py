@@ -21,6 +21,8 @@ import numpy as np
 
 from agmae.data.demo import ensure_demo
 from agmae.data.folder import load_rgb, scan
+from agmae.eval.features import FeatureSource
+from agmae.eval.knn import knn_correct, paired_difference
 from agmae.eval.report import format_table
 from agmae.store import open_maps
 from agmae.cli.steps import Step, console_script, cpu_set, execute, interrupt_on_sigterm, log_runner
@@ -40,6 +42,7 @@ RUNS = {"vanilla": None, "guided-oracle": "oracle", "guided-mae-tokencut": "mae-
 # Mean-pooled features: the headline metric, chosen from the 20-epoch study's signal-to-noise before any
 # calibration run (docs/CALIBRATION.md); CLS k-NN moved 3.5 points between vanilla seeds there.
 EVALUATION = "robustness[pool=mean]"
+KNN_K = 20
 HEADLINE = "k-NN original"
 COLUMNS = {
     "k-NN original": ("splits", "original", "knn_top1"),
@@ -88,7 +91,7 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int) -> tuple[list,
 
     def evaluate(name: str, trained: Step, run_dir: Path) -> Step:
         argv = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
-                "--pool", "mean", "--k", "20", "--no-clean-fg", "--precision", "fp32"]  # clean-fg: the study's diagnostic
+                "--pool", "mean", "--k", str(KNN_K), "--no-clean-fg", "--precision", "fp32"]  # clean-fg: the study's diagnostic
         return Step(f"evaluate {name}", argv, run_dir / "eval.done.json", (trained,), kind="eval",
                     log=logs / f"evaluate-{name}.log")
 
@@ -134,19 +137,37 @@ def differences(table: dict) -> dict:
             for name, row in table.items() if name != "vanilla"}
 
 
-def verdict(table: dict, seed: int) -> list[str]:
-    """One plain line per guided run: did it beat vanilla on the headline metric on this seed."""
+def headline_errors(run_dirs: dict, demo_root: Path) -> dict:
+    """{guided run: standard error of its headline difference to vanilla over the choice of test images},
+    from each run's per-image k-NN hits on the features its evaluation cached (no extraction)."""
+    hits = {}
+    for name, run_dir in run_dirs.items():
+        source = FeatureSource(run_dir / "checkpoint-last.pth", pool="mean", precision="fp32", progress=False)
+        bank, queries = source.features(demo_root / "train"), source.features(demo_root / "original")
+        hits[name] = knn_correct(bank.feats, bank.index.labels, queries.feats, queries.index.labels,
+                                 len(bank.index.classes), k=KNN_K)
+    return {name: paired_difference(hits[name], hits["vanilla"])["standard_error"] for name in hits
+            if name != "vanilla"}
+
+
+def verdict(table: dict, seed: int, errors: dict) -> list[str]:
+    """One plain line per guided run: did it beat vanilla on the headline metric on this seed, and is the
+    difference beyond two standard errors of the test sampling (`errors`, from `headline_errors`)."""
     lines = []
     for name, delta in differences(table).items():
         gain = delta[HEADLINE]
         if gain is None:
             lines.append(f"{name}: no {HEADLINE} result")
-        elif gain > 0:
+            continue
+        noise = (f"; standard error {errors[name]:.2f}, so "
+                 + ("beyond the test sampling" if abs(gain) > 2 * errors[name]
+                    else "within two standard errors: this seed alone does not decide"))
+        if gain > 0:
             lines.append(f"{name} beat vanilla on {HEADLINE} (mean-pooled, the headline metric) by {gain:+.2f} "
-                         f"points on seed {seed}")
+                         f"points on seed {seed}{noise}")
         else:
             lines.append(f"{name} did NOT beat vanilla on {HEADLINE} (mean-pooled, the headline metric) on seed "
-                         f"{seed}: {gain:+.2f} points")
+                         f"{seed}: {gain:+.2f} points{noise}")
     return lines
 
 
@@ -247,9 +268,9 @@ def main(out, epochs, seed):
 
     table = comparison(run_dirs)
     click.echo(f"\n[demo] {epochs} epochs per MAE, seed {seed}; top-1 % of mean-pooled features "
-               "(k-NN k=20, linear = cached-feature probe)")
+               f"(k-NN k={KNN_K}, linear = cached-feature probe)")
     click.echo(format_comparison(table))
-    for line in verdict(table, seed):
+    for line in verdict(table, seed, headline_errors(run_dirs, demo_root)):
         click.echo(f"[demo] {line}")
     click.echo("[demo] one seed is one draw: the spread over seeds, with paired tests, is in docs/RESULTS.md "
                "(benchmarks/study.py)")

@@ -1,0 +1,46 @@
+"""What `make demo` prints after its steps: the verdict per guided run and the test-sampling error behind it."""
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from agmae.cli.demo import COLUMNS, HEADLINE, headline_errors, verdict
+from agmae.eval.features import FeatureSource
+from agmae.eval.knn import knn_correct, paired_difference
+
+from helpers import TINY_VIT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _table(headline: dict) -> dict:
+    return {name: {column: value if column == HEADLINE else None for column in COLUMNS}
+            for name, value in headline.items()}
+
+
+def test_the_verdict_says_whether_a_difference_is_beyond_the_test_sampling():
+    table = _table({"vanilla": 25.0, "guided-oracle": 25.5, "guided-mae-tokencut": 24.0})
+    oracle, own = verdict(table, 3, {"guided-oracle": 0.4, "guided-mae-tokencut": 0.4})
+    assert "guided-oracle beat vanilla" in oracle and "+0.50 points on seed 3" in oracle
+    assert "standard error 0.40" in oracle and "this seed alone does not decide" in oracle
+    assert "guided-mae-tokencut did NOT beat vanilla" in own and "-1.00 points" in own
+    assert "beyond the test sampling" in own
+
+
+def test_headline_errors_come_from_each_runs_per_image_hits(demo_root, tmp_path):
+    run_dirs, hits = {}, {}
+    for seed, name in enumerate(("vanilla", "guided-oracle")):
+        run_dirs[name] = tmp_path / name
+        run_dirs[name].mkdir()
+        torch.manual_seed(seed)
+        checkpoint = run_dirs[name] / "checkpoint-last.pth"
+        torch.save({"model": VisionTransformer(**TINY_VIT, num_classes=0).state_dict(),
+                    "config": {"encoder": TINY_VIT}, "epoch": 1}, checkpoint)
+        for use_cache in (True, False):  # the evaluation caches the features that headline_errors reads
+            source = FeatureSource(checkpoint, pool="mean", precision="fp32", workers=0, use_cache=use_cache,
+                                   progress=False)
+            bank, queries = source.features(demo_root / "train"), source.features(demo_root / "original")
+        hits[name] = knn_correct(bank.feats, bank.index.labels, queries.feats, queries.index.labels, 10, k=20)
+    errors = headline_errors(run_dirs, demo_root)
+    expected = paired_difference(hits["guided-oracle"], hits["vanilla"])["standard_error"]
+    assert set(errors) == {"guided-oracle"}
+    assert errors["guided-oracle"] == pytest.approx(expected) and expected > 0
