@@ -23,7 +23,7 @@ def correct_per_image(checkpoint: Path, root: Path, test_split: str, pool: str, 
     source = FeatureSource(checkpoint, pool=pool, workers=workers, use_cache=False, progress=False,
                            precision=precision)
     bank, queries = source.features(root / "train"), source.features(root / test_split)
-    return knn_correct(bank.feats, bank.index.labels, queries.feats, queries.index.labels, len(bank.index.classes))
+    return knn_correct(bank, queries)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -109,11 +109,11 @@ def topk_accuracy(scores: torch.Tensor, labels, ks=(1, 5)) -> dict:
     return {f"top{k}": 100.0 * int(hits[:, :k].any(dim=1).sum()) / max(len(labels), 1) for k in kept}
 
 
-def knn_correct(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = HEADLINE_K,
-                T: float = DEFAULT_T) -> torch.Tensor:
-    """[M] bool: whether weighted k-NN ranks each query's own class first (its top-1 hits)."""
-    scores = knn_predict(train_feats, train_labels, test_feats, num_classes, k=k, T=T)
-    return scores.argmax(dim=1) == labels_tensor(test_labels)
+def knn_correct(bank, queries, k: int = HEADLINE_K, T: float = DEFAULT_T) -> torch.Tensor:
+    """bank, queries: FolderFeatures (agmae.eval.features) of the same classes. [M] bool: whether weighted
+    k-NN ranks each query's own class first (its top-1 hits)."""
+    scores = knn_predict(bank.feats, bank.index.labels, queries.feats, len(bank.index.classes), k=k, T=T)
+    return scores.argmax(dim=1) == labels_tensor(queries.index.labels)
 
 
 def paired_difference(first: torch.Tensor, second: torch.Tensor) -> dict:

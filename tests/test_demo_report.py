@@ -39,7 +39,7 @@ def test_headline_errors_come_from_each_runs_per_image_hits(demo_root, tmp_path)
             source = FeatureSource(checkpoint, pool="mean", precision="fp32", workers=0, use_cache=use_cache,
                                    progress=False)
             bank, queries = source.features(demo_root / "train"), source.features(demo_root / "original")
-        hits[name] = knn_correct(bank.feats, bank.index.labels, queries.feats, queries.index.labels, 10, k=20)
+        hits[name] = knn_correct(bank, queries, k=20)
     errors = headline_errors(run_dirs, demo_root)
     expected = paired_difference(hits["guided-oracle"], hits["vanilla"])["standard_error"]
     assert set(errors) == {"guided-oracle"}

@@ -144,8 +144,7 @@ def headline_errors(run_dirs: dict, demo_root: Path) -> dict:
     for name, run_dir in run_dirs.items():
         source = FeatureSource(run_dir / "checkpoint-last.pth", pool="mean", precision="fp32", progress=False)
         bank, queries = source.features(demo_root / "train"), source.features(demo_root / "original")
-        hits[name] = knn_correct(bank.feats, bank.index.labels, queries.feats, queries.index.labels,
-                                 len(bank.index.classes), k=KNN_K)
+        hits[name] = knn_correct(bank, queries, k=KNN_K)
     return {name: paired_difference(hits[name], hits["vanilla"])["standard_error"] for name in hits
             if name != "vanilla"}
 
