@@ -133,16 +133,17 @@ PAIRED_COLUMNS = ("knn_mean", "knn_cls", "linear", "only_fg_knn", "mixed_rand_kn
 ROBUSTNESS_COLUMNS = ("mixed_rand_knn", "mixed_rand_linear", "only_fg_knn", "only_fg_linear", "clean_fg_knn",
                       "bg_gap_knn", "bg_gap_linear")
 
-# Seconds per step for 10k training images on one core of a 2-core AVX2 CPU (fp32, light demo MAE, steps side
-# by side), only for the first ETA; the ETA rescales them by the measured/estimated ratio of the steps done.
-# CNN discovery and fine-tuning are the earlier machine's figures, not yet measured here.
-TRAIN_EPOCH_SECONDS = 70.0
+# Seconds per step for 10k training images on one core of a 2-core AMD EPYC with native bf16 (bf16 training,
+# fp32 evaluation, the demo MAE, steps side by side; the claims study of 2026-12-02), only for the first ETA;
+# the ETA rescales them by the measured/estimated ratio of the steps done. CNN and random-ViT discovery are
+# the earlier 2-core AVX2 machine's figures. A CPU without native bf16 trains about 3x slower.
+TRAIN_EPOCH_SECONDS = 26.0
 STARTUP_SECONDS = 5.0
-DISCOVER_SECONDS = {"oracle": 35.0, "mae-tokencut": 150.0, "tokencut": 200.0, "gradcam": 450.0, "dino-random": 400.0}
-EVAL_SECONDS = {"knn": 68.0, "knn-mean": 68.0, "linear": 15.0, "robustness": 82.0, "finetune": 900.0}
-DATASET_SECONDS = 20.0
+DISCOVER_SECONDS = {"oracle": 22.0, "mae-tokencut": 90.0, "tokencut": 200.0, "gradcam": 450.0, "dino-random": 400.0}
+EVAL_SECONDS = {"knn": 60.0, "knn-mean": 55.0, "linear": 9.0, "robustness": 85.0, "finetune": 650.0}
+DATASET_SECONDS = 22.0
 
-# 20 epochs: guided and vanilla MAEs on the demo dataset separate only after ~10-20 (docs/RESULTS.md).
+# Every row trains with the demo recipe's epochs and batch and is evaluated on the demo's 10,000 images per test split.
 FULL_DEFAULTS = dict(epochs=RECIPES["demo"]["epochs"], seeds=5, claim_seeds=3, ablation_seeds=1, n_train=10000,
                      n_test=10000,
                      batch_size=RECIPES["demo"]["batch_size"], rows=",".join(ROW_NAMES))
@@ -265,7 +266,7 @@ def _training_options(config: Config, row: Row, seed: int) -> tuple[str, list]:
 
 def _evals_of(config: Config, row: Row, seed: int) -> dict:
     """The row's evaluations: every common one, and fine-tuning on the first --claim-seeds seeds of the rows
-    that ask for it, for half the pre-training epochs (the demo's fine-tuning recipe: 10 epochs after 20)."""
+    that ask for it, for half the pre-training epochs (9 fine-tuning epochs after the demo recipe's 18)."""
     evals = {protocol: EVALS[protocol] for protocol in COMMON_EVALS}
     if row.finetune and seed < config.claim_seeds:
         args, key = EVALS["finetune"]
