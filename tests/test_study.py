@@ -37,8 +37,11 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     assert sorted(seed for name, seed in plan.runs if name == "guided-mae-tokencut") == [0, 1, 2, 3, 4]
     assert sorted(seed for name, seed in plan.runs if name == "mask-oracle") == [0, 1, 2]
     assert sorted(seed for name, seed in plan.runs if name == "tau-const-2") == [0]
-    # fine-tuning only on the claim seeds
+    # fine-tuning: vanilla and oracle on the claim seeds, own maps on the ablation seeds
     assert "finetune" in plan.runs["vanilla", 2].evals and "finetune" not in plan.runs["vanilla", 3].evals
+    assert "finetune" in plan.runs["guided-oracle", 2].evals
+    assert "finetune" in plan.runs["guided-mae-tokencut", 0].evals
+    assert "finetune" not in plan.runs["guided-mae-tokencut", 1].evals
     # Rows with the same configuration share one run: guided-oracle seed 0 is also tau cos 1->0.5 and wn batch.
     shared = {plan.runs[name, 0].run_dir for name in ("guided-oracle", "tau-cos-1-0.5", "wn-batch")}
     assert len(shared) == 1
