@@ -61,6 +61,7 @@ class Row:
     note: str = ""
     masking: str = "random"  # agmae-train --masking
     weight_loss: bool = True  # False: the maps only choose the masked patches (--no-weight-loss)
+    versus: str | None = None  # the row this one varies in one respect: the report pairs them seed by seed too
     finetune: str | None = None  # a seed tier (CLAIM, ABLATION): its seeds are also fine-tuned (agmae-eval
     # finetune), which costs more than every other protocol together (about 11 min a run on one core)
 
@@ -79,14 +80,16 @@ ROWS = [
     Row("guided-dino-random", "dino-random", note="negative control: DINO attention of a random ViT-S/8"),
     # The paper's masking ablation: the map chooses the masked patches (AttMask's most-attended rule),
     # instead of or besides weighting the loss.
-    Row("mask-oracle", "oracle", masking="attention-high", weight_loss=False, seeds=CLAIM, note="masking only"),
-    Row("loss+mask-oracle", "oracle", masking="attention-high", seeds=CLAIM, note="guided loss and masking"),
+    Row("mask-oracle", "oracle", masking="attention-high", weight_loss=False, seeds=CLAIM, note="masking only",
+        versus="guided-oracle"),
+    Row("loss+mask-oracle", "oracle", masking="attention-high", seeds=CLAIM, note="guided loss and masking",
+        versus="guided-oracle"),
     Row("mask-mae-tokencut", "mae-tokencut", masking="attention-high", weight_loss=False, seeds=CLAIM,
-        note="masking only"),
+        note="masking only", versus="guided-mae-tokencut"),
     Row("loss+mask-mae-tokencut", "mae-tokencut", masking="attention-high", seeds=CLAIM,
-        note="guided loss and masking"),
+        note="guided loss and masking", versus="guided-mae-tokencut"),
     Row("mask-sampled-oracle", "oracle", masking="attention-sampled", weight_loss=False, seeds=ABLATION,
-        note="masking only, sampled by the map"),
+        note="masking only, sampled by the map", versus="guided-oracle"),
     Row("guided-tokencut", "tokencut", seeds=ABLATION, note="TokenCut on EfficientNet-Lite0"),
     Row("guided-gradcam", "gradcam", seeds=ABLATION, note="Grad-CAM on EfficientNet-Lite0"),
     Row("tau-const-0.25", "oracle", _tau("constant", 0.25), seeds=ABLATION),

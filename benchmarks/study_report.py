@@ -46,17 +46,24 @@ def paired(guided: dict, vanilla: dict) -> dict | None:
                 per_seed={s: d for s, d in zip(seeds, diffs)})
 
 
-def _pair_with_vanilla(rows: list) -> None:
-    """Each guided row gets `paired`: its difference to the vanilla row of the same dataset, per column."""
+def _paired_columns(row: dict, reference: dict) -> dict:
+    return {name: result for name in PAIRED_COLUMNS
+            if name in row["metrics"] and name in reference["metrics"]
+            and (result := paired(row["metrics"][name]["per_seed"], reference["metrics"][name]["per_seed"]))
+            is not None}
+
+
+def _pair_rows(rows: list) -> None:
+    """Each guided row gets `paired`: its difference to the vanilla row of the same dataset, per column; a row
+    that varies another one in the plan (`versus`) also gets `paired_versus`, its difference to that row."""
     vanilla = {row["correlation"]: row for row in rows if row["maps"] is None}
+    by_name = {row["name"]: row for row in rows}
     for row in rows:
         reference = vanilla.get(row["correlation"])
-        if row["maps"] is None or reference is None:
-            continue
-        row["paired"] = {name: result for name in PAIRED_COLUMNS
-                         if name in row["metrics"] and name in reference["metrics"]
-                         and (result := paired(row["metrics"][name]["per_seed"],
-                                               reference["metrics"][name]["per_seed"])) is not None}
+        if row["maps"] is not None and reference is not None:
+            row["paired"] = _paired_columns(row, reference)
+        if row["versus"] in by_name:
+            row["paired_versus"] = _paired_columns(row, by_name[row["versus"]])
 
 
 def aggregate(plan: Plan) -> dict:
@@ -75,14 +82,14 @@ def aggregate(plan: Plan) -> dict:
         first = plan.runs[row.name, seeds[0]]
         rows.append(dict(
             name=row.name, note=row.note, maps=row.maps, maps_command=list(MAPS[row.maps]) if row.maps else None,
-            correlation=row.correlation, guidance=({**GUIDANCE_DEFAULTS, **row.guidance} if row.maps else None),
+            correlation=row.correlation, versus=row.versus, guidance=({**GUIDANCE_DEFAULTS, **row.guidance} if row.maps else None),
             seeds_planned=seeds, seeds_done=done, metrics=metrics,
             runs={str(seed): dict(run_dir=str(plan.runs[row.name, seed].run_dir),
                                   commands=[display_command(step.argv) for step in plan.runs[row.name, seed].steps()])
                   for seed in seeds},
             train_command_seed0=display_command(first.train.argv),
         ))
-    _pair_with_vanilla(rows)
+    _pair_rows(rows)
     seconds = {}
     for step in plan.steps:
         seconds[step.kind] = seconds.get(step.kind, 0.0) + step.seconds()
@@ -171,6 +178,16 @@ def render_markdown(summary: dict, findings: str = "", earlier: str = "") -> str
         for row in paired_rows:
             lines.append(f"| {row['name']} | " + " | ".join(_paired_cell(row["paired"].get(c)) for c in PAIRED_COLUMNS)
                          + " |")
+    versus_rows = [row for row in rows if row.get("paired_versus")]
+    if versus_rows:
+        lines += ["", "## Each variant − the row it varies, seed by seed", "",
+                  "The same statistics against the row named in the second column (e.g. guided masking against "
+                  "the guided loss with the same maps).", "",
+                  "| row | against | " + " | ".join(METRICS[c][0] for c in PAIRED_COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(PAIRED_COLUMNS)]
+        for row in versus_rows:
+            lines.append(f"| {row['name']} | {row['versus']} | "
+                         + " | ".join(_paired_cell(row["paired_versus"].get(c)) for c in PAIRED_COLUMNS) + " |")
     lines += ["", "## Training command of each row (seed 0; other seeds differ in --seed and --out)", ""]
     for row in rows:
         lines += [f"- `{row['name']}`" + (f" ({row['note']})" if row["note"] else "") + ":",

@@ -88,7 +88,7 @@ def test_bad_rows_are_rejected(study, tmp_path):
 # Hand-made k-NN CLS top-1 per (row, seed); the other metrics are fixed offsets of it.
 KNN = {("vanilla", 0): 20.0, ("vanilla", 1): 23.0, ("vanilla", 2): 29.0,
        ("guided-oracle", 0): 30.0, ("guided-oracle", 1): 31.0, ("guided-oracle", 2): 35.0,
-       ("p0.8-vanilla", 0): 50.0}
+       ("p0.8-vanilla", 0): 50.0, ("mask-oracle", 0): 28.0, ("mask-oracle", 1): 30.0}
 
 
 class FakeRunner:
@@ -191,6 +191,21 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
     assert f"Wall time (sum of the recorded step times): {len(plan.steps) // 2}m00s" in markdown
     # the hand-written findings come first, the generated tables after them
     assert markdown.index("Guidance wins by 8 points.") < markdown.index("| vanilla | — | 0 | 3/3 |")
+
+
+def test_a_variant_row_is_paired_with_the_row_it_varies(study, tmp_path):
+    config = study.make_config(seeds=2, claim_seeds=2, rows="vanilla,guided-oracle,mask-oracle", epochs=1,
+                               n_train=240, n_test=60, out=tmp_path / "study", docs=tmp_path / "docs", precision="fp32")
+    plan = study.build_plan(config)
+    rows = {row["name"]: row for row in study.run_study(config, runner=FakeRunner(plan), echo=lambda line: None)["rows"]}
+    masking = rows["mask-oracle"]
+    assert masking["paired"]["knn_cls"]["per_seed"] == {"0": 8.0, "1": 7.0}  # against vanilla, as every guided row
+    versus = masking["paired_versus"]["knn_cls"]  # mask-oracle − guided-oracle: 28 − 30, 30 − 31
+    assert versus["per_seed"] == {"0": -2.0, "1": -1.0} and versus["wins"] == 0
+    assert versus["p"] == pytest.approx(0.2048, abs=1e-4)  # t = −1.5 / 0.5 = −3 on 1 df
+    assert "paired_versus" not in rows["guided-oracle"] and "paired_versus" not in rows["vanilla"]
+    markdown = (config.docs / "RESULTS.md").read_text()
+    assert "| mask-oracle | guided-oracle | -1.5 [-7.9, +4.9] p=0.20 (0/2) |" in markdown
 
 
 def test_a_changed_command_redoes_the_step_and_a_result_neutral_change_does_not(study, tmp_path):
