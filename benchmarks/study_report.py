@@ -127,6 +127,22 @@ def _setup(row: dict) -> str:
     return f"{row['maps']}, {tau}, {g['weight-norm']}"
 
 
+def _paired_table(rows: list, key: str, heading: str, intro: str, against: str | None = None) -> list:
+    """The markdown lines of one paired table (the rows that have `key`), with a column naming each row's
+    reference (row[against]) when given; no lines when no row has `key`."""
+    paired_rows = [row for row in rows if row.get(key)]
+    if not paired_rows:
+        return []
+    reference = ["against"] if against else []
+    lines = ["", heading, "", intro, "",
+             "| " + " | ".join(["row", *reference, *(METRICS[c][0] for c in PAIRED_COLUMNS)]) + " |",
+             "|" + "---|" * (1 + len(reference) + len(PAIRED_COLUMNS))]
+    for row in paired_rows:
+        cells = [row["name"], *([row[against]] if against else []), *(_paired_cell(row[key].get(c)) for c in PAIRED_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(summary: dict, findings: str = "", earlier: str = "") -> str:
     """RESULTS.md: the generated tables, after the hand-written findings (docs/FINDINGS.md) when there are any,
     and then the earlier recipe's frozen results (docs/RESULTS-earlier-recipe.md), one heading level down."""
@@ -168,26 +184,12 @@ def render_markdown(summary: dict, findings: str = "", earlier: str = "") -> str
         lines.append(f"| {row['name']} | {row['correlation']:g} | {len(row['seeds_done'])}/"
                      f"{len(row['seeds_planned'])} | "
                      + " | ".join(_cell(row["metrics"].get(c)) for c in ROBUSTNESS_COLUMNS) + " |")
-    paired_rows = [row for row in rows if row.get("paired")]
-    if paired_rows:
-        lines += ["", "## Guided − vanilla, seed by seed", "",
-                  "Mean difference [95 % t interval], two-sided paired t-test p, and on how many seeds guided "
-                  "was higher, against the vanilla row of the same dataset.", "",
-                  "| row | " + " | ".join(METRICS[c][0] for c in PAIRED_COLUMNS) + " |",
-                  "|---|" + "---|" * len(PAIRED_COLUMNS)]
-        for row in paired_rows:
-            lines.append(f"| {row['name']} | " + " | ".join(_paired_cell(row["paired"].get(c)) for c in PAIRED_COLUMNS)
-                         + " |")
-    versus_rows = [row for row in rows if row.get("paired_versus")]
-    if versus_rows:
-        lines += ["", "## Each variant − the row it varies, seed by seed", "",
-                  "The same statistics against the row named in the second column (e.g. guided masking against "
-                  "the guided loss with the same maps).", "",
-                  "| row | against | " + " | ".join(METRICS[c][0] for c in PAIRED_COLUMNS) + " |",
-                  "|---|---|" + "---|" * len(PAIRED_COLUMNS)]
-        for row in versus_rows:
-            lines.append(f"| {row['name']} | {row['versus']} | "
-                         + " | ".join(_paired_cell(row["paired_versus"].get(c)) for c in PAIRED_COLUMNS) + " |")
+    lines += _paired_table(rows, "paired", "## Guided − vanilla, seed by seed",
+                           "Mean difference [95 % t interval], two-sided paired t-test p, and on how many seeds guided "
+                           "was higher, against the vanilla row of the same dataset.")
+    lines += _paired_table(rows, "paired_versus", "## Each variant − the row it varies, seed by seed",
+                           "The same statistics against the row named in the second column (e.g. guided masking "
+                           "against the guided loss with the same maps).", against="versus")
     lines += ["", "## Training command of each row (seed 0; other seeds differ in --seed and --out)", ""]
     for row in rows:
         lines += [f"- `{row['name']}`" + (f" ({row['note']})" if row["note"] else "") + ":",
