@@ -6,9 +6,10 @@ batch, so rows differ only in their maps, loss and masking options):
   on its final tokens, the two-round pipeline) and with random-weight DINO maps (the negative control);
 - `--claim-seeds` seeds: the paper's masking ablation (the map chooses the masked patches, with or without
   the guided loss) and fine-tuning of vanilla and oracle-guided encoders;
-- `--ablation-seeds` seeds: fine-tuning of the own-map-guided encoder, the CNN maps (TokenCut, Grad-CAM on EfficientNet-Lite0), sampled masking, a
-  temperature ablation (constant τ ∈ {0.25, 0.5, 1, 2}, cosine 1→0.5 and 0.5→1), the three `--weight-norm`
-  modes, and vanilla / oracle / own maps on the background-correlated demo dataset (p = 0.8, the BG-gap).
+- `--ablation-seeds` seeds: fine-tuning of the own-map-guided encoder, the CNN maps (TokenCut, Grad-CAM
+  on EfficientNet-Lite0), sampled masking, a temperature ablation (constant τ ∈ {0.25, 0.5, 1, 2}, cosine
+  1→0.5 and 0.5→1), the three `--weight-norm` modes, and vanilla / oracle / own maps on the
+  background-correlated demo dataset (p = 0.8, the BG-gap).
 
 The study only orchestrates: each step (build a dataset, discover a map store, train a run,
 one evaluation protocol) is a subprocess of the console scripts users run (agmae-discover,
@@ -80,10 +81,12 @@ def print_plan(plan: Plan, echo=click.echo) -> None:
                                          f"--quick {QUICK_DEFAULTS['epochs']}]")
 @click.option("--seeds", type=int, help=f"Seeds of the main rows (vanilla, guided-*). [default: "
                                         f"{FULL_DEFAULTS['seeds']}; --quick {QUICK_DEFAULTS['seeds']}]")
-@click.option("--claim-seeds", type=int, help=f"Seeds of the paper-claim rows (guided masking) and of vanilla and oracle fine-tuning. "
+@click.option("--claim-seeds", type=int, help=f"Seeds of the paper-claim rows (guided masking) and of vanilla and "
+                                              f"oracle fine-tuning. "
                                               f"[default: {FULL_DEFAULTS['claim_seeds']}; --quick "
                                               f"{QUICK_DEFAULTS['claim_seeds']}]")
-@click.option("--ablation-seeds", type=int, help="Seeds of the τ, weight-norm, CNN-map and p = 0.8 rows and of own-map fine-tuning. [default: 1]")
+@click.option("--ablation-seeds", type=int, help="Seeds of the τ, weight-norm, CNN-map and p = 0.8 rows and of own-map "
+                                                 "fine-tuning. [default: 1]")
 @click.option("--n-train", type=int, help=f"Demo training images (both datasets). [default: "
                                           f"{FULL_DEFAULTS['n_train']}; --quick {QUICK_DEFAULTS['n_train']}]")
 @click.option("--n-test", type=int, help=f"Demo images per test split. [default: {FULL_DEFAULTS['n_test']}; "

@@ -82,7 +82,8 @@ def aggregate(plan: Plan) -> dict:
         first = plan.runs[row.name, seeds[0]]
         rows.append(dict(
             name=row.name, note=row.note, maps=row.maps, maps_command=list(MAPS[row.maps]) if row.maps else None,
-            correlation=row.correlation, versus=row.versus, guidance=({**GUIDANCE_DEFAULTS, **row.guidance} if row.maps else None),
+            correlation=row.correlation, versus=row.versus,
+            guidance=({**GUIDANCE_DEFAULTS, **row.guidance} if row.maps else None),
             seeds_planned=seeds, seeds_done=done, metrics=metrics,
             runs={str(seed): dict(run_dir=str(plan.runs[row.name, seed].run_dir),
                                   commands=[display_command(step.argv) for step in plan.runs[row.name, seed].steps()])
@@ -138,7 +139,8 @@ def _paired_table(rows: list, key: str, heading: str, intro: str, against: str |
              "| " + " | ".join(["row", *reference, *(METRICS[c][0] for c in PAIRED_COLUMNS)]) + " |",
              "|" + "---|" * (1 + len(reference) + len(PAIRED_COLUMNS))]
     for row in paired_rows:
-        cells = [row["name"], *([row[against]] if against else []), *(_paired_cell(row[key].get(c)) for c in PAIRED_COLUMNS)]
+        cells = [row["name"], *([row[against]] if against else []),
+                 *(_paired_cell(row[key].get(c)) for c in PAIRED_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
