@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from agmae.cli.demo import MAE_TOKENCUT_MAPS, ORACLE_MAPS
+from agmae.cli.demo import MAP_OPTIONS
 from agmae.cli.steps import Step, console_script
 from agmae.data.demo import demo_name
 from agmae.hardware import resolve_precision
@@ -29,9 +29,7 @@ DEMO_SEED = 0
 # mae-tokencut is TokenCut on the final tokens of the same seed's vanilla run (the two-round pipeline,
 # one store per seed); the negative control is DINO's CLS attention of a randomly initialised ViT-S/8 at 64 px.
 MAPS = {
-    "oracle": tuple(ORACLE_MAPS),
-    "mae-tokencut": tuple(MAE_TOKENCUT_MAPS),
-    "tokencut": ("--method", "tokencut", "--backbone", "tf_efficientnet_lite0", "--image-size", "224"),
+    **{source: tuple(options) for source, options in MAP_OPTIONS.items()},
     "gradcam": ("--method", "gradcam", "--backbone", "tf_efficientnet_lite0", "--image-size", "224"),
     "dino-random": ("--method", "dino", "--backbone", "vit_small_patch8_224", "--random-init", "--seed", "0",
                     "--image-size", "64"),

@@ -14,6 +14,7 @@ or inputs changed.
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -28,7 +29,7 @@ from agmae.store import open_maps
 from agmae.cli.steps import Step, console_script, cpu_set, execute, interrupt_on_sigterm, log_runner
 from agmae.options import click_option, seed_option
 from agmae.paths import agmae_home, maps_path
-from agmae.train.config import RECIPES, demo_warmup_epochs
+from agmae.train.config import RECIPES
 
 ORACLE_MAPS = ["--method", "oracle", "--patch", "8"]
 # TokenCut on the vanilla MAE's final tokens, mean-centred, with the border rule (an MAE's most distinctive
@@ -37,8 +38,43 @@ ORACLE_MAPS = ["--method", "oracle", "--patch", "8"]
 # (mean IoU 61.6 against 55.8); 128 px gains 2 more points at twice the cost (docs/CALIBRATION.md).
 MAE_TOKENCUT_MAPS = ["--method", "tokencut", "--layer", "norm", "--center", "--fg-rule", "border",
                      "--image-size", "96"]
-# run name: the map source that guides it (None: vanilla)
-RUNS = {"vanilla": None, "guided-oracle": "oracle", "guided-mae-tokencut": "mae-tokencut"}
+# TokenCut on the offline ImageNet EfficientNet-Lite0, the 64-px images up-sampled to 224 px (448, the CNN
+# default, costs 4x the time)
+LITE0_TOKENCUT_MAPS = ["--method", "tokencut", "--backbone", "tf_efficientnet_lite0", "--image-size", "224"]
+MAP_OPTIONS = {"oracle": ORACLE_MAPS, "mae-tokencut": MAE_TOKENCUT_MAPS, "tokencut": LITE0_TOKENCUT_MAPS}
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """What the demo trains: `epochs` (warm-up `warmup_epochs` of them, scaled with --epochs), agmae-train options
+    beyond its own demo recipe, and the map source of the third run beside vanilla and oracle guidance."""
+    epochs: int
+    warmup_epochs: float
+    train_options: tuple[str, ...]
+    offline_maps: str
+    summary: str
+
+    def warmup(self, epochs: int) -> float:
+        return round(self.warmup_epochs * epochs / self.epochs, 4)
+
+    def runs(self) -> dict:
+        """{run name: the map source that guides it (None: vanilla)}"""
+        return {"vanilla": None, "guided-oracle": "oracle", f"guided-{self.offline_maps}": self.offline_maps}
+
+
+DEMO_RECIPES = {
+    "light": DemoRecipe(RECIPES["demo"]["epochs"], RECIPES["demo"]["warmup_epochs"], (), "mae-tokencut",
+                        "agmae-train's demo recipe (the light demo MAE, batch 64), own maps from the vanilla MAE "
+                        "(no outside weights); about 16 min"),
+    # The earlier study's recipe (docs/RESULTS-earlier-recipe.md), on which both kinds of guided MAE beat
+    # vanilla on mean-pooled k-NN on each of its 3 seeds: the 192-wide demo MAE, 20 epochs at batch 256.
+    "wide": DemoRecipe(20, 4 / 3, ("--embed-dim", "192", "--depth", "6", "--num-heads", "3",
+                                   "--decoder-embed-dim", "128", "--decoder-depth", "2", "--decoder-num-heads", "4",
+                                   "--batch-size", "256"), "tokencut",
+                       "the 192-wide demo MAE of the earlier study, batch 256, maps of TokenCut on the offline "
+                       "EfficientNet-Lite0; about 3.5x the compute per image"),
+}
+DEFAULT_RECIPE = "light"
 # Mean-pooled features: the headline metric, chosen from the 20-epoch study's signal-to-noise before any
 # calibration run (docs/CALIBRATION.md); CLS k-NN moved 3.5 points between vanilla seeds there.
 EVALUATION = "robustness[pool=mean]"
@@ -60,10 +96,11 @@ def run_directory(run_root: Path, name: str, train: Step) -> Path:
     return run_root / "runs" / f"{name}-{digest}"
 
 
-def plan(run_root: Path, demo_root: Path, epochs: int, seed: int) -> tuple[list, dict]:
+def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = DEFAULT_RECIPE) -> tuple[list, dict]:
     """The demo's steps in the order the runner starts them when several are ready, and {run name: run
-    directory}. Vanilla and guided-oracle train side by side; the vanilla MAE's maps are discovered once
-    it is done, and guided-mae-tokencut trains on them beside the first evaluations."""
+    directory}. Vanilla and guided-oracle train side by side; own maps (mae-tokencut) are discovered once the
+    vanilla MAE is done, and their run trains beside the first evaluations."""
+    demo_recipe = DEMO_RECIPES[recipe]
     data = ["--data", str(demo_root)]
     # Discovery in bf16 where the CPU has it natively (2-3x faster there); evaluation in fp32, since bf16
     # features moved a run's k-NN by up to 0.65 points (docs/CALIBRATION.md, lever 6).
@@ -82,7 +119,8 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int) -> tuple[list,
         # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md)
         argv = [console_script("agmae-train"),
                 *(["--no-guidance"] if maps is None else ["--maps", str(maps.stale_output)]),
-                "--epochs", str(epochs), "--warmup-epochs", f"{demo_warmup_epochs(epochs):g}", "--seed", str(seed),
+                *demo_recipe.train_options, "--epochs", str(epochs),
+                "--warmup-epochs", f"{demo_recipe.warmup(epochs):g}", "--seed", str(seed),
                 "--save-every", "1"]  # a killed demo resumes per epoch
         needs = () if maps is None else (maps,)
         run_dir = run_directory(run_root, name, Step(name, argv, Path(), needs))
@@ -95,15 +133,20 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int) -> tuple[list,
         return Step(f"evaluate {name}", argv, run_dir / "eval.done.json", (trained,), kind="eval",
                     log=logs / f"evaluate-{name}.log")
 
-    oracle = discover("oracle", ORACLE_MAPS)
+    runs = demo_recipe.runs()
     vanilla, vanilla_dir = train("vanilla", None)
-    own_maps = discover("mae-tokencut", [*MAE_TOKENCUT_MAPS, "--backbone", str(vanilla_dir / "checkpoint-last.pth")],
-                        needs=(vanilla,))
-    maps = {"oracle": oracle, "mae-tokencut": own_maps}
+    maps = {}
+    for source in filter(None, runs.values()):
+        if source == "mae-tokencut":
+            maps[source] = discover(source, [*MAP_OPTIONS[source], "--backbone", str(vanilla_dir / "checkpoint-last.pth")],
+                                    needs=(vanilla,))
+        else:
+            maps[source] = discover(source, MAP_OPTIONS[source])
     trained = {"vanilla": (vanilla, vanilla_dir)}
-    trained.update({name: train(name, maps[source]) for name, source in RUNS.items() if source is not None})
-    steps = [oracle, vanilla, own_maps, *(trained[name][0] for name in RUNS if name != "vanilla")]
-    steps += [evaluate(name, *trained[name]) for name in RUNS]
+    trained.update({name: train(name, maps[source]) for name, source in runs.items() if source is not None})
+    steps = [maps["oracle"], vanilla, *(maps[source] for source in maps if source != "oracle"),
+             *(trained[name][0] for name in runs if name != "vanilla")]
+    steps += [evaluate(name, *trained[name]) for name in runs]
     steps.append(Step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)],
                       run_root / "attention.done.json", tuple(maps.values()), kind="eval",
                       log=logs / "map-quality.log"))
@@ -177,7 +220,7 @@ def store_label(result_name: str) -> str:
     return result_name
 
 
-def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) -> Path:
+def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path, recipe: str) -> Path:
     """report.png: grouped bars of the comparison table and the map quality, then demo images with each
     map source's maps."""
     import matplotlib  # the demo extra: imported only where a report is drawn
@@ -185,7 +228,8 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sources = [source for source in RUNS.values() if source and maps_path(run_root, source).exists()]
+    sources = [source for source in DEMO_RECIPES[recipe].runs().values()
+               if source and maps_path(run_root, source).exists()]
     fig = plt.figure(figsize=(14, 4 + 1.6 * len(sources)))
     grid = fig.add_gridspec(1 + len(sources), 8, height_ratios=[2.5] + [1] * len(sources))
     bars = fig.add_subplot(grid[0, :5])  # column 5 left free for the quality chart's labels
@@ -197,7 +241,7 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path) 
     bars.set_xticks(np.arange(len(columns)) + width * (len(table) - 1) / 2, columns, fontsize=8)
     bars.set_ylabel("top-1 % (mean-pooled features)")
     bars.legend(fontsize=8)
-    bars.set_title("vanilla vs attention-guided MAE on the demo dataset (one seed)")
+    bars.set_title(f"vanilla vs attention-guided MAE on the demo dataset (recipe {recipe}, one seed)")
     quality = fig.add_subplot(grid[0, 6:])
     names = list(attention)
     quality.barh(names, [attention[n]["mean_iou"] for n in names])
@@ -237,22 +281,26 @@ def step_times(steps: list) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--recipe", type=click.Choice(list(DEMO_RECIPES)), default=DEFAULT_RECIPE, show_default=True,
+              help="What the demo trains. " + "; ".join(f"{name}: {r.summary}, {r.epochs} epochs"
+                                                        for name, r in DEMO_RECIPES.items())
+                   + " (on 2 CPU cores with native bf16; docs/CALIBRATION.md).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
-              help="Run root for the maps, the runs, the logs and report.png. [default: AGMAE_HOME/demo-run]")
-@click.option("--epochs", type=click.IntRange(min=1), default=RECIPES["demo"]["epochs"], show_default=True,
-              help="Pre-training epochs of every MAE (equal compute for vanilla and guided; the warm-up stays a third "
-                   "of them). 18 keeps the demo within 20 minutes on 2 CPU cores with native bf16; the learning "
-                   "curves behind it are in docs/CALIBRATION.md.")
+              help="Run root for the maps, the runs, the logs and report.png. [default: AGMAE_HOME/demo-run/RECIPE]")
+@click.option("--epochs", type=click.IntRange(min=1),
+              help="Pre-training epochs of every MAE (equal compute for vanilla and guided; the warm-up keeps its "
+                   "share of them). [default: the recipe's]")
 @click_option("seed", seed_option("Training seed of every run."))
-def main(out, epochs, seed):
+def main(recipe, out, epochs, seed):
     """Run discover -> train -> eval on the demo dataset and print the comparison."""
     started = time.time()
-    run_root = out or agmae_home() / "demo-run"
+    epochs = epochs or DEMO_RECIPES[recipe].epochs
+    run_root = out or agmae_home() / "demo-run" / recipe
     run_root.mkdir(parents=True, exist_ok=True)
     click.echo("[demo] demo dataset (built once into AGMAE_HOME)")
     demo_root = ensure_demo()
     click.echo(f"[demo] dataset ready after {time.time() - started:.0f} s; step logs in {run_root / 'logs'}")
-    steps, run_dirs = plan(run_root, demo_root, epochs, seed)
+    steps, run_dirs = plan(run_root, demo_root, epochs, seed, recipe)
     interrupt_on_sigterm()
     try:
         failed = execute(steps, log_runner, echo=lambda line: click.echo(f"[demo] {line}"), cpus=cpu_set())
@@ -266,7 +314,7 @@ def main(out, epochs, seed):
                  json.loads((run_root / "results.json").read_text())["attention"]["results"].items()}
 
     table = comparison(run_dirs)
-    click.echo(f"\n[demo] {epochs} epochs per MAE, seed {seed}; top-1 % of mean-pooled features "
+    click.echo(f"\n[demo] recipe {recipe}, {epochs} epochs per MAE, seed {seed}; top-1 % of mean-pooled features "
                f"(k-NN k={KNN_K}, linear = cached-feature probe)")
     click.echo(format_comparison(table))
     for line in verdict(table, seed, headline_errors(run_dirs, demo_root)):
@@ -277,7 +325,7 @@ def main(out, epochs, seed):
     width = max(map(len, attention))
     for name, entry in attention.items():
         click.echo(f"  {name:{width}s}  mean IoU {entry['mean_iou']:5.1f} %   pointing {entry['pointing']:5.1f} %")
-    report = write_report(run_root, table, attention, demo_root)
+    report = write_report(run_root, table, attention, demo_root, recipe)
     click.echo(f"\n[demo] seconds per step (this invocation's steps; earlier ones were reused)\n{step_times(steps)}")
     click.echo(f"[demo] report: {report}\n[demo] total {(time.time() - started) / 60:.1f} min")
 
