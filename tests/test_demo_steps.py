@@ -101,7 +101,7 @@ def test_every_command_the_demo_and_the_study_plan_is_accepted_by_its_cli(tmp_pa
     """Each step's argv parses with the CLI it calls (no option the CLI lacks), without running anything."""
     import click
 
-    from agmae.cli.demo import plan
+    from agmae.cli.demo import DEMO_RECIPES, plan
     from agmae.cli.discover import main as discover
     from agmae.cli.eval import main as evaluate
     from agmae.cli.train import main as train
@@ -109,8 +109,11 @@ def test_every_command_the_demo_and_the_study_plan_is_accepted_by_its_cli(tmp_pa
     clis = {"agmae-discover": discover, "agmae-train": train, "agmae-eval": evaluate}
     demo_root = tmp_path / "demo"
     (demo_root / "train").mkdir(parents=True)
-    steps, _ = plan(tmp_path / "run", demo_root, epochs=2, seed=1)
-    assert {Path(step.argv[0]).name for step in steps} == set(clis)
+    steps = []
+    for recipe in DEMO_RECIPES:
+        recipe_steps, _ = plan(tmp_path / recipe, demo_root, epochs=2, seed=1, recipe=recipe)
+        assert {Path(step.argv[0]).name for step in recipe_steps} == set(clis)
+        steps += recipe_steps
     study = load_benchmark("study_plan")
     study_steps = study.build_plan(study.make_config(out=tmp_path / "study", docs=tmp_path / "docs",
                                                      precision="fp32")).steps
@@ -187,3 +190,28 @@ def test_sigterm_while_steps_run_side_by_side_ends_their_processes(tmp_path):
         with pytest.raises(ProcessLookupError):  # ended and reaped
             os.kill(pid, 0)
     assert not runner._live_processes
+
+
+def test_each_demo_recipe_trains_its_own_model_on_its_own_maps(tmp_path):
+    """--recipe wide: every run has the 192-wide model and batch 256, the third run trains on Lite0 TokenCut
+    maps (no vanilla checkpoint needed); light: the trainer's demo recipe and the vanilla MAE's own maps."""
+    from agmae.cli.demo import plan
+
+    demo_root = tmp_path / "demo"
+    light, light_dirs = plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="light")
+    wide, wide_dirs = plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="wide")
+    assert set(wide_dirs) == {"vanilla", "guided-oracle", "guided-tokencut"}
+    assert set(light_dirs) == {"vanilla", "guided-oracle", "guided-mae-tokencut"}
+    assert not set(light_dirs.values()) & set(wide_dirs.values())
+    wide_steps = {step.id: step.argv for step in wide}
+    for name in wide_dirs:
+        argv = wide_steps[f"train {name}"]
+        assert argv[argv.index("--embed-dim") + 1] == "192" and argv[argv.index("--batch-size") + 1] == "256"
+        assert argv[argv.index("--warmup-epochs") + 1] == "1.3333"
+    tokencut = wide_steps["discover tokencut"]
+    assert tokencut[tokencut.index("--backbone") + 1] == "tf_efficientnet_lite0"
+    light_steps = {step.id: step for step in light}
+    light_vanilla = light_steps["train vanilla"].argv
+    assert "--embed-dim" not in light_vanilla and light_vanilla[light_vanilla.index("--warmup-epochs") + 1] == "6.6667"
+    own_maps = light_steps["discover mae-tokencut"]
+    assert own_maps.needs == (light_steps["train vanilla"],)

@@ -72,7 +72,7 @@ DEMO_RECIPES = {
                                    "--decoder-embed-dim", "128", "--decoder-depth", "2", "--decoder-num-heads", "4",
                                    "--batch-size", "256"), "tokencut",
                        "the 192-wide demo MAE of the earlier study, batch 256, maps of TokenCut on the offline "
-                       "EfficientNet-Lite0; about 3.5x the compute per image"),
+                       "EfficientNet-Lite0; about 23-26 min, and guidance did not win on every seed either"),
 }
 DEFAULT_RECIPE = "light"
 # Mean-pooled features: the headline metric, chosen from the 20-epoch study's signal-to-noise before any
