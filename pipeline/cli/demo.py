@@ -128,20 +128,18 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
                     kind="train", log=logs / f"train-{name}.log"), run_dir
 
     def evaluate(name: str, trained: Step, run_dir: Path) -> Step:
+        # clean-fg (k-NN against the training objects on black) is the study's diagnostic, not the demo's
         argv = [console_script("agmae-eval"), "robustness", "--checkpoint", str(run_dir / "checkpoint-last.pth"),
-                "--pool", "mean", "--k", str(KNN_K), "--no-clean-fg", "--precision", "fp32"]  # clean-fg: the study's diagnostic
+                "--pool", "mean", "--k", str(KNN_K), "--no-clean-fg", "--precision", "fp32"]
         return Step(f"evaluate {name}", argv, run_dir / "eval.done.json", (trained,), kind="eval",
                     log=logs / f"evaluate-{name}.log")
 
     runs = demo_recipe.runs()
     vanilla, vanilla_dir = train("vanilla", None)
-    maps = {}
-    for source in filter(None, runs.values()):
-        if source == "mae-tokencut":
-            maps[source] = discover(source, [*MAP_OPTIONS[source], "--backbone", str(vanilla_dir / "checkpoint-last.pth")],
-                                    needs=(vanilla,))
-        else:
-            maps[source] = discover(source, MAP_OPTIONS[source])
+    own_backbone = ["--backbone", str(vanilla_dir / "checkpoint-last.pth")]
+    maps = {source: discover(source, [*MAP_OPTIONS[source], *own_backbone], needs=(vanilla,))
+            if source == "mae-tokencut" else discover(source, MAP_OPTIONS[source])
+            for source in filter(None, runs.values())}
     trained = {"vanilla": (vanilla, vanilla_dir)}
     trained.update({name: train(name, maps[source]) for name, source in runs.items() if source is not None})
     steps = [maps["oracle"], vanilla, *(maps[source] for source in maps if source != "oracle"),
