@@ -73,6 +73,11 @@ DEMO_RECIPES = {
                                    "--batch-size", "256"), "tokencut",
                        "the 192-wide demo MAE of the earlier study, batch 256, maps of TokenCut on the offline "
                        "EfficientNet-Lite0; about 23-26 min, and guidance did not win on every seed either"),
+    # Lever 2b of docs/CALIBRATION.md (oracle guidance +4.45 mean-pooled k-NN on its one seed, vanilla flat from
+    # epoch 4), never run on other seeds: the light demo MAE at batch 256, 16 epochs, 2 of warm-up, own maps.
+    "light-b256": DemoRecipe(16, 2.0, ("--batch-size", "256"), "mae-tokencut",
+                             "the light demo MAE at batch 256 (a quarter of light's optimizer steps), own maps from "
+                             "the vanilla MAE"),
 }
 DEFAULT_RECIPE = "light"
 # Mean-pooled features: the headline metric, chosen from the 20-epoch study's signal-to-noise before any
