@@ -35,6 +35,7 @@ from pathlib import Path
 
 import click
 
+from agmae.cli.demo import DEMO_RECIPES
 from agmae.cli.steps import cpu_set, duration, execute, interrupt_on_sigterm, log_runner
 from study_plan import (FULL_DEFAULTS, QUICK_DEFAULTS, QUICK_ROWS, REPO, ROW_NAMES, Config, Plan, build_plan,
                         make_config)
@@ -77,22 +78,26 @@ def print_plan(plan: Plan, echo=click.echo) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--epochs", type=int, help=f"Training epochs of every run. [default: {FULL_DEFAULTS['epochs']}; "
+@click.option("--recipe", type=click.Choice(list(DEMO_RECIPES)),
+              help="The demo recipe every run trains with (model, epochs, warm-up share, batch; `make demo "
+                   f"--recipe`). [default: {FULL_DEFAULTS['recipe']}]")
+@click.option("--epochs", type=int, help="Training epochs of every run. [default: the recipe's; "
                                          f"--quick {QUICK_DEFAULTS['epochs']}]")
 @click.option("--seeds", type=int, help=f"Seeds of the main rows (vanilla, guided-*). [default: "
                                         f"{FULL_DEFAULTS['seeds']}; --quick {QUICK_DEFAULTS['seeds']}]")
 @click.option("--claim-seeds", type=int, help=f"Seeds of the paper-claim rows (guided masking) and of vanilla and "
-                                              f"oracle fine-tuning. "
+                                              f"oracle fine-tuning (0: none). "
                                               f"[default: {FULL_DEFAULTS['claim_seeds']}; --quick "
                                               f"{QUICK_DEFAULTS['claim_seeds']}]")
 @click.option("--ablation-seeds", type=int, help="Seeds of the τ, weight-norm, CNN-map and p = 0.8 rows and of own-map "
-                                                 "fine-tuning. [default: 1]")
+                                                 "fine-tuning (0: none, for a study of the main rows alone). "
+                                                 "[default: 1]")
 @click.option("--n-train", type=int, help=f"Demo training images (both datasets). [default: "
                                           f"{FULL_DEFAULTS['n_train']}; --quick {QUICK_DEFAULTS['n_train']}]")
 @click.option("--n-test", type=int, help=f"Demo images per test split. [default: {FULL_DEFAULTS['n_test']}; "
                                          f"--quick {QUICK_DEFAULTS['n_test']}]")
-@click.option("--batch-size", type=int, help=f"Training batch of every run. [default: {FULL_DEFAULTS['batch_size']}"
-                                             f" (the demo recipe); --quick {QUICK_DEFAULTS['batch_size']}]")
+@click.option("--batch-size", type=int, help="Training batch of every run. [default: the recipe's; --quick "
+                                             f"{QUICK_DEFAULTS['batch_size']}]")
 @click.option("--rows", help="Comma-separated subset of the rows: " + ", ".join(ROW_NAMES)
                              + f". [default: all; --quick {','.join(QUICK_ROWS)}]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]),

@@ -11,18 +11,20 @@ from pathlib import Path
 
 import click
 
-from agmae.cli.demo import MAP_OPTIONS
+from agmae.cli.demo import (DEFAULT_RECIPE, DEMO_RECIPES, DISCOVERY_PRECISION, MAP_OPTIONS,
+                            OWN_MAP_SOURCES)
 from agmae.cli.steps import Step, console_script
 from agmae.data.demo import demo_name
 from agmae.hardware import resolve_precision
 from agmae.paths import agmae_home
-from agmae.train.config import RECIPES, demo_warmup_epochs
+from agmae.train.config import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DOCS = REPO / "docs"
 DEMO_SEED = 0
 
-# Discovery recipes, one map store per (recipe, dataset), as `make demo` computes them where it uses them.
+# Discovery recipes, one map store per (recipe, dataset), as `make demo` computes them where it uses them (in its
+# precision, so that the two-round maps of a seed are the demo's bit for bit).
 # The CNN methods use the offline ImageNet EfficientNet-Lite0 at 224 px (the 64-px images up-sampled; 448,
 # the tokencut CNN default, costs 4x the time); the oracle area-averages the masks onto a 28x28 grid
 # (224 px / patch 8), finer than the model's 8x8 patch grid so that a random crop cuts it between cells;
@@ -36,8 +38,6 @@ MAPS = {
 }
 # agmae-train's guidance defaults, passed explicitly so every run's command says what it trained.
 GUIDANCE_DEFAULTS = {"tau-schedule": "cosine", "tau-start": 1.0, "tau-end": 0.5, "weight-norm": "batch"}
-# Recipes whose backbone is the vanilla run of the same dataset and seed (`--backbone RUN/checkpoint-last.pth`).
-FROM_VANILLA = ("mae-tokencut",)
 # Seed tiers: MAIN rows get --seeds seeds, CLAIM rows (the paper's fine-tuning and masking claims)
 # --claim-seeds, ABLATION rows --ablation-seeds.
 MAIN, CLAIM, ABLATION = "main", "claim", "ablation"
@@ -45,8 +45,8 @@ MAIN, CLAIM, ABLATION = "main", "claim", "ablation"
 KEEP_EVERY = 4
 # Hand-written reading of the numbers, kept beside them: RESULTS.md embeds it above the generated tables.
 FINDINGS = "FINDINGS.md"
-# The earlier recipe's findings and tables, frozen: RESULTS.md ends with them as a section.
-EARLIER_RECIPE = "RESULTS-earlier-recipe.md"
+# Earlier recipes' findings and tables, frozen, newest first: RESULTS.md ends with each as a section.
+EARLIER_RECIPES = ("RESULTS-light-18-epochs.md", "RESULTS-earlier-recipe.md")
 
 
 @dataclass(frozen=True)
@@ -146,16 +146,17 @@ DISCOVER_SECONDS = {"oracle": 22.0, "mae-tokencut": 90.0, "tokencut": 200.0, "gr
 EVAL_SECONDS = {"knn": 60.0, "knn-mean": 55.0, "linear": 9.0, "robustness": 85.0, "finetune": 650.0}
 DATASET_SECONDS = 22.0
 
-# Every row trains with the demo recipe's epochs and batch and is evaluated on the demo's 10,000 images per test split.
-FULL_DEFAULTS = dict(epochs=RECIPES["demo"]["epochs"], seeds=5, claim_seeds=3, ablation_seeds=1, n_train=10000,
-                     n_test=10000,
-                     batch_size=RECIPES["demo"]["batch_size"], rows=",".join(ROW_NAMES))
-QUICK_DEFAULTS = dict(epochs=1, seeds=1, claim_seeds=1, ablation_seeds=1, n_train=240, n_test=60, batch_size=64,
-                      rows=",".join(QUICK_ROWS))
+# Every row trains with a demo recipe (`make demo --recipe`; its epochs and batch unless given) and is evaluated
+# on the demo's 10,000 images per test split.
+FULL_DEFAULTS = dict(recipe=DEFAULT_RECIPE, epochs=None, seeds=5, claim_seeds=3, ablation_seeds=1, n_train=10000,
+                     n_test=10000, batch_size=None, rows=",".join(ROW_NAMES))
+QUICK_DEFAULTS = dict(recipe=DEFAULT_RECIPE, epochs=1, seeds=1, claim_seeds=1, ablation_seeds=1, n_train=240,
+                      n_test=60, batch_size=64, rows=",".join(QUICK_ROWS))
 
 
 @dataclass(frozen=True)
 class Config:
+    recipe: str  # a DEMO_RECIPES name
     epochs: int
     seeds: int
     claim_seeds: int
@@ -175,14 +176,14 @@ class Config:
         return self.seeds_in(row.seeds)
 
     def warmup_epochs(self) -> float:
-        return demo_warmup_epochs(self.epochs)
+        return DEMO_RECIPES[self.recipe].warmup(self.epochs)
 
     def command(self) -> str:
         """The study command line that reproduces this plan, every plan option explicit."""
         python = Path(sys.executable)
         python = python.relative_to(REPO) if python.is_relative_to(REPO) else python
-        parts = [str(python), "benchmarks/study.py", "--epochs", self.epochs, "--seeds", self.seeds,
-                 "--claim-seeds", self.claim_seeds, "--ablation-seeds", self.ablation_seeds,
+        parts = [str(python), "benchmarks/study.py", "--recipe", self.recipe, "--epochs", self.epochs,
+                 "--seeds", self.seeds, "--claim-seeds", self.claim_seeds, "--ablation-seeds", self.ablation_seeds,
                  "--n-train", self.n_train, "--n-test", self.n_test,
                  "--batch-size", self.batch_size, "--rows", ",".join(self.rows), "--precision", self.precision]
         if self.out != agmae_home() / "study":
@@ -239,14 +240,14 @@ def _dataset_step(config: Config, correlation: float) -> tuple[Step, Path]:
 def _discover_step(config: Config, maps: str, dataset: Step, root: Path, vanilla: Step | None = None
                    ) -> tuple[Step, Path]:
     """The step that computes the map store of recipe `maps` on a dataset's train split, and the store.
-    A FROM_VANILLA recipe takes the `vanilla` training step's final checkpoint as its backbone."""
+    An OWN_MAP_SOURCES recipe takes the `vanilla` training step's final checkpoint as its backbone."""
     folder = config.out / "maps" / root.name
     name = maps if vanilla is None else f"{maps}-{vanilla.run_dir.name}"
     store = folder / f"{name}.h5"
     backbone = [] if vanilla is None else ["--backbone", str(vanilla.run_dir / "checkpoint-last.pth")]
     step = Step(id=f"discover {root.name}/{name}", kind="discover",
-                argv=[console_script("agmae-discover"), *MAPS[maps], *backbone, "--data", str(root),
-                      "--out", str(store)],
+                argv=[console_script("agmae-discover"), *MAPS[maps], *backbone, *DISCOVERY_PRECISION,
+                      "--data", str(root), "--out", str(store)],
                 log=folder / f"{name}.log", marker=folder / f"{name}.done.json",
                 needs=(dataset,) if vanilla is None else (dataset, vanilla),
                 estimate=DISCOVER_SECONDS[maps] * config.n_train / 10000, stale_output=store)
@@ -255,7 +256,8 @@ def _discover_step(config: Config, maps: str, dataset: Step, root: Path, vanilla
 
 def _training_options(config: Config, row: Row, seed: int) -> tuple[str, list]:
     """A short name of the row's training configuration and its agmae-train options (without paths)."""
-    options = ["--model", RECIPES["demo"]["model"], "--epochs", str(config.epochs),
+    options = ["--model", RECIPES["demo"]["model"], *DEMO_RECIPES[config.recipe].model_options,
+               "--epochs", str(config.epochs),
                "--warmup-epochs", _slug(config.warmup_epochs()), "--batch-size", str(config.batch_size),
                "--blr", _slug(RECIPES["demo"]["blr"]), "--precision", config.precision, "--seed", str(seed)]
     if row.maps is None:
@@ -328,7 +330,7 @@ def build_plan(config: Config) -> Plan:
             upstream, store = [add(dataset)], None
             if row.maps is not None:
                 vanilla = None
-                if row.maps in FROM_VANILLA:
+                if row.maps in OWN_MAP_SOURCES:
                     vanilla_row = Row(f"vanilla p={row.correlation:g}", None, correlation=row.correlation)
                     vanilla = add(_run(config, vanilla_row, seed, root, None, upstream).train)
                     upstream.append(vanilla)
@@ -349,21 +351,31 @@ def _default_precision() -> str:
     return resolve_precision(RECIPES["demo"]["precision"], torch.device("cpu"), training=True)
 
 
-def make_config(quick=False, epochs=None, seeds=None, claim_seeds=None, ablation_seeds=None, n_train=None, n_test=None,
-                batch_size=None, rows=None, out=None, docs=None, precision=None) -> Config:
+def make_config(quick=False, recipe=None, epochs=None, seeds=None, claim_seeds=None, ablation_seeds=None,
+                n_train=None, n_test=None, batch_size=None, rows=None, out=None, docs=None, precision=None) -> Config:
     defaults = QUICK_DEFAULTS if quick else FULL_DEFAULTS
-    given = dict(epochs=epochs, seeds=seeds, claim_seeds=claim_seeds, ablation_seeds=ablation_seeds,
-                 n_train=n_train, n_test=n_test,
-                 batch_size=batch_size, rows=rows)
+    given = dict(recipe=recipe, epochs=epochs, seeds=seeds, claim_seeds=claim_seeds, ablation_seeds=ablation_seeds,
+                 n_train=n_train, n_test=n_test, batch_size=batch_size, rows=rows)
     values = {name: defaults[name] if value is None else value for name, value in given.items()}
+    if values["recipe"] not in DEMO_RECIPES:
+        raise click.BadParameter(f"unknown recipe {values['recipe']!r}; choose from {', '.join(DEMO_RECIPES)}",
+                                 param_hint="--recipe")
+    demo_recipe = DEMO_RECIPES[values["recipe"]]
+    for name in ("epochs", "batch_size"):
+        values[name] = getattr(demo_recipe, name) if values[name] is None else values[name]
     names = tuple(name.strip() for name in values["rows"].split(",") if name.strip())
     unknown = [name for name in names if name not in ROW_NAMES]
     if unknown or not names:
         raise click.BadParameter(f"unknown row(s) {', '.join(unknown) or '(none given)'}; choose from "
                                  f"{', '.join(ROW_NAMES)}", param_hint="--rows")
-    for name in ("epochs", "seeds", "claim_seeds", "ablation_seeds", "batch_size"):
-        if values[name] < 1:
-            raise click.BadParameter(f"{values[name]} must be >= 1", param_hint="--" + name.replace("_", "-"))
+    for name, least in (("epochs", 1), ("seeds", 1), ("claim_seeds", 0), ("ablation_seeds", 0), ("batch_size", 1)):
+        if values[name] < least:
+            raise click.BadParameter(f"{values[name]} must be >= {least}", param_hint="--" + name.replace("_", "-"))
+    for row in ROWS:
+        tier = {CLAIM: "claim_seeds", ABLATION: "ablation_seeds"}.get(row.seeds)
+        if row.name in names and tier and values[tier] == 0:
+            raise click.BadParameter(f"row {row.name} runs on the {row.seeds} seeds; give it at least one, or leave "
+                                     "it out of --rows", param_hint="--" + tier.replace("_", "-"))
     out = Path(out) if out else agmae_home() / "study"
     docs = Path(docs) if docs else (out / "docs" if quick else DEFAULT_DOCS)
     return Config(**{**values, "rows": names}, out=out.resolve(), docs=docs.resolve(),

@@ -13,7 +13,7 @@ from agmae.cli.demo import nested
 from agmae.cli.steps import duration
 from agmae.train.config import RECIPES
 from scipy import stats
-from study_plan import (EARLIER_RECIPE, FEATURE_COLUMNS, FINDINGS, GUIDANCE_DEFAULTS, MAPS, METRICS,
+from study_plan import (EARLIER_RECIPES, FEATURE_COLUMNS, FINDINGS, GUIDANCE_DEFAULTS, MAPS, METRICS,
                         PAIRED_COLUMNS, ROBUSTNESS_COLUMNS, Plan)
 
 def display_command(argv: list) -> str:
@@ -96,7 +96,8 @@ def aggregate(plan: Plan) -> dict:
         seconds[step.kind] = seconds.get(step.kind, 0.0) + step.seconds()
     return dict(
         command=config.command(), generated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=not missing,
-        missing=missing, plan=dict(epochs=config.epochs, warmup_epochs=config.warmup_epochs(), seeds=config.seeds,
+        missing=missing, plan=dict(recipe=config.recipe, epochs=config.epochs, warmup_epochs=config.warmup_epochs(),
+                                   seeds=config.seeds,
                                    claim_seeds=config.claim_seeds, ablation_seeds=config.ablation_seeds,
                                    n_train=config.n_train,
                                    n_test=config.n_test, batch_size=config.batch_size, precision=config.precision,
@@ -145,9 +146,10 @@ def _paired_table(rows: list, key: str, heading: str, intro: str, against: str |
     return lines
 
 
-def render_markdown(summary: dict, findings: str = "", earlier: str = "") -> str:
+def render_markdown(summary: dict, findings: str = "", earlier=()) -> str:
     """RESULTS.md: the generated tables, after the hand-written findings (docs/FINDINGS.md) when there are any,
-    and then the earlier recipe's frozen results (docs/RESULTS-earlier-recipe.md), one heading level down."""
+    and then the earlier recipes' frozen results (`earlier`, the texts of EARLIER_RECIPES), one heading level
+    down."""
     plan, rows = summary["plan"], summary["rows"]
     wall = summary["wall_seconds"]
     lines = ["# AttG study results", ""]
@@ -158,9 +160,10 @@ def render_markdown(summary: dict, findings: str = "", earlier: str = "") -> str
                   + ", ".join(summary["missing"]) + ". Re-run the command below to continue.", ""]
     lines += [
         "Reproduce (resumable; each finished run is skipped):", "", "```", summary["command"], "```", "",
-        f"Demo dataset ({plan['n_train']} train / {plan['n_test']} per test split, 64 px), model "
-        f"`{plan['model']}`, epochs {plan['epochs']} (warm-up {plan['warmup_epochs']:g}), batch {plan['batch_size']}, "
-        f"blr {plan['blr']:g}, precision {plan['precision']}, identical for every row. Numbers are top-1 % "
+        f"Demo dataset ({plan['n_train']} train / {plan['n_test']} per test split, 64 px), demo recipe "
+        f"`{plan['recipe']}`: model `{plan['model']}`, epochs {plan['epochs']} (warm-up {plan['warmup_epochs']:g}), "
+        f"batch {plan['batch_size']}, blr {plan['blr']:g}, precision {plan['precision']}, identical for every row. "
+        "Numbers are top-1 % "
         f"(k-NN: k = {plan['knn_k']}, CLS features unless marked; linear: cached-feature probe), "
         "mean ± sample std (n − 1) over the n finished seeds. Maps: oracle = masks area-averaged to a 28×28 "
         "grid (resampled with each crop onto the 8×8 patch grid); "
@@ -197,15 +200,15 @@ def render_markdown(summary: dict, findings: str = "", earlier: str = "") -> str
         lines += [f"- `{row['name']}`" + (f" ({row['note']})" if row["note"] else "") + ":",
                   f"  `{row['train_command_seed0']}`"]
     lines += ["", "Per-seed numbers, run directories and every command: `results.json` beside this file.", ""]
-    if earlier.strip():
-        lines += [re.sub(r"^(#+) ", r"#\1 ", earlier.strip(), flags=re.MULTILINE), ""]
+    lines += [line for text in earlier if text.strip()
+              for line in (re.sub(r"^(#+) ", r"#\1 ", text.strip(), flags=re.MULTILINE), "")]
     return "\n".join(lines)
 
 
 def write_report(plan: Plan) -> dict:
     summary = aggregate(plan)
     atomic_write_text(json.dumps(summary, indent=2) + "\n", plan.config.docs / "results.json")
-    texts = [path.read_text() if path.is_file() else "" for path in (plan.config.docs / FINDINGS,
-                                                                      plan.config.docs / EARLIER_RECIPE)]
-    atomic_write_text(render_markdown(summary, *texts), plan.config.docs / "RESULTS.md")
+    findings, *earlier = [path.read_text() if path.is_file() else ""
+                          for path in (plan.config.docs / name for name in (FINDINGS, *EARLIER_RECIPES))]
+    atomic_write_text(render_markdown(summary, findings, earlier), plan.config.docs / "RESULTS.md")
     return summary

@@ -194,7 +194,8 @@ def test_sigterm_while_steps_run_side_by_side_ends_their_processes(tmp_path):
 
 def test_each_demo_recipe_trains_its_own_model_on_its_own_maps(tmp_path):
     """--recipe wide: every run has the 192-wide model and batch 256, the third run trains on Lite0 TokenCut
-    maps (no vanilla checkpoint needed); light: the trainer's demo recipe and the vanilla MAE's own maps."""
+    maps (no vanilla checkpoint needed); light: the trainer's demo recipe and the vanilla MAE's own maps;
+    light-b256: the light model at batch 256 with its own warm-up share and own maps."""
     from agmae.cli.demo import plan
 
     demo_root = tmp_path / "demo"
@@ -215,3 +216,8 @@ def test_each_demo_recipe_trains_its_own_model_on_its_own_maps(tmp_path):
     assert "--embed-dim" not in light_vanilla and light_vanilla[light_vanilla.index("--warmup-epochs") + 1] == "6.6667"
     own_maps = light_steps["discover mae-tokencut"]
     assert own_maps.needs == (light_steps["train vanilla"],)
+    b256 = {step.id: step for step in plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="light-b256")[0]}
+    b256_vanilla = b256["train vanilla"].argv
+    assert "--embed-dim" not in b256_vanilla and [b256_vanilla[b256_vanilla.index(option) + 1] for option in (
+        "--batch-size", "--warmup-epochs")] == ["256", "2.5"]  # 2 of 16 epochs, the share kept at 20
+    assert b256["discover mae-tokencut"].needs == (b256["train vanilla"],)

@@ -27,6 +27,26 @@ def _option(argv, name):
     return argv[argv.index(name) + 1]
 
 
+def test_a_recipe_sets_every_runs_model_schedule_and_batch_and_the_command_names_it(study, tmp_path):
+    """--recipe wide: the 192-wide model, 20 epochs with the recipe's warm-up share, batch 256; --epochs rescales
+    the warm-up; an unknown recipe is refused at the door."""
+    def trains(**options):
+        config = study.make_config(rows="vanilla,guided-oracle", out=tmp_path / "study", docs=tmp_path / "docs",
+                                   precision="fp32", **options)
+        return config, [run.train.argv for run in study.build_plan(config).runs.values()]
+
+    config, wide = trains(recipe="wide")
+    assert "--recipe wide" in config.command()
+    for argv in wide:
+        assert [_option(argv, name) for name in ("--embed-dim", "--epochs", "--warmup-epochs", "--batch-size")] == [
+            "192", "20", "1.3333", "256"]
+    _, short = trains(recipe="wide", epochs=10, batch_size=64)
+    assert [_option(short[0], name) for name in ("--epochs", "--warmup-epochs", "--batch-size")] == ["10", "0.6667",
+                                                                                                     "64"]
+    with pytest.raises(click.BadParameter, match="unknown recipe 'bogus'"):
+        trains(recipe="bogus")
+
+
 def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     config = study.make_config(out=tmp_path / "study", docs=tmp_path / "docs", precision="bf16")
     plan = study.build_plan(config)
@@ -69,7 +89,9 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     trains = [run.train.argv for run in plan.runs.values()]
     for name in ("--model", "--epochs", "--warmup-epochs", "--batch-size", "--blr", "--precision"):
         assert len({_option(argv, name) for argv in trains}) == 1, name
-    assert _option(trains[0], "--epochs") == str(plan_of.FULL_DEFAULTS["epochs"])
+    recipe = plan_of.DEMO_RECIPES[plan_of.DEFAULT_RECIPE]
+    assert (_option(trains[0], "--epochs"), _option(trains[0], "--warmup-epochs"), _option(trains[0], "--batch-size")
+            ) == (str(recipe.epochs), f"{recipe.warmup_epochs:g}", str(recipe.batch_size))
     constant = plan.runs["tau-const-0.25", 0].train.argv
     assert _option(constant, "--tau-schedule") == "constant" and _option(constant, "--tau-start") == "0.25"
     assert "--tau-end" not in constant
@@ -83,6 +105,18 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
 def test_bad_rows_are_rejected(study, tmp_path):
     with pytest.raises(click.BadParameter, match="bogus"):
         study.make_config(rows="vanilla,bogus", out=tmp_path)
+
+
+def test_no_claim_or_ablation_seeds_means_no_fine_tuning_unless_a_chosen_row_needs_those_seeds(study, tmp_path):
+    rows = "vanilla,guided-oracle,guided-mae-tokencut"
+    plan = study.build_plan(study.make_config(rows=rows, seeds=2, claim_seeds=0, ablation_seeds=0, out=tmp_path,
+                                              precision="fp32"))
+    assert sorted(plan.runs) == [(row, seed) for row in sorted(rows.split(",")) for seed in (0, 1)]
+    assert not any("finetune" in run.evals for run in plan.runs.values())
+    with pytest.raises(click.BadParameter, match="row mask-oracle runs on the claim seeds"):
+        study.make_config(rows="vanilla,mask-oracle", claim_seeds=0, out=tmp_path)
+    with pytest.raises(click.BadParameter, match="-1 must be >= 0"):
+        study.make_config(rows="vanilla", ablation_seeds=-1, out=tmp_path)
 
 
 # Hand-made k-NN CLS top-1 per (row, seed); the other metrics are fixed offsets of it.
@@ -185,12 +219,18 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
         record = json.loads(step.marker.read_text())
         step.marker.write_text(json.dumps({**record, "seconds": 30.0}))
     (config.docs / plan_of.FINDINGS).write_text("## Findings\n\nGuidance wins by 8 points.\n")
+    newer, older = plan_of.EARLIER_RECIPES
+    (config.docs / newer).write_text("# Recipe B\n\n## Its tables\n")
+    (config.docs / older).write_text("# Recipe A\n")
     reported = study.run_study(config, runner=again, echo=lines.append, report_only=True)
     assert reported["wall_seconds"]["total"] == 30.0 * len(plan.steps)
     markdown = (config.docs / "RESULTS.md").read_text()
     assert f"Wall time (sum of the recorded step times): {len(plan.steps) // 2}m00s" in markdown
     # the hand-written findings come first, the generated tables after them
     assert markdown.index("Guidance wins by 8 points.") < markdown.index("| vanilla | — | 0 | 3/3 |")
+    # then each earlier recipe's frozen results, newest first, one heading level down
+    assert markdown.index("| vanilla | — | 0 | 3/3 |") < markdown.index("\n## Recipe B\n\n### Its tables\n") < \
+        markdown.index("\n## Recipe A\n")
 
 
 def test_a_variant_row_is_paired_with_the_row_it_varies(study, tmp_path):

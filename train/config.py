@@ -24,12 +24,6 @@ RECIPES = {
 }
 
 
-def demo_warmup_epochs(epochs: int) -> float:
-    """The demo recipe's warm-up share of its epochs (a third), applied to `epochs`: what the demo and the
-    study train with when they change the number of epochs."""
-    return round(RECIPES["demo"]["warmup_epochs"] * epochs / RECIPES["demo"]["epochs"], 4)
-
-
 def _recipe(name: str, text: str) -> str:
     return f"{text} [default: {RECIPES['demo'][name]} on the demo dataset, {RECIPES['paper'][name]} otherwise]"
 

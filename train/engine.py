@@ -42,11 +42,12 @@ FOREGROUND_THRESHOLD = 0.5
 # step with it on / off 1.030 for the demo MAE's 64 patches, 0.925 for base/16's 196).
 FUSED_ATTN_MIN_PATCHES = 128
 # Settings that change how a run executes, not what it computes (the global batch is compared as
-# effective_batch, so the ranks may change between kills; the data and maps by their fingerprints).
+# effective_batch, so the ranks may change between kills; the data and maps by their fingerprints; the
+# requested --precision as the autocast dtype it resolved to, amp_dtype, so `native` and `bf16` are one run).
 # Resuming with any other setting changed is refused, so a run's record always says what trained it.
 EXECUTION_SETTINGS = frozenset({"data", "train_split", "out", "maps", "resume", "workers", "save_every",
                                 "keep_every", "verify_images", "max_failures", "device", "compile", "batch_size",
-                                "accum_iter", "world_size", "version"})
+                                "accum_iter", "world_size", "precision", "version"})
 
 
 class NonFiniteLossError(RuntimeError):

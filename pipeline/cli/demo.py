@@ -44,18 +44,33 @@ LITE0_TOKENCUT_MAPS = ["--method", "tokencut", "--backbone", "tf_efficientnet_li
 MAP_OPTIONS = {"oracle": ORACLE_MAPS, "mae-tokencut": MAE_TOKENCUT_MAPS, "tokencut": LITE0_TOKENCUT_MAPS}
 
 
+# Discovery in bf16 where the CPU has it natively (2-3x faster there); evaluation in fp32, since bf16
+# features moved a run's k-NN by up to 0.65 points (docs/CALIBRATION.md, lever 6).
+DISCOVERY_PRECISION = ("--precision", "native")
+# Map sources computed on the vanilla MAE of the same seed (`--backbone RUN/checkpoint-last.pth`): their discovery
+# waits for the vanilla run.
+OWN_MAP_SOURCES = ("mae-tokencut",)
+
+
 @dataclass(frozen=True)
 class DemoRecipe:
-    """What the demo trains: `epochs` (warm-up `warmup_epochs` of them, scaled with --epochs), agmae-train options
-    beyond its own demo recipe, and the map source of the third run beside vanilla and oracle guidance."""
+    """What the demo (and the study) trains: `epochs` with `warmup_epochs` of warm-up (the share kept when --epochs
+    changes) at `batch_size`, `model_options` on top of agmae-train's demo preset, and the map source of the
+    third run beside vanilla and oracle guidance."""
     epochs: int
     warmup_epochs: float
-    train_options: tuple[str, ...]
+    batch_size: int
+    model_options: tuple[str, ...]
     offline_maps: str
     summary: str
 
     def warmup(self, epochs: int) -> float:
         return round(self.warmup_epochs * epochs / self.epochs, 4)
+
+    def train_options(self, epochs: int) -> list[str]:
+        """agmae-train's options for `epochs` epochs of this recipe (model, schedule, batch)."""
+        return [*self.model_options, "--epochs", str(epochs), "--warmup-epochs", f"{self.warmup(epochs):g}",
+                "--batch-size", str(self.batch_size)]
 
     def runs(self) -> dict:
         """{run name: the map source that guides it (None: vanilla)}"""
@@ -63,19 +78,20 @@ class DemoRecipe:
 
 
 DEMO_RECIPES = {
-    "light": DemoRecipe(RECIPES["demo"]["epochs"], RECIPES["demo"]["warmup_epochs"], (), "mae-tokencut",
+    "light": DemoRecipe(RECIPES["demo"]["epochs"], RECIPES["demo"]["warmup_epochs"], RECIPES["demo"]["batch_size"],
+                        (), "mae-tokencut",
                         "agmae-train's demo recipe (the light demo MAE, batch 64), own maps from the vanilla MAE "
                         "(no outside weights); about 16 min"),
     # The earlier study's recipe (docs/RESULTS-earlier-recipe.md), on which both kinds of guided MAE beat
     # vanilla on mean-pooled k-NN on each of its 3 seeds: the 192-wide demo MAE, 20 epochs at batch 256.
-    "wide": DemoRecipe(20, 4 / 3, ("--embed-dim", "192", "--depth", "6", "--num-heads", "3",
-                                   "--decoder-embed-dim", "128", "--decoder-depth", "2", "--decoder-num-heads", "4",
-                                   "--batch-size", "256"), "tokencut",
+    "wide": DemoRecipe(20, 4 / 3, 256, ("--embed-dim", "192", "--depth", "6", "--num-heads", "3",
+                                        "--decoder-embed-dim", "128", "--decoder-depth", "2",
+                                        "--decoder-num-heads", "4"), "tokencut",
                        "the 192-wide demo MAE of the earlier study, batch 256, maps of TokenCut on the offline "
                        "EfficientNet-Lite0; about 23-26 min, and guidance did not win on every seed either"),
     # Lever 2b of docs/CALIBRATION.md (oracle guidance +4.45 mean-pooled k-NN on its one seed, vanilla flat from
     # epoch 4), never run on other seeds: the light demo MAE at batch 256, 16 epochs, 2 of warm-up, own maps.
-    "light-b256": DemoRecipe(16, 2.0, ("--batch-size", "256"), "mae-tokencut",
+    "light-b256": DemoRecipe(16, 2.0, 256, (), "mae-tokencut",
                              "the light demo MAE at batch 256 (a quarter of light's optimizer steps), own maps from "
                              "the vanilla MAE"),
 }
@@ -107,15 +123,12 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
     vanilla MAE is done, and their run trains beside the first evaluations."""
     demo_recipe = DEMO_RECIPES[recipe]
     data = ["--data", str(demo_root)]
-    # Discovery in bf16 where the CPU has it natively (2-3x faster there); evaluation in fp32, since bf16
-    # features moved a run's k-NN by up to 0.65 points (docs/CALIBRATION.md, lever 6).
-    precision = ["--precision", "native"]
     logs = run_root / "logs"
 
     def discover(method: str, options: list, needs=()) -> Step:
         out_file = maps_path(run_root, method)
-        return Step(f"discover {method}", [console_script("agmae-discover"), *options, *data, *precision,
-                                           "--out", str(out_file)],
+        return Step(f"discover {method}", [console_script("agmae-discover"), *options, *data,
+                                           *DISCOVERY_PRECISION, "--out", str(out_file)],
                     out_file.with_suffix(".done.json"), needs, kind="discover", log=logs / f"discover-{method}.log",
                     stale_output=out_file)
 
@@ -124,8 +137,7 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
         # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md)
         argv = [console_script("agmae-train"),
                 *(["--no-guidance"] if maps is None else ["--maps", str(maps.stale_output)]),
-                *demo_recipe.train_options, "--epochs", str(epochs),
-                "--warmup-epochs", f"{demo_recipe.warmup(epochs):g}", "--seed", str(seed),
+                *demo_recipe.train_options(epochs), "--seed", str(seed),
                 "--save-every", "1"]  # a killed demo resumes per epoch
         needs = () if maps is None else (maps,)
         run_dir = run_directory(run_root, name, Step(name, argv, Path(), needs))
@@ -143,7 +155,7 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
     vanilla, vanilla_dir = train("vanilla", None)
     own_backbone = ["--backbone", str(vanilla_dir / "checkpoint-last.pth")]
     maps = {source: discover(source, [*MAP_OPTIONS[source], *own_backbone], needs=(vanilla,))
-            if source == "mae-tokencut" else discover(source, MAP_OPTIONS[source])
+            if source in OWN_MAP_SOURCES else discover(source, MAP_OPTIONS[source])
             for source in filter(None, runs.values())}
     trained = {"vanilla": (vanilla, vanilla_dir)}
     trained.update({name: train(name, maps[source]) for name, source in runs.items() if source is not None})
