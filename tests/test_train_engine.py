@@ -323,7 +323,7 @@ def test_cli_defaults_to_the_demo_recipe_and_names_missing_maps(demo_root, monke
     monkeypatch.setenv("AGMAE_RUN_DIR", str(tmp_path / "empty-run"))
     vanilla = config_from_options(True, **_unset_options()).resolved()
     assert (vanilla.model, vanilla.epochs, vanilla.warmup_epochs, vanilla.batch_size, vanilla.blr,
-            vanilla.precision) == ("mae_vit_demo_patch8", 18, 6.0, 64, 1e-3, "native")
+            vanilla.precision) == ("mae_vit_demo_patch8", 16, 2.0, 256, 1e-3, "native")
     assert vanilla.image_folder() == demo_root / "train" and vanilla.maps is None
     assert vanilla.out == str(tmp_path / "empty-run")
     with pytest.raises(FileNotFoundError, match="agmae-discover"):

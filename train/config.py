@@ -17,7 +17,7 @@ from agmae.paths import default_run_dir
 from agmae.train.masking import MASKING_RULES, SAMPLING_WEIGHT_FLOOR
 
 RECIPES = {
-    "demo": dict(model="mae_vit_demo_patch8", epochs=18, warmup_epochs=6.0, batch_size=64, blr=1e-3,
+    "demo": dict(model="mae_vit_demo_patch8", epochs=16, warmup_epochs=2.0, batch_size=256, blr=1e-3,
                  precision="native"),
     "paper": dict(model="mae_vit_base_patch16", epochs=800, warmup_epochs=40.0, batch_size=64, blr=1.5e-4,
                   precision="auto"),
