@@ -29,7 +29,8 @@ DEMO_SEED = 0
 # the tokencut CNN default, costs 4x the time); the oracle area-averages the masks onto a 28x28 grid
 # (224 px / patch 8), finer than the model's 8x8 patch grid so that a random crop cuts it between cells;
 # mae-tokencut is TokenCut on the final tokens of the same seed's vanilla run (the two-round pipeline,
-# one store per seed); the negative control is DINO's CLS attention of a randomly initialised ViT-S/8 at 64 px.
+# one store per seed), mae-tokencut-128 the same on its last block's tokens at 128 px; the negative control
+# is DINO's CLS attention of a randomly initialised ViT-S/8 at 64 px.
 MAPS = {
     **{source: tuple(options) for source, options in MAP_OPTIONS.items()},
     "gradcam": ("--method", "gradcam", "--backbone", "tf_efficientnet_lite0", "--image-size", "224"),
@@ -75,6 +76,8 @@ ROWS = [
     Row("guided-oracle", "oracle", note="ground-truth masks", finetune=CLAIM),
     Row("guided-mae-tokencut", "mae-tokencut", note="TokenCut on the vanilla MAE of the same seed (two rounds)",
         finetune=ABLATION),
+    Row("guided-mae-tokencut-128", "mae-tokencut-128",
+        note="TokenCut on the last block of the vanilla MAE of the same seed, 128 px (two rounds)"),
     Row("guided-dino-random", "dino-random", note="negative control: DINO attention of a random ViT-S/8"),
     # The paper's masking ablation: the map chooses the masked patches (AttMask's most-attended rule),
     # instead of or besides weighting the loss.
@@ -142,7 +145,7 @@ ROBUSTNESS_COLUMNS = ("mixed_rand_knn", "mixed_rand_linear", "only_fg_knn", "onl
 # the earlier 2-core AVX2 machine's figures. A CPU without native bf16 trains about 3x slower.
 TRAIN_EPOCH_SECONDS = 26.0
 STARTUP_SECONDS = 5.0
-DISCOVER_SECONDS = {"oracle": 22.0, "mae-tokencut": 90.0, "tokencut": 200.0, "gradcam": 450.0, "dino-random": 400.0}
+DISCOVER_SECONDS = {"oracle": 22.0, "mae-tokencut": 90.0, "mae-tokencut-128": 190.0, "tokencut": 200.0, "gradcam": 450.0, "dino-random": 400.0}
 EVAL_SECONDS = {"knn": 60.0, "knn-mean": 55.0, "linear": 9.0, "robustness": 85.0, "finetune": 650.0}
 DATASET_SECONDS = 22.0
 

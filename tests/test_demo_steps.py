@@ -195,7 +195,8 @@ def test_sigterm_while_steps_run_side_by_side_ends_their_processes(tmp_path):
 def test_each_demo_recipe_trains_its_own_model_on_its_own_maps(tmp_path):
     """--recipe wide: every run has the 192-wide model and batch 256, the third run trains on Lite0 TokenCut
     maps (no vanilla checkpoint needed); light: the trainer's demo recipe and the vanilla MAE's own maps;
-    light-b256: the light model at batch 256 with its own warm-up share and own maps."""
+    light-b256: the light model at batch 256 with its own warm-up share and own maps; light-b256-maps128: the same
+    vanilla and oracle runs (one directory each) and own maps cut from the vanilla MAE's last block at 128 px."""
     from agmae.cli.demo import plan
 
     demo_root = tmp_path / "demo"
@@ -221,3 +222,13 @@ def test_each_demo_recipe_trains_its_own_model_on_its_own_maps(tmp_path):
     assert "--embed-dim" not in b256_vanilla and [b256_vanilla[b256_vanilla.index(option) + 1] for option in (
         "--batch-size", "--warmup-epochs")] == ["256", "2.5"]  # 2 of 16 epochs, the share kept at 20
     assert b256["discover mae-tokencut"].needs == (b256["train vanilla"],)
+    maps128_steps, maps128_dirs = plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="light-b256-maps128")
+    maps128 = {step.id: step for step in maps128_steps}
+    b256_dirs = plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="light-b256")[1]
+    assert [maps128_dirs[name] for name in ("vanilla", "guided-oracle")] == [b256_dirs["vanilla"],
+                                                                             b256_dirs["guided-oracle"]]
+    own_128 = maps128["discover mae-tokencut-128"]
+    assert own_128.needs == (maps128["train vanilla"],)
+    assert [own_128.argv[own_128.argv.index(option) + 1] for option in ("--layer", "--image-size", "--backbone")] == [
+        "blocks.3", "128", str(maps128_dirs["vanilla"] / "checkpoint-last.pth")]
+    assert maps128["train guided-mae-tokencut-128"].needs == (own_128,)

@@ -73,7 +73,8 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     stores = sorted(step.id.split(" ", 1)[1] for step in plan.steps if step.kind == "discover")
     sizes = plan_of.FULL_DEFAULTS["n_train"], plan_of.FULL_DEFAULTS["n_test"]
     p0, p08 = (plan_of.demo_name(p, 0, *sizes) for p in (0.0, 0.8))
-    own = [f"{p0}/mae-tokencut-{plan.runs['vanilla', seed].run_dir.name}" for seed in range(5)]
+    own = [f"{p0}/{source}-{plan.runs['vanilla', seed].run_dir.name}"
+           for source in ("mae-tokencut", "mae-tokencut-128") for seed in range(5)]
     own.append(f"{p08}/mae-tokencut-{plan.runs['p0.8-vanilla', 0].run_dir.name}")
     assert stores == sorted([f"{p0}/oracle", f"{p0}/tokencut", f"{p0}/gradcam", f"{p0}/dino-random",
                              f"{p08}/oracle", *own])
