@@ -18,8 +18,8 @@ def appender(out, text):
     return [sys.executable, "-c", f"open({str(out)!r}, 'a').write({text!r})"]
 
 
-def step(tmp_path, name, argv, needs=(), stale_output=None):
-    return Step(name, argv, tmp_path / f"{name}.done.json", needs, stale_output=stale_output)
+def step(tmp_path, name, argv, needs=(), stale_output=None, all_cpus=False):
+    return Step(name, argv, tmp_path / f"{name}.done.json", needs, stale_output=stale_output, all_cpus=all_cpus)
 
 
 def test_a_finished_step_is_not_run_again(tmp_path):
@@ -155,6 +155,21 @@ def test_steps_run_side_by_side_each_on_its_own_cpus_and_wait_for_what_they_need
     assert json.loads(record["alone"].read_text())["threads"] == "2"
 
 
+def test_an_all_cpus_step_waits_for_every_cpu_and_holds_back_the_steps_listed_after_it(tmp_path):
+    """The demo's own-map discovery: ready while the other training still runs, it waits for that CPU too, takes
+    both, and the evaluation that became ready with it waits; the flag is scheduling, not part of the recipe."""
+    record = {name: tmp_path / f"{name}.json" for name in ("short", "long", "wide", "leaf")}
+    short = step(tmp_path, "short", recorder(record["short"], 0.2))
+    long = step(tmp_path, "long", recorder(record["long"], 1.5))
+    wide = step(tmp_path, "wide", recorder(record["wide"]), needs=(short,), all_cpus=True)
+    leaf = step(tmp_path, "leaf", recorder(record["leaf"]), needs=(short,))
+    assert execute([short, long, wide, leaf], echo=lambda line: None, cpus=(0, 0)) == []
+    seen = {name: json.loads(path.read_text()) for name, path in record.items()}
+    assert seen["wide"]["start"] >= seen["long"]["end"] and seen["wide"]["threads"] == "2"
+    assert seen["leaf"]["start"] >= seen["wide"]["end"]
+    assert wide.recipe() == step(tmp_path, "wide", recorder(record["wide"]), needs=(short,)).recipe()
+
+
 def test_one_at_a_time_runs_in_list_order_without_touching_threads(tmp_path):
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     steps = [step(tmp_path, "first", recorder(first, 0.2)), step(tmp_path, "second", recorder(second))]
@@ -228,7 +243,8 @@ def test_each_demo_recipe_trains_its_own_model_on_its_own_maps(tmp_path):
     assert [maps128_dirs[name] for name in ("vanilla", "guided-oracle")] == [b256_dirs["vanilla"],
                                                                              b256_dirs["guided-oracle"]]
     own_128 = maps128["discover mae-tokencut-128"]
-    assert own_128.needs == (maps128["train vanilla"],)
+    assert own_128.needs == (maps128["train vanilla"],) and own_128.all_cpus
+    assert not any(step.all_cpus for step in maps128_steps if step is not own_128)
     assert [own_128.argv[own_128.argv.index(option) + 1] for option in ("--layer", "--image-size", "--backbone")] == [
         "blocks.3", "128", str(maps128_dirs["vanilla"] / "checkpoint-last.pth")]
     assert maps128["train guided-mae-tokencut-128"].needs == (own_128,)

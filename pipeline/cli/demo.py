@@ -34,14 +34,14 @@ from agmae.train.config import RECIPES
 ORACLE_MAPS = ["--method", "oracle", "--patch", "8"]
 # TokenCut on the vanilla MAE's final tokens, mean-centred, with the border rule (an MAE's most distinctive
 # token is often background, which misleads TokenCut's seed rule), on inputs up-sampled to 96 px (a 12x12
-# grid). On 1,000 demo images these maps beat TokenCut on the offline ImageNet EfficientNet-Lite0 at 224 px
-# (mean IoU 61.6 against 55.8); 128 px gains 2 more points at twice the cost (docs/CALIBRATION.md).
+# grid). On 1,000 demo test images of all ten classes these maps beat TokenCut on the offline ImageNet
+# EfficientNet-Lite0 at 224 px (mean IoU 54.5-56.0 against 49.7; docs/CALIBRATION.md, lever 9).
 MAE_TOKENCUT_MAPS = ["--method", "tokencut", "--layer", "norm", "--center", "--fg-rule", "border",
                      "--image-size", "96"]
 # The same cut on the tokens the light MAE's last block (blocks.3) outputs, before the final LayerNorm, at 128 px
-# (a 16x16 grid). On 1,000 training images spread over the ten classes, with the vanilla MAEs of seeds 0 and 1:
-# mean IoU 61.7 and 62.1 against 56.5 and 57.8 at the setting above, for about 2.5x its discovery time
-# (docs/CALIBRATION.md, lever 9). Named for the light demo MAE (depth 4).
+# (a 16x16 grid). On 1,000 test images of all ten classes, with the vanilla MAEs of seeds 0-2: mean IoU 59.1-60.6
+# against 54.5-56.0 at the setting above, for about 2.5x its discovery time (docs/CALIBRATION.md, lever 9). Named
+# for the light demo MAE (depth 4).
 MAE_TOKENCUT_128_MAPS = ["--method", "tokencut", "--layer", "blocks.3", "--center", "--fg-rule", "border",
                          "--image-size", "128"]
 # TokenCut on the offline ImageNet EfficientNet-Lite0, the 64-px images up-sampled to 224 px (448, the CNN
@@ -90,15 +90,16 @@ class DemoRecipe:
 LIGHT_B256 = DemoRecipe(RECIPES["demo"]["epochs"], RECIPES["demo"]["warmup_epochs"], RECIPES["demo"]["batch_size"],
                         (), "mae-tokencut",
                         "agmae-train's demo recipe (the light demo MAE, batch 256), own maps from the vanilla MAE (no "
-                        "outside weights); about 17 min; oracle guidance won on seeds 0-2, own maps tied vanilla on "
+                        "outside weights); about 16-17 min; oracle guidance won on seeds 0-2, own maps tied vanilla on "
                         "seed 2")
 DEMO_RECIPES = {
     "light-b256": LIGHT_B256,
-    # Lever 9 of docs/CALIBRATION.md: lever 8's runs with better own maps; vanilla and oracle guidance train
-    # exactly as in light-b256.
+    # Lever 9 of docs/CALIBRATION.md: lever 8's runs with better own maps (IoU 60-62 against 56-57); vanilla and
+    # oracle guidance train exactly as in light-b256. The own maps gained +1.09, +0.36 and -0.20 on seeds 0-2.
     "light-b256-maps128": replace(LIGHT_B256, offline_maps="mae-tokencut-128",
                                   summary="light-b256 with own maps cut from the vanilla MAE's last block at 128 px "
-                                          "(IoU about 62 against 57); about 19 min"),
+                                          "(IoU 61 against 56, yet no larger gain: below vanilla on seed 2); "
+                                          "about 21 min"),
     # Levers 3-6: the same model at batch 64 for 18 epochs, the demo's recipe until lever 8; oracle guidance
     # +1.65, -0.96 and +0.43 on seeds 0-2.
     "light": DemoRecipe(18, 6.0, 64, (), "mae-tokencut",
@@ -145,10 +146,12 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
 
     def discover(method: str, options: list, needs=()) -> Step:
         out_file = maps_path(run_root, method)
+        # Own maps lie on the critical path (vanilla -> its maps -> the third training), the evaluations ready
+        # beside them do not: they take both cores, once the other first-round training has finished.
         return Step(f"discover {method}", [console_script("agmae-discover"), *options, *data,
                                            *DISCOVERY_PRECISION, "--out", str(out_file)],
                     out_file.with_suffix(".done.json"), needs, kind="discover", log=logs / f"discover-{method}.log",
-                    stale_output=out_file)
+                    stale_output=out_file, all_cpus=method in OWN_MAP_SOURCES)
 
     def train(name: str, maps: Step | None) -> tuple[Step, Path]:
         # no --data: agmae-train's demo recipe (model, batch, blr, native bf16) applies to the demo dataset;

@@ -70,6 +70,9 @@ class Step:
     run_dir: Path | None = None
     stale_output: Path | None = None
     cpus: tuple | None = None  # set by `execute` when steps run side by side: the CPUs it may use
+    # scheduling only (not part of the recipe): side by side, wait until every CPU is free and take them all, and
+    # start no later-listed step meanwhile; for a step that everything after it waits for
+    all_cpus: bool = False
 
     def recipe(self) -> dict:
         return {"command": result_argv(self.argv), "inputs": [need.recipe() for need in self.needs]}
@@ -191,7 +194,8 @@ def execute(steps: list, runner=stream_runner, echo=click.echo, on_step_done=lam
 
     cpus None: one step at a time, in list order, each with the whole machine. Otherwise steps run side by
     side on these CPUs: a ready step takes its share of the free ones (all of them when it is the only one
-    ready, one each when as many are ready as CPUs are free), in list order."""
+    ready, one each when as many are ready as CPUs are free), in list order; an `all_cpus` step waits for all
+    of them, and the steps listed after it wait for it to start."""
     pending = [step for step in steps if not step.done()]
     estimated_total = sum(step.estimate for step in pending)
     lanes = len(cpus) if cpus else 1
@@ -256,7 +260,9 @@ def execute(steps: list, runner=stream_runner, echo=click.echo, on_step_done=lam
                 start(ready[0])
                 continue
             while ready and free:
-                share = max(1, len(free) // len(ready))
+                if ready[0].all_cpus and len(free) < len(cpus):
+                    break
+                share = len(free) if ready[0].all_cpus else max(1, len(free) // len(ready))
                 step = ready.pop(0)
                 step.cpus, free[:share] = tuple(free[:share]), []
                 start(step)
