@@ -90,9 +90,7 @@ def gradcam_maps(keys, root, size, batch_size):
 @click.option("--no-cnn", is_flag=True, help="Skip the EfficientNet-Lite0 settings.")
 def main(limit, sizes, stages, batch_size, data, encoders, encoder_sizes, no_cnn):
     root = data or ensure_demo()
-    keys = scan(root / "original").keys
-    # the split is sorted by class folder: its first N images would all be T-shirts
-    keys = keys[::max(1, len(keys) // limit)][:limit] if limit else keys
+    keys = scan(root / "original").spread(limit)
     masks = np.stack([load_mask(root, "original", key) for key in keys])
     rows = []
 

@@ -2,11 +2,11 @@
 
 For ViT-S/16 and ViT-S/8 at 224 px (196 and 784 tokens, random weights: speed does not depend on them)
 and EfficientNet-Lite0's blocks.5 at 448 px (196 cells, the CNN default; on noise and on demo images), one
-batch: the backbone forward
-that makes the graph nodes, the exact solve (float64: one batched eigh on a GPU, LAPACK's single-eigenvector
-driver per graph on a CPU), the iterative one (float32 subspace iteration, exact fallback included) and one
-batched float64 torch eigh of all eigenvectors. Prints ms per batch and the ratios
-TokenCut / forward = (forward + graph + solve) / forward for both solvers, iterative / exact and batched / exact.
+batch: the backbone forward that makes the graph nodes, the exact solve (float64: one batched eigh on a GPU,
+LAPACK's single-eigenvector driver per graph on a CPU), the iterative one (float32 subspace iteration, exact
+fallback included) and one batched float64 torch eigh of all eigenvectors (`fiedler_batched`). Prints ms per
+batch and the ratios TokenCut / forward = (forward + graph + solve) / forward for both solvers, iterative / exact
+and batched / exact.
 Targets (issue 15): TokenCut <= 1.15x forward at 196 tokens, <= 1.5x at 784.
 
     python benchmarks/fiedler_bench.py [--batch 32] [--iters 3] [--device auto]
@@ -23,31 +23,23 @@ from agmae.data.demo import ensure_demo
 from agmae.data.folder import load_rgb, scan
 from agmae.data.transforms import discovery_transform
 from agmae.discovery.backbones import RandomInitWarning
-from agmae.discovery.tokencut import fiedler, graph_weights, normalised_laplacian
+from agmae.discovery.tokencut import fiedler, fiedler_batched, graph_weights
 
-CASES = {  # name -> (backbone, image size, build options)
-    "ViT-S/16 @224 (196 tokens)": ("vit_small_patch16_224", 224, dict(random_init=True)),
-    "ViT-S/8 @224 (784 tokens)": ("vit_small_patch8_224", 224, dict(random_init=True)),
-    "Lite0 blocks.5 @448 (196 cells)": ("tf_efficientnet_lite0", 448, {}),
-}
 # Solve times depend on the graph: a random-weight ViT on noise gives near-complete graphs, whose repeated
 # eigenvalues a full eigendecomposition deflates cheaply. The real-weight backbone is also timed on demo images.
-REAL_IMAGE_CASES = {"Lite0 blocks.5 @448, demo images": "Lite0 blocks.5 @448 (196 cells)"}
-
-
-def batched_eigh(weights):
-    """The Fiedler vectors from one batched float64 torch.linalg.eigh of every Laplacian (all N eigenvectors): the
-    exact solver's GPU path, which its CPU path (LAPACK's single-eigenvector driver, graph by graph) replaces."""
-    inv_sqrt_degree, laplacian = normalised_laplacian(weights.double())
-    return inv_sqrt_degree * torch.linalg.eigh(laplacian)[1][..., 1]
+CASES = {  # name -> (backbone, image size, build options, demo images instead of noise)
+    "ViT-S/16 @224 (196 tokens)": ("vit_small_patch16_224", 224, dict(random_init=True), False),
+    "ViT-S/8 @224 (784 tokens)": ("vit_small_patch8_224", 224, dict(random_init=True), False),
+    "Lite0 blocks.5 @448 (196 cells)": ("tf_efficientnet_lite0", 448, {}, False),
+    "Lite0 blocks.5 @448, demo images": ("tf_efficientnet_lite0", 448, {}, True),
+}
 
 
 def demo_images(batch, size, discoverer):
     """`batch` training images of the demo dataset, spread over its classes, as the discoverer reads them."""
     root = ensure_demo() / "train"
-    keys = scan(root).keys
     transform = discovery_transform(size, discoverer.mean, discoverer.std)
-    return torch.stack([transform(load_rgb(root / key)) for key in keys[::len(keys) // batch][:batch]])
+    return torch.stack([transform(load_rgb(root / key)) for key in scan(root).spread(batch)])
 
 
 def median_seconds(fn, device, iters):
@@ -72,12 +64,10 @@ def main(batch, iters, device):
     warnings.simplefilter("ignore", RandomInitWarning)
     print(f"{'case':32s} {'forward':>9s} {'exact':>9s} {'iter.':>9s} {'batched':>9s} {'TC/fwd exact':>13s} "
           f"{'TC/fwd iter.':>13s} {'iter./exact':>11s} {'batched/exact':>12s}")
-    for name, case in (*CASES.items(), *((real, CASES[case]) for real, case in REAL_IMAGE_CASES.items())):
-        backbone, size, options = case
+    for name, (backbone, size, options, real_images) in CASES.items():
         d = discovery.build("tokencut", backbone=backbone, device=device, **options)
         dev = d.backbone.device
-        imgs = demo_images(batch, size, d) if name in REAL_IMAGE_CASES else torch.randn(batch, 3, size, size)
-        imgs = imgs.to(dev)
+        imgs = (demo_images(batch, size, d) if real_images else torch.randn(batch, 3, size, size)).to(dev)
         with torch.no_grad():
             tokens = d.tokens(imgs)
             forward = median_seconds(lambda: d.tokens(imgs), dev, iters)
@@ -85,7 +75,7 @@ def main(batch, iters, device):
             dtypes = {"exact": torch.float64, "iterative": torch.float32}
             solve = {solver: median_seconds(lambda s=solver: fiedler(graph_weights(tokens, tau, dtype=dtypes[s]), s),
                                             dev, iters) for solver in dtypes}
-            solve["batched eigh"] = median_seconds(lambda: batched_eigh(graph_weights(tokens, tau)), dev, iters)
+            solve["batched eigh"] = median_seconds(lambda: fiedler_batched(graph_weights(tokens, tau)), dev, iters)
         ms = {key: 1000 * value for key, value in (("forward", forward), *solve.items())}
         print(f"{name:32s} {ms['forward']:8.1f}ms {ms['exact']:8.1f}ms {ms['iterative']:8.1f}ms "
               f"{ms['batched eigh']:8.1f}ms {(forward + solve['exact']) / forward:12.2f}x "

@@ -145,7 +145,8 @@ ROBUSTNESS_COLUMNS = ("mixed_rand_knn", "mixed_rand_linear", "only_fg_knn", "onl
 # the earlier 2-core AVX2 machine's figures. A CPU without native bf16 trains about 3x slower.
 TRAIN_EPOCH_SECONDS = 26.0
 STARTUP_SECONDS = 5.0
-DISCOVER_SECONDS = {"oracle": 22.0, "mae-tokencut": 90.0, "mae-tokencut-128": 190.0, "tokencut": 200.0, "gradcam": 450.0, "dino-random": 400.0}
+DISCOVER_SECONDS = {"oracle": 22.0, "mae-tokencut": 90.0, "mae-tokencut-128": 190.0, "tokencut": 200.0,
+                    "gradcam": 450.0, "dino-random": 400.0}
 EVAL_SECONDS = {"knn": 60.0, "knn-mean": 55.0, "linear": 9.0, "robustness": 85.0, "finetune": 650.0}
 DATASET_SECONDS = 22.0
 

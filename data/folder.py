@@ -48,6 +48,13 @@ class ImageFolderIndex:
     def path(self, i: int) -> Path:
         return self.root / self.keys[i]
 
+    def spread(self, n: int) -> list:
+        """`n` keys at an even stride from the first, so that a subset of this class-sorted index keeps every class
+        (its first `n` would be one class's); all keys when n is 0 or not below the index's size."""
+        if n <= 0 or n >= len(self):
+            return list(self.keys)
+        return self.keys[::len(self) // n][:n]
+
     def without(self, rows) -> "ImageFolderIndex":
         """This index less the images at `rows` (e.g. the unreadable ones), in the same order."""
         drop = set(int(i) for i in rows)

@@ -51,15 +51,22 @@ def normalised_laplacian(weights):
         inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :])
 
 
-def fiedler_exact(weights):
+def fiedler_batched(weights):
     """weights: [B, N, N] float64 graph -> v = D^-1/2 u, u the unit eigenvector of L_sym's second-smallest
-    eigenvalue: on a GPU from one dense batched eigendecomposition; on a CPU from LAPACK's MRRR driver
-    (dsyevr), graph by graph, which computes that one eigenvector instead of all N: 1.2-2.4x faster than the
-    batched eigh on two cores (benchmarks/fiedler_bench.py; 2-3.5x on the demo MAE's 256-node graphs), as fast on
-    the near-complete graphs of a random-weight ViT."""
+    eigenvalue, from one dense batched eigendecomposition (all N eigenvectors)."""
     inv_sqrt_degree, laplacian = normalised_laplacian(weights)
-    if laplacian.device.type != "cpu":
-        return inv_sqrt_degree * torch.linalg.eigh(laplacian)[1][..., 1]
+    return inv_sqrt_degree * torch.linalg.eigh(laplacian)[1][..., 1]
+
+
+def fiedler_exact(weights):
+    """fiedler_batched's vectors: on a GPU from fiedler_batched itself; on a CPU from LAPACK's MRRR driver
+    (dsyevr), graph by graph, which computes that one eigenvector instead of all N. On the demo MAE's graphs the
+    solve is 2-3.5x faster on one thread, and whole discovery 1.3-1.5x at 256 nodes, 1.0-1.3x at 144; on two
+    threads scipy's own BLAS threads make small solves erratic (benchmarks/fiedler_bench.py, 196 nodes: 0.4-1.3x
+    the batched eigh's speed, 2.4-2.9x at 784)."""
+    if weights.device.type != "cpu":
+        return fiedler_batched(weights)
+    inv_sqrt_degree, laplacian = normalised_laplacian(weights)
     second = [scipy.linalg.eigh(graph, subset_by_index=[1, 1], driver="evr")[1][:, 0] for graph in laplacian.numpy()]
     return inv_sqrt_degree * torch.from_numpy(np.array(second).reshape(laplacian.shape[:2]))
 

@@ -58,6 +58,13 @@ def test_sorted_keys_labels_classes_and_fingerprint(tmp_path):
     assert index.keys_sha256 == keys_fingerprint(index.keys) == expected
 
 
+def test_spread_keeps_every_class_of_the_sorted_index(tmp_path):
+    index = scan(make_tree(tmp_path / "data", [f"{name}/{i}.png" for name in ("ant", "cat", "dog") for i in range(4)]))
+    assert index.spread(3) == ["ant/0.png", "cat/0.png", "dog/0.png"]
+    assert index.spread(6) == ["ant/0.png", "ant/2.png", "cat/0.png", "cat/2.png", "dog/0.png", "dog/2.png"]
+    assert index.spread(0) == index.spread(12) == index.spread(50) == index.keys
+
+
 def test_cached_index_is_reused_while_the_tree_is_unchanged(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "data", TREE)
     age(root)
