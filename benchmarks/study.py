@@ -28,8 +28,12 @@ every run, so a partial study gives a partial table that names what is missing.
     python benchmarks/study.py --rows vanilla,guided-oracle,guided-mae-tokencut,guided-dino-random  # the headline rows
     python benchmarks/study.py --rows vanilla,guided-oracle --seeds 2   # the core comparison first
     python benchmarks/study.py --report-only    # regenerate the docs (pass the same plan options)
+    python benchmarks/study.py --adopt-demo-runs ~/.cache/agmae/demo-run/light-b256  # resume `make demo`'s runs
     python benchmarks/study.py --quick          # smoke test: tiny dataset, 1 epoch, 2 rows, 1 seed
 """
+import json
+import shutil
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -44,10 +48,63 @@ from study_report import write_report
 subprocess_runner = partial(log_runner, cwd=REPO)
 
 
-def run_study(config: Config, runner=subprocess_runner, echo=click.echo, report_only=False, cpus=None) -> dict:
+# What a run's checkpoint directory needs for agmae-train to resume it (train.done.json is the demo's own marker)
+RUN_FILES = ("checkpoint-last.pth", "config.json", "metrics.jsonl")
+
+
+def _training_settings(argv: list) -> dict:
+    """The settings a planned agmae-train command trains with, as its config.json records them, less those about
+    execution (paths, workers, precision: agmae-train's resume check compares their fingerprints instead) and
+    input_size (recorded as the model resolved it)."""
+    from agmae.cli.train import config_from_options, main as train_cli
+    from agmae.train.engine import EXECUTION_SETTINGS
+
+    # resilient: a path that does not exist yet (the study's dataset before its first step) parses as None; paths are
+    # execution settings, left out of the comparison
+    params = dict(train_cli.make_context("agmae-train", [str(arg) for arg in argv[1:]], resilient_parsing=True).params)
+    config = config_from_options(params.pop("no_guidance"), **params)
+    return {name: value for name, value in json.loads(json.dumps(asdict(config))).items()
+            if name not in EXECUTION_SETTINGS | {"input_size"}}
+
+
+def adopt_demo_runs(plan: Plan, demo_run_root: Path, echo=click.echo) -> int:
+    """Copy the finished runs of a `make demo` run root (AGMAE_HOME/demo-run/RECIPE) into the plan's runs that
+    train the same thing, so that the study resumes them at their last epoch instead of training them again. A demo
+    run is the same when its map source (the store's name, maps-SOURCE.h5) and every training setting equal the
+    planned command's; agmae-train's resume check still compares the data's and the maps' fingerprints, and
+    refuses a run whose maps were discovered from another checkpoint file. Returns how many runs were copied."""
+    planned = {}
+    for (row_name, _), run in plan.runs.items():
+        source = next(row.maps for row in plan.rows if row.name == row_name)
+        planned.setdefault(run.run_dir, (source, _training_settings(run.train.argv)))
+    adopted = 0
+    for demo_run in sorted((demo_run_root / "runs").glob("*/train.done.json")):
+        demo_run = demo_run.parent
+        recorded = json.loads((demo_run / "config.json").read_text())
+        source = Path(recorded["maps"]).stem.removeprefix("maps-") if recorded["maps"] else None
+        target = next((run_dir for run_dir, (planned_source, settings) in planned.items()
+                       if planned_source == source and all(recorded.get(k) == v for k, v in settings.items())), None)
+        if target is None:
+            echo(f"adopt: {demo_run.name}: no run of this plan trains the same (seed, maps, recipe); not copied")
+        elif (target / "checkpoint-last.pth").exists():
+            echo(f"adopt: {demo_run.name}: {target.name} has a checkpoint of its own; not copied")
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:
+                shutil.copy2(demo_run / name, target / name)
+            adopted += 1
+            echo(f"adopt: {demo_run} -> {target}")
+    return adopted
+
+
+def run_study(config: Config, runner=subprocess_runner, echo=click.echo, report_only=False, cpus=None,
+              adopt: Path | None = None) -> dict:
     """Run (or, with report_only, only report) the plan; returns the summary written to the docs. cpus: run
-    steps side by side on these CPUs (agmae.cli.steps.execute); None, one at a time."""
+    steps side by side on these CPUs (agmae.cli.steps.execute); None, one at a time. adopt: a `make demo` run
+    root whose finished runs the study resumes instead of training them again (adopt_demo_runs)."""
     plan = build_plan(config)
+    if adopt is not None and not report_only:
+        adopt_demo_runs(plan, adopt, echo)
     def report_when_a_run_completes(step):
         if step.kind == "eval" and all(s.done() for s in plan.steps if s.run_dir == step.run_dir):
             write_report(plan)
@@ -114,9 +171,13 @@ def print_plan(plan: Plan, echo=click.echo) -> None:
               help="Run steps side by side, each on its own CPUs (one each when as many are ready), or one at a "
                    "time with the whole machine. Side by side, two 1-thread runs on 2 cores train ~1.4x faster "
                    "in all than one 2-thread run.")
+@click.option("--adopt-demo-runs", "adopt", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A `make demo` run root (AGMAE_HOME/demo-run/RECIPE, same AGMAE_HOME) whose finished runs equal "
+                   "runs of this plan (same seed, maps and training settings): they are copied in and resumed at "
+                   "their last epoch instead of trained again.")
 @click.option("--dry-run", is_flag=True, help="Print the plan's steps, which are done, and the time estimate; "
                                              "run nothing, write nothing.")
-def main(quick, report_only, side_by_side, dry_run, **options):
+def main(quick, report_only, side_by_side, adopt, dry_run, **options):
     """Run the AttG study (vanilla vs guided MAE, τ and weight-norm ablations, BG-gap) and write its tables."""
     interrupt_on_sigterm()
     config = make_config(quick=quick, **options)
@@ -124,7 +185,7 @@ def main(quick, report_only, side_by_side, dry_run, **options):
         print_plan(build_plan(config))
         return
     try:
-        run_study(config, report_only=report_only, cpus=cpu_set() if side_by_side else None)
+        run_study(config, report_only=report_only, cpus=cpu_set() if side_by_side else None, adopt=adopt)
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; re-run the same command to continue where it stopped") from None
 

@@ -284,6 +284,50 @@ def test_a_changed_command_redoes_the_step_and_a_result_neutral_change_does_not(
     assert discover.done() and json.loads(discover.marker.read_text())["argv"] == discover.argv
 
 
+def test_adopting_demo_runs_copies_only_finished_runs_that_train_what_the_plan_trains(study, tmp_path):
+    """A finished `make demo` run is copied into the study's run with the same seed, map source and training
+    settings (as agmae-train records them in config.json); a run with another setting, an unfinished run, and a
+    study run that has a checkpoint of its own are left alone."""
+    from dataclasses import asdict
+
+    from agmae.train.config import TrainConfig
+
+    config = study.make_config(seeds=1, rows="vanilla,guided-oracle", epochs=2, n_train=240, n_test=60,
+                               batch_size=64, out=tmp_path / "study", docs=tmp_path / "docs", precision="fp32")
+    plan = study.build_plan(config)
+    demo_root = tmp_path / "demo-run"
+
+    def demo_run(name, maps=None, finished=True, **changes):
+        run = demo_root / "runs" / name
+        run.mkdir(parents=True)
+        settings = dict(model="mae_vit_demo_patch8", epochs=2, warmup_epochs=0.25, batch_size=64, blr=1e-3, seed=0)
+        recorded = TrainConfig(maps=maps and str(demo_root / maps), out=str(run), workers=1, precision="native",
+                               **{**settings, **changes})
+        (run / "config.json").write_text(json.dumps({**asdict(recorded), "input_size": 64}))
+        (run / "checkpoint-last.pth").write_bytes(name.encode())
+        (run / "metrics.jsonl").write_text("{}\n")
+        if finished:
+            (run / "train.done.json").write_text("{}")
+
+    demo_run("vanilla-1")
+    demo_run("guided-oracle-2", maps="maps-oracle.h5")
+    demo_run("guided-oracle-3", maps="maps-oracle.h5", blr=2e-3)
+    demo_run("guided-oracle-4", maps="maps-oracle.h5", tau_end=1.0)
+    demo_run("guided-tokencut-5", maps="maps-tokencut.h5")
+    demo_run("vanilla-6", finished=False, seed=1)
+    lines = []
+    assert study.adopt_demo_runs(plan, demo_root, echo=lines.append) == 2
+    for row, name in (("vanilla", "vanilla-1"), ("guided-oracle", "guided-oracle-2")):
+        run_dir = plan.runs[row, 0].run_dir
+        assert (run_dir / "checkpoint-last.pth").read_bytes() == name.encode()
+        assert (run_dir / "config.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+    assert sum("no run of this plan trains the same" in line for line in lines) == 3
+    assert not any("vanilla-6" in line for line in lines)
+
+    assert study.adopt_demo_runs(plan, demo_root, echo=lines.append) == 0
+    assert sum("has a checkpoint of its own" in line for line in lines) == 2
+
+
 def test_dry_run_lists_the_quick_plan(study, tmp_path):
     result = CliRunner().invoke(study.main, ["--quick", "--dry-run", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
