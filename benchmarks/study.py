@@ -41,6 +41,7 @@ import click
 
 from agmae.cli.demo import DEMO_RECIPES
 from agmae.cli.steps import cpu_set, duration, execute, interrupt_on_sigterm, log_runner
+from agmae.paths import maps_method
 from study_plan import (FULL_DEFAULTS, QUICK_DEFAULTS, QUICK_ROWS, REPO, ROW_NAMES, Config, Plan, build_plan,
                         make_config)
 from study_report import write_report
@@ -70,18 +71,19 @@ def _training_settings(argv: list) -> dict:
 def adopt_demo_runs(plan: Plan, demo_run_root: Path, echo=click.echo) -> int:
     """Copy the finished runs of a `make demo` run root (AGMAE_HOME/demo-run/RECIPE) into the plan's runs that
     train the same thing, so that the study resumes them at their last epoch instead of training them again. A demo
-    run is the same when its map source (the store's name, maps-SOURCE.h5) and every training setting equal the
-    planned command's; agmae-train's resume check still compares the data's and the maps' fingerprints, and
+    run is the same when its map source (read from the store's name) and every training setting equal the planned
+    command's; agmae-train's resume check still compares the data's and the maps' fingerprints, and
     refuses a run whose maps were discovered from another checkpoint file. Returns how many runs were copied."""
-    planned = {}
+    maps_of = {row.name: row.maps for row in plan.rows}
+    planned = {}  # run directory -> (map source, training settings); rows that share a run share its directory
     for (row_name, _), run in plan.runs.items():
-        source = next(row.maps for row in plan.rows if row.name == row_name)
-        planned.setdefault(run.run_dir, (source, _training_settings(run.train.argv)))
+        if run.run_dir not in planned:
+            planned[run.run_dir] = (maps_of[row_name], _training_settings(run.train.argv))
     adopted = 0
     for demo_run in sorted((demo_run_root / "runs").glob("*/train.done.json")):
         demo_run = demo_run.parent
         recorded = json.loads((demo_run / "config.json").read_text())
-        source = Path(recorded["maps"]).stem.removeprefix("maps-") if recorded["maps"] else None
+        source = maps_method(recorded["maps"]) if recorded["maps"] else None
         target = next((run_dir for run_dir, (planned_source, settings) in planned.items()
                        if planned_source == source and all(recorded.get(k) == v for k, v in settings.items())), None)
         if target is None:

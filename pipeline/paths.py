@@ -27,6 +27,11 @@ def maps_path(run_dir: Path, method: str) -> Path:
     return Path(run_dir) / f"maps-{method}.h5"
 
 
+def maps_method(store: Path) -> str:
+    """The method of a store that maps_path named: maps-tokencut.h5 -> tokencut."""
+    return Path(store).stem.removeprefix("maps-")
+
+
 def default_maps(run_dir: Path) -> Path:
     """The map store a training run uses when `--maps` is not given."""
     for method in METHOD_PREFERENCE:

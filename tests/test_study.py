@@ -290,6 +290,7 @@ def test_adopting_demo_runs_copies_only_finished_runs_that_train_what_the_plan_t
     study run that has a checkpoint of its own are left alone."""
     from dataclasses import asdict
 
+    from agmae.paths import maps_path
     from agmae.train.config import TrainConfig
 
     config = study.make_config(seeds=1, rows="vanilla,guided-oracle", epochs=2, n_train=240, n_test=60,
@@ -301,8 +302,8 @@ def test_adopting_demo_runs_copies_only_finished_runs_that_train_what_the_plan_t
         run = demo_root / "runs" / name
         run.mkdir(parents=True)
         settings = dict(model="mae_vit_demo_patch8", epochs=2, warmup_epochs=0.25, batch_size=64, blr=1e-3, seed=0)
-        recorded = TrainConfig(maps=maps and str(demo_root / maps), out=str(run), workers=1, precision="native",
-                               **{**settings, **changes})
+        recorded = TrainConfig(maps=maps and str(maps_path(demo_root, maps)), out=str(run), workers=1,
+                               precision="native", **{**settings, **changes})
         (run / "config.json").write_text(json.dumps({**asdict(recorded), "input_size": 64}))
         (run / "checkpoint-last.pth").write_bytes(name.encode())
         (run / "metrics.jsonl").write_text("{}\n")
@@ -310,10 +311,10 @@ def test_adopting_demo_runs_copies_only_finished_runs_that_train_what_the_plan_t
             (run / "train.done.json").write_text("{}")
 
     demo_run("vanilla-1")
-    demo_run("guided-oracle-2", maps="maps-oracle.h5")
-    demo_run("guided-oracle-3", maps="maps-oracle.h5", blr=2e-3)
-    demo_run("guided-oracle-4", maps="maps-oracle.h5", tau_end=1.0)
-    demo_run("guided-tokencut-5", maps="maps-tokencut.h5")
+    demo_run("guided-oracle-2", maps="oracle")
+    demo_run("guided-oracle-3", maps="oracle", blr=2e-3)
+    demo_run("guided-oracle-4", maps="oracle", tau_end=1.0)
+    demo_run("guided-tokencut-5", maps="tokencut")
     demo_run("vanilla-6", finished=False, seed=1)
     lines = []
     assert study.adopt_demo_runs(plan, demo_root, echo=lines.append) == 2
