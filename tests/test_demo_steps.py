@@ -248,3 +248,22 @@ def test_each_demo_recipe_trains_its_own_model_on_its_own_maps(tmp_path):
     assert [own_128.argv[own_128.argv.index(option) + 1] for option in ("--layer", "--image-size", "--backbone")] == [
         "blocks.3", "128", str(maps128_dirs["vanilla"] / "checkpoint-last.pth")]
     assert maps128["train guided-mae-tokencut-128"].needs == (own_128,)
+
+
+def test_keeping_checkpoints_along_the_demo_runs_leaves_their_identities_as_they_are(tmp_path):
+    """--keep-every reaches every training (learning curves of a demo run) without renaming a run or redoing a
+    finished step; a negative value is refused at the door."""
+    from click.testing import CliRunner
+
+    from agmae.cli.demo import main, plan
+
+    plain_steps, plain_dirs = plan(tmp_path / "run", tmp_path / "demo", epochs=32, seed=3)
+    kept_steps, kept_dirs = plan(tmp_path / "run", tmp_path / "demo", epochs=32, seed=3, keep_every=8)
+    assert kept_dirs == plain_dirs
+    assert [step.recipe() for step in kept_steps] == [step.recipe() for step in plain_steps]
+    trainings = [step.argv for step in kept_steps if step.kind == "train"]
+    assert len(trainings) == 3
+    assert all(argv[argv.index("--keep-every") + 1] == "8" for argv in trainings)
+    assert not any("--keep-every" in step.argv for step in plain_steps)
+    result = CliRunner().invoke(main, ["--keep-every", "-1", "--out", str(tmp_path / "refused")])
+    assert result.exit_code == 2 and "--keep-every" in result.output

@@ -29,7 +29,7 @@ from agmae.store import open_maps
 from agmae.cli.steps import Step, console_script, cpu_set, execute, interrupt_on_sigterm, log_runner
 from agmae.options import click_option, seed_option
 from agmae.paths import agmae_home, maps_path
-from agmae.train.config import RECIPES
+from agmae.train.config import RECIPES, TrainConfig
 
 ORACLE_MAPS = ["--method", "oracle", "--patch", "8"]
 # TokenCut on the vanilla MAE's final tokens, mean-centred, with the border rule (an MAE's most distinctive
@@ -136,10 +136,13 @@ def run_directory(run_root: Path, name: str, train: Step) -> Path:
     return run_root / "runs" / f"{name}-{digest}"
 
 
-def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = DEFAULT_RECIPE) -> tuple[list, dict]:
+def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = DEFAULT_RECIPE,
+         keep_every: int = 0) -> tuple[list, dict]:
     """The demo's steps in the order the runner starts them when several are ready, and {run name: run
     directory}. Vanilla and guided-oracle train side by side; own maps (mae-tokencut) are discovered once the
-    vanilla MAE is done, and their run trains beside the first evaluations."""
+    vanilla MAE is done, and their run trains beside the first evaluations. `keep_every` > 0 keeps every run's
+    checkpoint of every this many epochs (for benchmarks/learning_curve.py); it leaves the runs' identities as
+    they are."""
     demo_recipe = DEMO_RECIPES[recipe]
     data = ["--data", str(demo_root)]
     logs = run_root / "logs"
@@ -159,7 +162,8 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
         argv = [console_script("agmae-train"),
                 *(["--no-guidance"] if maps is None else ["--maps", str(maps.stale_output)]),
                 *demo_recipe.train_options(epochs), "--seed", str(seed),
-                "--save-every", "1"]  # a killed demo resumes per epoch
+                "--save-every", "1",  # a killed demo resumes per epoch
+                *(["--keep-every", str(keep_every)] if keep_every else [])]
         needs = () if maps is None else (maps,)
         run_dir = run_directory(run_root, name, Step(name, argv, Path(), needs))
         return Step(f"train {name}", [*argv, "--out", str(run_dir)], run_dir / "train.done.json", needs,
@@ -327,7 +331,8 @@ def step_times(steps: list) -> str:
               help="Pre-training epochs of every MAE (equal compute for vanilla and guided; the warm-up keeps its "
                    "share of them). [default: the recipe's]")
 @click_option("seed", seed_option("Training seed of every run."))
-def main(recipe, out, epochs, seed):
+@click_option("keep_every", TrainConfig.__dataclass_fields__["keep_every"])  # agmae-train's own definition
+def main(recipe, out, epochs, seed, keep_every):
     """Run discover -> train -> eval on the demo dataset and print the comparison."""
     started = time.time()
     epochs = epochs or DEMO_RECIPES[recipe].epochs
@@ -336,7 +341,7 @@ def main(recipe, out, epochs, seed):
     click.echo("[demo] demo dataset (built once into AGMAE_HOME)")
     demo_root = ensure_demo()
     click.echo(f"[demo] dataset ready after {time.time() - started:.0f} s; step logs in {run_root / 'logs'}")
-    steps, run_dirs = plan(run_root, demo_root, epochs, seed, recipe)
+    steps, run_dirs = plan(run_root, demo_root, epochs, seed, recipe, keep_every)
     interrupt_on_sigterm()
     try:
         failed = execute(steps, log_runner, echo=lambda line: click.echo(f"[demo] {line}"), cpus=cpu_set())
