@@ -30,19 +30,29 @@ def test_each_kept_epoch_is_scored_like_agmae_eval_knn(curve, demo_root, tmp_pat
     (run / "checkpoint-last.pth").write_bytes((run / "checkpoint-5.pth").read_bytes())
     out = tmp_path / "curve.json"
     result = CliRunner().invoke(curve.main, [str(run), "--data", str(demo_root), "--every", "2", "--workers", "0",
-                                             "--precision", "fp32", "--json", str(out)])
+                                             "--precision", "fp32", "--test-split", "original",
+                                             "--test-split", "mixed-rand", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    top1 = json.loads(out.read_text())["top1"]["run"]
-    assert set(top1) == {"2", "4"}  # epoch 5 is not a multiple of --every, checkpoint-last is not an epoch
+    top1 = json.loads(out.read_text())["top1"]
+    assert set(top1) == {"original", "mixed-rand"}
+    assert set(top1["original"]["run"]) == {"2", "4"}  # 5 is not a multiple of --every, checkpoint-last no epoch
     source = FeatureSource(run / "checkpoint-4.pth", pool="mean", workers=0, use_cache=False, progress=False)
-    bank, queries = source.features(demo_root / "train"), source.features(demo_root / "original")
-    expected = knn_evaluate(bank.feats, bank.index.labels, queries.feats, queries.index.labels, 10, ks=(20,))
-    assert top1["4"] == expected["k=20"]["top1"]
-    assert top1["2"] != top1["4"]
+    bank = source.features(demo_root / "train")
+    for split in ("original", "mixed-rand"):
+        queries = source.features(demo_root / split)
+        expected = knn_evaluate(bank.feats, bank.index.labels, queries.feats, queries.index.labels, 10, ks=(20,))
+        assert top1[split]["run"]["4"] == expected["k=20"]["top1"]
+    assert top1["original"]["run"]["2"] != top1["original"]["run"]["4"]
+    assert top1["original"]["run"]["4"] != top1["mixed-rand"]["run"]["4"]
     cls = CliRunner().invoke(curve.main, [str(run), "--data", str(demo_root), "--every", "4", "--workers", "0",
                                           "--precision", "fp32", "--pool", "cls", "--json", str(out)])
     assert cls.exit_code == 0, cls.output
-    assert json.loads(out.read_text())["top1"]["run"]["4"] != top1["4"]
+    assert json.loads(out.read_text())["top1"]["original"]["run"]["4"] != top1["original"]["run"]["4"]
+
+
+def test_a_split_the_dataset_lacks_is_refused_before_any_extraction(curve, demo_root, tmp_path):
+    result = CliRunner().invoke(curve.main, [str(tmp_path), "--data", str(demo_root), "--test-split", "mixed_rand"])
+    assert result.exit_code == 2 and "has no split mixed_rand" in result.output
 
 
 def test_a_run_without_kept_checkpoints_is_refused(curve, demo_root, tmp_path):
