@@ -61,6 +61,11 @@ OWN_ENCODER_SETTINGS = {
 }
 
 
+def encoder_label(checkpoint: Path) -> str:
+    """RUN, or RUN/checkpoint-<epoch> for a kept checkpoint: the rows of two epochs of one run stay apart."""
+    return checkpoint.parent.name + ("" if checkpoint.name == "checkpoint-last.pth" else f"/{checkpoint.stem}")
+
+
 def own_encoder_maps(keys, root, checkpoint, method, size, batch_size, **options):
     """Maps of the project's own encoder (`--backbone RUN/checkpoint-last.pth`)."""
     d = discovery.build(method, backbone=str(checkpoint), **options)
@@ -104,7 +109,7 @@ def main(limit, sizes, stages, batch_size, data, encoders, encoder_sizes, no_cnn
         for size in (int(s) for s in encoder_sizes.split(",")):
             for name, (method, options) in OWN_ENCODER_SETTINGS.items():
                 maps = own_encoder_maps(keys, root / "original", checkpoint, method, size, batch_size, **options)
-                score(f"{name} {size}px own {checkpoint.parent.name}", maps)
+                score(f"{name} {size}px own {encoder_label(checkpoint)}", maps)
     for size in (() if no_cnn else (int(s) for s in sizes.split(","))):
         for stage in stages.split(","):
             for rule, maps in tokencut_maps(keys, root / "original", size, stage, batch_size).items():
