@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from agmae.data.folder import split_folder
 from agmae.eval.features import POOLS, FeatureSource
 from agmae.eval.knn import HEADLINE_K, knn_evaluate
 from agmae.checkpoint import atomic_write_text
@@ -68,9 +69,11 @@ def main(run_dirs, data, test_splits, pool, workers, every, precision, json_out)
         from agmae.data.demo import ensure_demo
 
         data = ensure_demo()
-    missing = [split for split in ("train", *test_splits) if not (data / split).is_dir()]
-    if missing:
-        raise click.BadParameter(f"{data} has no split {missing[0]}", param_hint="--data / --test-split")
+    try:
+        for split in ("train", *test_splits):
+            split_folder(data, split, option="--test-split")
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--data / --test-split") from None
     curves = {split: {} for split in test_splits}
     for run_dir in run_dirs:
         kept = {epoch: path for epoch, path in kept_checkpoints(run_dir).items() if epoch % every == 0}

@@ -52,7 +52,7 @@ def test_each_kept_epoch_is_scored_like_agmae_eval_knn(curve, demo_root, tmp_pat
 
 def test_a_split_the_dataset_lacks_is_refused_before_any_extraction(curve, demo_root, tmp_path):
     result = CliRunner().invoke(curve.main, [str(tmp_path), "--data", str(demo_root), "--test-split", "mixed_rand"])
-    assert result.exit_code == 2 and "has no split mixed_rand" in result.output
+    assert result.exit_code == 2 and "has no split folder 'mixed_rand'" in result.output
 
 
 def test_a_run_without_kept_checkpoints_is_refused(curve, demo_root, tmp_path):
