@@ -2,7 +2,8 @@
 
 With the offline ImageNet EfficientNet-Lite0: `tokencut` over input sizes (64 px images up-sampled),
 feature stages and both foreground rules, and `gradcam`; with `--encoder RUN/checkpoint-last.pth`, also
-`tokencut` (last-block keys) and `dino` (CLS attention) of the project's own encoder at `--encoder-sizes`;
+`tokencut` (last-block keys; and the mean-centred tokens of each `--encoder-layers` layer, border rule) and `dino`
+(CLS attention) of the project's own encoder at `--encoder-sizes`;
 each scored against the ground-truth masks
 (ROOT/masks/original) by mean IoU (map up-sampled to the mask, thresholded at its mean) and pointing
 accuracy (argmax on the object), next to a centre-prior baseline (eval.attention).
@@ -49,16 +50,14 @@ def tokencut_maps(keys, root, size, stage, batch_size):
     return {rule: torch.cat(m) for rule, m in maps.items()}
 
 
-# The own encoder's settings scored: each method's defaults, and TokenCut on the final or the last block's tokens,
-# mean-centred, with the border rule (an MAE's most distinctive token is often background, which misleads the
+# The own encoder's settings scored: each method's defaults, and TokenCut on the tokens of each --encoder-layers
+# layer, mean-centred, with the border rule (an MAE's most distinctive token is often background, which misleads the
 # seed rule).
-OWN_ENCODER_SETTINGS = {
-    "tokencut keys": ("tokencut", {}),
-    "tokencut final tokens centred border": ("tokencut", dict(layer="norm", center=True, fg_rule="border")),
-    # the light demo MAE's last block (it has 4), before the final LayerNorm
-    "tokencut last block centred border": ("tokencut", dict(layer="blocks.3", center=True, fg_rule="border")),
-    "dino": ("dino", {}),
-}
+def own_encoder_settings(layers):
+    """{row name: (method, options)}."""
+    cut = {f"tokencut {layer} centred border": ("tokencut", dict(layer=layer, center=True, fg_rule="border"))
+           for layer in layers}
+    return {"tokencut keys": ("tokencut", {}), **cut, "dino": ("dino", {})}
 
 
 def encoder_label(checkpoint: Path) -> str:
@@ -92,8 +91,11 @@ def gradcam_maps(keys, root, size, batch_size):
 @click.option("--encoder", "encoders", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Also score tokencut and dino maps of this agmae-train checkpoint (repeatable).")
 @click.option("--encoder-sizes", default="64,128", show_default=True, help="Input sizes for --encoder.")
+@click.option("--encoder-layers", default="norm,blocks.3", show_default=True,
+              help="Layers of --encoder whose tokens TokenCut cuts (norm: the final tokens; blocks.3: the demo "
+                   "MAE's last block, before the final LayerNorm).")
 @click.option("--no-cnn", is_flag=True, help="Skip the EfficientNet-Lite0 settings.")
-def main(limit, sizes, stages, batch_size, data, encoders, encoder_sizes, no_cnn):
+def main(limit, sizes, stages, batch_size, data, encoders, encoder_sizes, encoder_layers, no_cnn):
     root = data or ensure_demo()
     keys = scan(root / "original").spread(limit)
     masks = np.stack([load_mask(root, "original", key) for key in keys])
@@ -107,7 +109,7 @@ def main(limit, sizes, stages, batch_size, data, encoders, encoder_sizes, no_cnn
     score("centre prior (Gaussian, sigma 0.25)", np.broadcast_to(centre_prior(14, 14), (len(keys), 14, 14)))
     for checkpoint in encoders:
         for size in (int(s) for s in encoder_sizes.split(",")):
-            for name, (method, options) in OWN_ENCODER_SETTINGS.items():
+            for name, (method, options) in own_encoder_settings(encoder_layers.split(",")).items():
                 maps = own_encoder_maps(keys, root / "original", checkpoint, method, size, batch_size, **options)
                 score(f"{name} {size}px own {encoder_label(checkpoint)}", maps)
     for size in (() if no_cnn else (int(s) for s in sizes.split(","))):
