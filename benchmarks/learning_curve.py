@@ -16,10 +16,10 @@ from pathlib import Path
 
 import click
 
-from agmae.data.folder import split_folder
 from agmae.eval.features import POOLS, FeatureSource
 from agmae.eval.knn import HEADLINE_K, knn_evaluate
 from agmae.checkpoint import atomic_write_text
+from agmae.options import require_splits
 
 KEPT = re.compile(r"checkpoint-(\d+)\.pth")
 
@@ -69,11 +69,7 @@ def main(run_dirs, data, test_splits, pool, workers, every, precision, json_out)
         from agmae.data.demo import ensure_demo
 
         data = ensure_demo()
-    try:
-        for split in ("train", *test_splits):
-            split_folder(data, split, option="--test-split")
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--data / --test-split") from None
+    require_splits(data, ("train", *test_splits))
     curves = {split: {} for split in test_splits}
     for run_dir in run_dirs:
         kept = {epoch: path for epoch, path in kept_checkpoints(run_dir).items() if epoch % every == 0}

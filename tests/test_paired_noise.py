@@ -29,7 +29,8 @@ def test_standard_error_is_that_of_the_mean_per_image_difference():
     assert small == pytest.approx({"difference": 20.0, "disagreement": 60.0, "standard_error": 100 * 0.112 ** 0.5})
 
 
-def test_the_difference_is_that_of_agmae_eval_knn(noise, demo_root, tmp_path):
+def test_each_guided_run_and_split_gets_the_difference_of_agmae_eval_knn(noise, demo_root, tmp_path):
+    splits = ("original", "mixed-rand")
     top1 = {}
     for seed in (0, 1):
         run = tmp_path / f"run{seed}"
@@ -38,11 +39,29 @@ def test_the_difference_is_that_of_agmae_eval_knn(noise, demo_root, tmp_path):
         torch.save({"model": VisionTransformer(**TINY_VIT, num_classes=0).state_dict(),
                     "config": {"encoder": TINY_VIT}, "epoch": 1}, run / "checkpoint-last.pth")
         source = FeatureSource(run / "checkpoint-last.pth", pool="mean", workers=0, use_cache=False, progress=False)
-        bank, queries = source.features(demo_root / "train"), source.features(demo_root / "original")
-        top1[seed] = knn_evaluate(bank.feats, bank.index.labels, queries.feats, queries.index.labels, 10,
-                                  ks=(20,))["k=20"]["top1"]
-    result = CliRunner().invoke(noise.main, [str(tmp_path / "run0"), str(tmp_path / "run1"), "--data", str(demo_root),
-                                             "--workers", "0"])
+        bank = source.features(demo_root / "train")
+        for split in splits:
+            queries = source.features(demo_root / split)
+            top1[seed, split] = knn_evaluate(bank.feats, bank.index.labels, queries.feats, queries.index.labels, 10,
+                                             ks=(20,))["k=20"]["top1"]
+    runs = [str(tmp_path / "run0"), str(tmp_path / "run1"), str(tmp_path / "run1")]
+    result = CliRunner().invoke(noise.main, [*runs, "--data", str(demo_root), "--workers", "0",
+                                             *(arg for split in splits for arg in ("--test-split", split))])
     assert result.exit_code == 0, result.output
-    assert f"{top1[0] - top1[1]:+.2f} points" in result.output
-    assert top1[0] != top1[1]
+    lines = result.output.splitlines()
+    assert len(lines) == 4
+    for line, split in zip(lines, splits):
+        assert line.startswith(f"run0 - run1 on {split} ")
+        assert f"{top1[0, split] - top1[1, split]:+.2f} points" in line
+        assert top1[0, split] != top1[1, split]
+    for line, split in zip(lines[2:], splits):
+        assert line.startswith(f"run1 - run1 on {split} ") and "+0.00 points" in line and "disagree on 0.0 %" in line
+
+
+def test_a_split_the_dataset_lacks_is_refused_before_any_extraction(noise, demo_root, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    result = CliRunner().invoke(noise.main, [str(run), str(run), "--data", str(demo_root),
+                                             "--test-split", "mixed-same"])
+    assert result.exit_code == 2
+    assert "mixed-same" in result.output and "original" in result.output
