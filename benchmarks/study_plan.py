@@ -5,7 +5,7 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from hashlib import sha256
 from pathlib import Path
 
@@ -286,12 +286,15 @@ def _evals_of(config: Config, row: Row, seed: int) -> dict:
     return evals
 
 
-def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, upstream: list) -> Run:
+def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, upstream: list,
+         first_round: int | None = None) -> Run:
     """The training run of (row, seed) and its evaluations, in a run directory named by its configuration
-    (rows with the same configuration get the same directory, hence share the run)."""
+    (rows with the same configuration get the same directory, hence share the run). first_round: the epochs of
+    the vanilla run whose own maps guide it, when they differ from the run's."""
     name, options = _training_options(config, row, seed)
     # Paths stay out of the identity, so moving AGMAE_HOME or --out keeps the run names.
-    identity = json.dumps({"dataset": root.name, "maps": MAPS.get(row.maps), "train": options}, sort_keys=True)
+    identity = json.dumps({"dataset": root.name, "maps": MAPS.get(row.maps), "train": options,
+                           **({"first_round": first_round} if first_round else {})}, sort_keys=True)
     run_dir = (config.out / "runs" / root.name /
                f"{name}-e{config.epochs}-s{seed}-{sha256(identity.encode()).hexdigest()[:8]}")
     label, step_dir = run_dir.relative_to(config.out), run_dir / "study"
@@ -331,16 +334,19 @@ def build_plan(config: Config) -> Plan:
             if seed not in config.seeds_of(row):
                 continue
             dataset, root = _dataset_step(config, row.correlation)
-            upstream, store = [add(dataset)], None
+            upstream, store, first_round = [add(dataset)], None, None
             if row.maps is not None:
                 vanilla = None
                 if row.maps in OWN_MAP_SOURCES:
+                    # the recipe's map maker: the vanilla run of the same seed, or a shorter one (a first round)
+                    maker = replace(config, epochs=DEMO_RECIPES[config.recipe].map_maker_epochs(config.epochs))
+                    first_round = maker.epochs if maker.epochs != config.epochs else None
                     vanilla_row = Row(f"vanilla p={row.correlation:g}", None, correlation=row.correlation)
-                    vanilla = add(_run(config, vanilla_row, seed, root, None, upstream).train)
+                    vanilla = add(_run(maker, vanilla_row, seed, root, None, upstream).train)
                     upstream.append(vanilla)
                 discover, store = _discover_step(config, row.maps, dataset, root, vanilla)
                 upstream.append(add(discover))
-            run = _run(config, row, seed, root, store, upstream)
+            run = _run(config, row, seed, root, store, upstream, first_round)
             run.train = add(run.train)
             run.evals = {protocol: add(step) for protocol, step in run.evals.items()}
             runs[row.name, seed] = run

@@ -267,3 +267,35 @@ def test_keeping_checkpoints_along_the_demo_runs_leaves_their_identities_as_they
     assert not any("--keep-every" in step.argv for step in plain_steps)
     result = CliRunner().invoke(main, ["--keep-every", "-1", "--out", str(tmp_path / "refused")])
     assert result.exit_code == 2 and "--keep-every" in result.output
+
+
+def test_a_short_first_round_cuts_the_own_maps_of_the_32_epoch_recipe(tmp_path):
+    """light-b256-e32: vanilla and both guided runs train 32 epochs (4 of warm-up); the own maps come from a 16-epoch
+    vanilla run that trains exactly as light-b256's vanilla run, beside the 32-epoch one (its maps on one core), and
+    that run is no row of the comparison. At --epochs 16 the first round would be the vanilla run itself."""
+    from agmae.cli.demo import plan
+
+    steps, run_dirs = plan(tmp_path / "run", tmp_path / "demo", epochs=32, seed=2, recipe="light-b256-e32")
+    by_id = {step.id: step for step in steps}
+    assert set(run_dirs) == {"vanilla", "guided-oracle", "guided-mae-tokencut-128"}
+    first_round = by_id["train vanilla-first-round"]
+    assert [first_round.argv[first_round.argv.index(o) + 1] for o in ("--epochs", "--warmup-epochs")] == ["16", "2"]
+    for name in run_dirs:
+        argv = by_id[f"train {name}"].argv
+        assert [argv[argv.index(o) + 1] for o in ("--epochs", "--warmup-epochs", "--seed")] == ["32", "4", "2"]
+    own_maps = by_id["discover mae-tokencut-128"]
+    first_round_dir = Path(first_round.argv[first_round.argv.index("--out") + 1])
+    assert own_maps.needs == (first_round,) and not own_maps.all_cpus
+    assert own_maps.argv[own_maps.argv.index("--backbone") + 1] == str(first_round_dir / "checkpoint-last.pth")
+    assert first_round_dir not in run_dirs.values()
+    b256_vanilla = {step.id: step for step in plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=2)[0]}[
+        "train vanilla"]
+    assert first_round.recipe()["command"][:-2] == b256_vanilla.recipe()["command"][:-2]  # all but --out
+    assert first_round_dir.name.split("-")[-1] == b256_vanilla.argv[-1].split("-")[-1]  # the same digest
+    assert [step.id for step in steps].index("train vanilla-first-round") < [step.id for step in steps].index(
+        "train guided-oracle")
+    short, _ = plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=2, recipe="light-b256-e32")
+    short_ids = {step.id: step for step in short}
+    assert "train vanilla-first-round" not in short_ids
+    assert short_ids["discover mae-tokencut-128"].needs == (short_ids["train vanilla"],)
+    assert short_ids["discover mae-tokencut-128"].all_cpus

@@ -103,6 +103,29 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
                                                                               "--seed") == "1"
 
 
+def test_a_recipe_with_a_first_round_cuts_the_own_maps_from_the_shorter_vanilla_run(study, tmp_path):
+    """light-b256-e32: vanilla and guided runs train 32 epochs; the own maps come from the 16-epoch vanilla run, the
+    very run (same directory) that the default recipe's study trains, so its maps are shared; the guided run's name
+    records its first round, and the default recipe's run names stay those of the finished study runs."""
+    def plan(recipe, epochs=None):
+        config = study.make_config(recipe=recipe, epochs=epochs, rows="vanilla,guided-mae-tokencut-128",
+                                   out=tmp_path / "study", docs=tmp_path / "docs", precision="bf16")
+        return study.build_plan(config)
+
+    e32, b256, b256_at_32 = plan("light-b256-e32"), plan("light-b256"), plan("light-b256", epochs=32)
+    guided = e32.runs["guided-mae-tokencut-128", 1].train
+    store = Path(_option(guided.argv, "--maps"))
+    maker = next(step for step in guided.needs if step.kind == "train")
+    assert maker.run_dir == b256.runs["vanilla", 1].run_dir and _option(maker.argv, "--epochs") == "16"
+    assert store == Path(_option(b256.runs["guided-mae-tokencut-128", 1].train.argv, "--maps"))
+    assert [_option(guided.argv, o) for o in ("--epochs", "--warmup-epochs")] == ["32", "4"]
+    assert e32.runs["vanilla", 1].run_dir == b256_at_32.runs["vanilla", 1].run_dir
+    assert guided.run_dir != b256_at_32.runs["guided-mae-tokencut-128", 1].run_dir
+    # the names of the finished 16-epoch study runs (docs/RESULTS.md)
+    assert [b256.runs[name, 0].run_dir.name for name in ("vanilla", "guided-mae-tokencut-128")] == [
+        "vanilla-e16-s0-67ea5440", "mae-tokencut-128-cosine-1-0.5-batch-e16-s0-23c1b645"]
+
+
 def test_bad_rows_are_rejected(study, tmp_path):
     with pytest.raises(click.BadParameter, match="bogus"):
         study.make_config(rows="vanilla,bogus", out=tmp_path)

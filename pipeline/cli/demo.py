@@ -2,7 +2,8 @@
 
 Builds the demo dataset, discovers oracle maps (from the masks), trains a vanilla MAE and, with the
 same compute, two guided MAEs: one on the oracle maps and one on maps that need no outside weights,
-TokenCut on the vanilla MAE's own final tokens (the two-round pipeline). Then it evaluates them
+TokenCut on the vanilla MAE's own tokens (the two-round pipeline; with `--recipe light-b256-e32` on a shorter
+vanilla MAE's, a first round of 16 epochs beside the 32-epoch runs). Then it evaluates them
 (mean-pooled k-NN, cached linear probe, background robustness, map quality), prints one comparison
 table with the guided - vanilla differences and writes `report.png`.
 
@@ -63,13 +64,18 @@ OWN_MAP_SOURCES = ("mae-tokencut", "mae-tokencut-128")
 class DemoRecipe:
     """What the demo (and the study) trains: `epochs` with `warmup_epochs` of warm-up (the share kept when --epochs
     changes) at `batch_size`, `model_options` on top of agmae-train's demo preset, and the map source of the
-    third run beside vanilla and oracle guidance."""
+    third run beside vanilla and oracle guidance. Own maps are cut from the vanilla run, or, with
+    `first_round_epochs`, from a vanilla MAE of that many epochs of the same recipe (a short first round: a
+    32-epoch vanilla MAE's maps are worse than a 16-epoch one's). `headline`: the COLUMNS entry the demo's verdict
+    judges."""
     epochs: int
     warmup_epochs: float
     batch_size: int
     model_options: tuple[str, ...]
     offline_maps: str
     summary: str
+    first_round_epochs: int | None = None
+    headline: str = "k-NN original"
 
     def warmup(self, epochs: int) -> float:
         return round(self.warmup_epochs * epochs / self.epochs, 4)
@@ -82,6 +88,10 @@ class DemoRecipe:
     def runs(self) -> dict:
         """{run name: the map source that guides it (None: vanilla)}"""
         return {"vanilla": None, "guided-oracle": "oracle", f"guided-{self.offline_maps}": self.offline_maps}
+
+    def map_maker_epochs(self, epochs: int) -> int:
+        """Epochs of the vanilla MAE whose tokens the own maps are cut from, when the runs train `epochs`."""
+        return self.first_round_epochs or epochs
 
 
 # Lever 8 of docs/CALIBRATION.md: the light demo MAE at batch 256 (a quarter of light's optimizer steps), where
@@ -100,6 +110,15 @@ DEMO_RECIPES = {
                                   summary="light-b256 with own maps cut from the vanilla MAE's last block at 128 px "
                                           "(IoU 61 against 56, yet no larger gain: below vanilla on seed 2); "
                                           "about 21 min"),
+    # Lever 12 of docs/CALIBRATION.md: lever 8's runs for 32 epochs, own maps from a 16-epoch first round (lever 9's
+    # 128-px last-block maps, IoU 60-62, against 47-48 cut from the 32-epoch vanilla MAE), judged on unseen
+    # backgrounds (mixed-rand k-NN, chosen in lever 11 before its runs).
+    "light-b256-e32": replace(LIGHT_B256, epochs=32, warmup_epochs=2 * LIGHT_B256.warmup_epochs,
+                              offline_maps="mae-tokencut-128", first_round_epochs=LIGHT_B256.epochs,
+                              headline="k-NN mixed-rand",
+                              summary="light-b256 for 32 epochs, own maps from a 16-epoch vanilla MAE's last block "
+                                      "(a short first round), judged on mixed-rand k-NN: both guided runs beat "
+                                      "vanilla there on each of seeds 0-5; about 34 min"),
     # Levers 3-6: the same model at batch 64 for 18 epochs, the demo's recipe until lever 8; oracle guidance
     # +1.65, -0.96 and +0.43 on seeds 0-2.
     "light": DemoRecipe(18, 6.0, 64, (), "mae-tokencut",
@@ -116,10 +135,10 @@ DEMO_RECIPES = {
 }
 DEFAULT_RECIPE = "light-b256"
 # Mean-pooled features: the headline metric, chosen from the 20-epoch study's signal-to-noise before any
-# calibration run (docs/CALIBRATION.md); CLS k-NN moved 3.5 points between vanilla seeds there.
+# calibration run (docs/CALIBRATION.md); CLS k-NN moved 3.5 points between vanilla seeds there. A recipe's
+# `headline` names one of the k-NN COLUMNS (original by default).
 EVALUATION = "robustness[pool=mean]"
 KNN_K = 20
-HEADLINE = "k-NN original"
 COLUMNS = {
     "k-NN original": ("splits", "original", "knn_top1"),
     "k-NN mixed-rand": ("splits", "mixed-rand", "knn_top1"),
@@ -140,28 +159,28 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
          keep_every: int = 0) -> tuple[list, dict]:
     """The demo's steps in the order the runner starts them when several are ready, and {run name: run
     directory}. Vanilla and guided-oracle train side by side; own maps (mae-tokencut) are discovered once the
-    vanilla MAE is done, and their run trains beside the first evaluations. `keep_every` > 0 keeps every run's
+    vanilla MAE is done, and their run trains beside the first evaluations. With a recipe's short first round, the
+    own maps come from a vanilla run of its `first_round_epochs` instead ("vanilla-first-round", trained beside
+    vanilla, its maps on one core), and guided-oracle waits for a free core. `keep_every` > 0 keeps every run's
     checkpoint of every this many epochs (for benchmarks/learning_curve.py); it leaves the runs' identities as
     they are."""
     demo_recipe = DEMO_RECIPES[recipe]
     data = ["--data", str(demo_root)]
     logs = run_root / "logs"
 
-    def discover(method: str, options: list, needs=()) -> Step:
+    def discover(method: str, options: list, needs=(), all_cpus=False) -> Step:
         out_file = maps_path(run_root, method)
-        # Own maps lie on the critical path (vanilla -> its maps -> the third training), the evaluations ready
-        # beside them do not: they take both cores, once the other first-round training has finished.
         return Step(f"discover {method}", [console_script("agmae-discover"), *options, *data,
                                            *DISCOVERY_PRECISION, "--out", str(out_file)],
                     out_file.with_suffix(".done.json"), needs, kind="discover", log=logs / f"discover-{method}.log",
-                    stale_output=out_file, all_cpus=method in OWN_MAP_SOURCES)
+                    stale_output=out_file, all_cpus=all_cpus)
 
-    def train(name: str, maps: Step | None) -> tuple[Step, Path]:
+    def train(name: str, maps: Step | None, run_epochs: int = epochs) -> tuple[Step, Path]:
         # no --data: agmae-train's demo recipe (model, batch, blr, native bf16) applies to the demo dataset;
         # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md)
         argv = [console_script("agmae-train"),
                 *(["--no-guidance"] if maps is None else ["--maps", str(maps.stale_output)]),
-                *demo_recipe.train_options(epochs), "--seed", str(seed),
+                *demo_recipe.train_options(run_epochs), "--seed", str(seed),
                 "--save-every", "1",  # a killed demo resumes per epoch
                 *(["--keep-every", str(keep_every)] if keep_every else [])]
         needs = () if maps is None else (maps,)
@@ -178,13 +197,21 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
 
     runs = demo_recipe.runs()
     vanilla, vanilla_dir = train("vanilla", None)
-    own_backbone = ["--backbone", str(vanilla_dir / "checkpoint-last.pth")]
-    maps = {source: discover(source, [*MAP_OPTIONS[source], *own_backbone], needs=(vanilla,))
+    first_round = demo_recipe.map_maker_epochs(epochs) != epochs
+    map_maker, map_maker_dir = train("vanilla-first-round", None, demo_recipe.map_maker_epochs(epochs)) \
+        if first_round else (vanilla, vanilla_dir)
+    own_backbone = ["--backbone", str(map_maker_dir / "checkpoint-last.pth")]
+    # Own maps cut from the vanilla run lie on the critical path (vanilla -> its maps -> the third training), the
+    # evaluations ready beside them do not: they take both cores, once guided-oracle's training has finished too.
+    # Cut from a first round, they run on one core beside the vanilla training.
+    maps = {source: discover(source, [*MAP_OPTIONS[source], *own_backbone], needs=(map_maker,),
+                             all_cpus=not first_round)
             if source in OWN_MAP_SOURCES else discover(source, MAP_OPTIONS[source])
             for source in filter(None, runs.values())}
     trained = {"vanilla": (vanilla, vanilla_dir)}
     trained.update({name: train(name, maps[source]) for name, source in runs.items() if source is not None})
-    steps = [maps["oracle"], vanilla, *(maps[source] for source in maps if source != "oracle"),
+    steps = [maps["oracle"], vanilla, *([map_maker] if first_round else []),
+             *(maps[source] for source in maps if source != "oracle"),
              *(trained[name][0] for name in runs if name != "vanilla")]
     steps += [evaluate(name, *trained[name]) for name in runs]
     steps.append(Step("map quality", [console_script("agmae-eval"), "attention", "--run-dir", str(run_root)],
@@ -220,35 +247,37 @@ def differences(table: dict) -> dict:
             for name, row in table.items() if name != "vanilla"}
 
 
-def headline_errors(run_dirs: dict, demo_root: Path) -> dict:
-    """{guided run: standard error of its headline difference to vanilla over the choice of test images},
-    from each run's per-image k-NN hits on the features its evaluation cached (no extraction)."""
+def headline_errors(run_dirs: dict, demo_root: Path, headline: str) -> dict:
+    """{guided run: standard error of its difference to vanilla in the k-NN column `headline` over the choice of
+    test images}, from each run's per-image k-NN hits on the features its evaluation cached (no extraction)."""
+    _, split, _ = COLUMNS[headline]
     hits = {}
     for name, run_dir in run_dirs.items():
         source = FeatureSource(run_dir / "checkpoint-last.pth", pool="mean", precision="fp32", progress=False)
-        bank, queries = source.features(demo_root / "train"), source.features(demo_root / "original")
+        bank, queries = source.features(demo_root / "train"), source.features(demo_root / split)
         hits[name] = knn_correct(bank, queries, k=KNN_K)
     return {name: paired_difference(hits[name], hits["vanilla"])["standard_error"] for name in hits
             if name != "vanilla"}
 
 
-def verdict(table: dict, seed: int, errors: dict) -> list[str]:
-    """One plain line per guided run: did it beat vanilla on the headline metric on this seed, and is the
-    difference beyond two standard errors of the test sampling (`errors`, from `headline_errors`)."""
+def verdict(table: dict, seed: int, errors: dict, headline: str) -> list[str]:
+    """One plain line per guided run: did it beat vanilla on the headline metric (the recipe's `headline` column)
+    on this seed, and is the difference beyond two standard errors of the test sampling (`errors`, from
+    `headline_errors`)."""
     lines = []
     for name, delta in differences(table).items():
-        gain = delta[HEADLINE]
+        gain = delta[headline]
         if gain is None:
-            lines.append(f"{name}: no {HEADLINE} result")
+            lines.append(f"{name}: no {headline} result")
             continue
         noise = (f"; standard error {errors[name]:.2f}, so "
                  + ("beyond the test sampling" if abs(gain) > 2 * errors[name]
                     else "within two standard errors: this seed alone does not decide"))
         if gain > 0:
-            lines.append(f"{name} beat vanilla on {HEADLINE} (mean-pooled, the headline metric) by {gain:+.2f} "
+            lines.append(f"{name} beat vanilla on {headline} (mean-pooled, the headline metric) by {gain:+.2f} "
                          f"points on seed {seed}{noise}")
         else:
-            lines.append(f"{name} did NOT beat vanilla on {HEADLINE} (mean-pooled, the headline metric) on seed "
+            lines.append(f"{name} did NOT beat vanilla on {headline} (mean-pooled, the headline metric) on seed "
                          f"{seed}: {gain:+.2f} points{noise}")
     return lines
 
@@ -328,8 +357,8 @@ def step_times(steps: list) -> str:
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
               help="Run root for the maps, the runs, the logs and report.png. [default: AGMAE_HOME/demo-run/RECIPE]")
 @click.option("--epochs", type=click.IntRange(min=1),
-              help="Pre-training epochs of every MAE (equal compute for vanilla and guided; the warm-up keeps its "
-                   "share of them). [default: the recipe's]")
+              help="Pre-training epochs of every compared MAE (equal compute for vanilla and guided; the warm-up "
+                   "keeps its share of them; a recipe's first round keeps its own). [default: the recipe's]")
 @click_option("seed", seed_option("Training seed of every run."))
 @click_option("keep_every", TrainConfig.__dataclass_fields__["keep_every"])  # agmae-train's own definition
 def main(recipe, out, epochs, seed, keep_every):
@@ -358,7 +387,8 @@ def main(recipe, out, epochs, seed, keep_every):
     click.echo(f"\n[demo] recipe {recipe}, {epochs} epochs per MAE, seed {seed}; top-1 % of mean-pooled features "
                f"(k-NN k={KNN_K}, linear = cached-feature probe)")
     click.echo(format_comparison(table))
-    for line in verdict(table, seed, headline_errors(run_dirs, demo_root)):
+    headline = DEMO_RECIPES[recipe].headline
+    for line in verdict(table, seed, headline_errors(run_dirs, demo_root, headline), headline):
         click.echo(f"[demo] {line}")
     click.echo("[demo] one seed is one draw: the spread over seeds, with paired tests, is in docs/RESULTS.md "
                "(benchmarks/study.py)")
