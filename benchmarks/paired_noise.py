@@ -16,7 +16,7 @@ import torch
 
 from agmae.eval.features import POOLS, FeatureSource
 from agmae.eval.knn import HEADLINE_K, knn_correct, paired_difference
-from agmae.options import require_splits
+from agmae.cli.errors import require_splits
 
 
 def correct_per_image(checkpoint: Path, root: Path, test_splits: tuple, pool: str, workers: int,

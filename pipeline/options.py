@@ -129,18 +129,6 @@ def seed_option(help: str):
     return option(0, help, type=click.IntRange(min=0))
 
 
-def require_splits(root, splits, param_hint: str = "--data / --test-split") -> None:
-    """Refuse, before any work, a dataset root that lacks one of `splits`, with split_folder's one-line error (which
-    names the splits ROOT has) as a click usage error."""
-    from agmae.data.folder import split_folder
-
-    try:
-        for split in splits:
-            split_folder(root, split, option="--test-split")
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint=param_hint) from None
-
-
 def dataset_options(command):
     """`--data ROOT` and `--train-split`, for a command that reads one split of a dataset."""
     return compose(click_option("data", data_option()), click_option("train_split", train_split_option()))(command)

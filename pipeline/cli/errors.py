@@ -1,7 +1,10 @@
-"""What the command lines say when the environment fails them: one line naming the file and the way out."""
+"""What the command lines say when the environment or a dataset fails them: one line naming the file and the way
+out."""
 import errno
 
 import click
+
+from agmae.data.folder import split_folder
 
 ADVICE = {
     errno.ENOSPC: "free space there or write to another --out / --run-dir",
@@ -18,3 +21,13 @@ def environment_error(err: OSError) -> click.ClickException:
     where = f"{err.filename}: " if err.filename else ""
     advice = ADVICE.get(err.errno, "check the path and the disk, then run the same command again")
     return click.ClickException(f"{where}{err.strerror or err}; {advice} (nothing incomplete was left behind)")
+
+
+def require_splits(root, splits, param_hint: str = "--data / --test-split") -> None:
+    """Refuse, before any work, a dataset root that lacks one of `splits`, with split_folder's one-line error (which
+    names the splits ROOT has) as a click usage error."""
+    try:
+        for split in splits:
+            split_folder(root, split, option="--test-split")
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=param_hint) from None
