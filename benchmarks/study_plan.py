@@ -339,8 +339,8 @@ def build_plan(config: Config) -> Plan:
                 vanilla = None
                 if row.maps in OWN_MAP_SOURCES:
                     # the recipe's map maker: the vanilla run of the same seed, or a shorter one (a first round)
-                    maker = replace(config, epochs=DEMO_RECIPES[config.recipe].map_maker_epochs(config.epochs))
-                    first_round = maker.epochs if maker.epochs != config.epochs else None
+                    first_round = DEMO_RECIPES[config.recipe].first_round(config.epochs)
+                    maker = replace(config, epochs=first_round) if first_round else config
                     vanilla_row = Row(f"vanilla p={row.correlation:g}", None, correlation=row.correlation)
                     vanilla = add(_run(maker, vanilla_row, seed, root, None, upstream).train)
                     upstream.append(vanilla)

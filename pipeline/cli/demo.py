@@ -89,9 +89,10 @@ class DemoRecipe:
         """{run name: the map source that guides it (None: vanilla)}"""
         return {"vanilla": None, "guided-oracle": "oracle", f"guided-{self.offline_maps}": self.offline_maps}
 
-    def map_maker_epochs(self, epochs: int) -> int:
-        """Epochs of the vanilla MAE whose tokens the own maps are cut from, when the runs train `epochs`."""
-        return self.first_round_epochs or epochs
+    def first_round(self, epochs: int) -> int | None:
+        """Epochs of the shorter vanilla MAE whose tokens the own maps are cut from, when the compared runs train
+        `epochs`; None: they are cut from the vanilla run itself."""
+        return self.first_round_epochs if self.first_round_epochs not in (None, epochs) else None
 
 
 # Lever 8 of docs/CALIBRATION.md: the light demo MAE at batch 256 (a quarter of light's optimizer steps), where
@@ -197,15 +198,15 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
 
     runs = demo_recipe.runs()
     vanilla, vanilla_dir = train("vanilla", None)
-    first_round = demo_recipe.map_maker_epochs(epochs) != epochs
-    map_maker, map_maker_dir = train("vanilla-first-round", None, demo_recipe.map_maker_epochs(epochs)) \
-        if first_round else (vanilla, vanilla_dir)
+    first_round = demo_recipe.first_round(epochs)
+    map_maker, map_maker_dir = train("vanilla-first-round", None, first_round) if first_round else (vanilla,
+                                                                                                 vanilla_dir)
     own_backbone = ["--backbone", str(map_maker_dir / "checkpoint-last.pth")]
     # Own maps cut from the vanilla run lie on the critical path (vanilla -> its maps -> the third training), the
     # evaluations ready beside them do not: they take both cores, once guided-oracle's training has finished too.
     # Cut from a first round, they run on one core beside the vanilla training.
     maps = {source: discover(source, [*MAP_OPTIONS[source], *own_backbone], needs=(map_maker,),
-                             all_cpus=not first_round)
+                             all_cpus=first_round is None)
             if source in OWN_MAP_SOURCES else discover(source, MAP_OPTIONS[source])
             for source in filter(None, runs.values())}
     trained = {"vanilla": (vanilla, vanilla_dir)}

@@ -23,11 +23,11 @@ def environment_error(err: OSError) -> click.ClickException:
     return click.ClickException(f"{where}{err.strerror or err}; {advice} (nothing incomplete was left behind)")
 
 
-def require_splits(root, splits, param_hint: str = "--data / --test-split") -> None:
+def require_splits(root, splits) -> None:
     """Refuse, before any work, a dataset root that lacks one of `splits`, with split_folder's one-line error (which
     names the splits ROOT has) as a click usage error."""
     try:
         for split in splits:
             split_folder(root, split, option="--test-split")
     except ValueError as error:
-        raise click.BadParameter(str(error), param_hint=param_hint) from None
+        raise click.BadParameter(str(error), param_hint="--data / --test-split") from None
