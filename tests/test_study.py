@@ -173,6 +173,7 @@ class FakeRunner:
         elif name == "finetune":
             results = {"splits": {"original": {"top1": k + 4}}}
         else:
+            k += 0.5 if name == "robustness-mean" else 0.0  # mean-pooled features score apart from CLS ones
             splits = {"original": {"knn_top1": k, "linear_top1": k + 2},
                       "mixed-rand": {"knn_top1": k - 5, "linear_top1": k - 4},
                       "only-fg": {"knn_top1": k - 10, "linear_top1": k - 9}}
@@ -189,13 +190,14 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
                                n_train=240, n_test=60, out=tmp_path / "study", docs=tmp_path / "docs",
                                precision="fp32")
     plan = study.build_plan(config)
-    broken = plan.runs["guided-oracle", 1].train.id
+    broken, skipped = plan.runs["guided-oracle", 1].train.id, len(plan.runs["guided-oracle", 1].evals)
     lines = []
     failing = FakeRunner(plan, fail={broken})
     with pytest.raises(click.ClickException, match="failed or were skipped"):
         study.run_study(config, runner=failing, echo=lines.append)
-    assert len(failing.calls) == len(plan.steps) - 5  # the broken run's five evaluations are skipped
-    assert sum("skipped" in line for line in lines) == 5 and sum("ETA" in line for line in lines) == len(plan.steps) - 5
+    assert skipped == 6 and len(failing.calls) == len(plan.steps) - skipped  # the broken run's evaluations
+    assert sum("skipped" in line for line in lines) == skipped
+    assert sum("ETA" in line for line in lines) == len(plan.steps) - skipped
 
     partial = json.loads((config.docs / "results.json").read_text())
     assert not partial["complete"] and partial["missing"] == ["guided-oracle seed 1"]
@@ -206,7 +208,7 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
 
     resumed = FakeRunner(plan)
     summary = study.run_study(config, runner=resumed, echo=lines.append)
-    assert resumed.calls == [step.id for step in plan.runs["guided-oracle", 1].steps()[-6:]]
+    assert resumed.calls == [step.id for step in plan.runs["guided-oracle", 1].steps()[-(1 + skipped):]]
     assert summary["complete"] and summary["missing"] == []
 
     rows = {row["name"]: row for row in summary["rows"]}
@@ -231,7 +233,7 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
     assert "PARTIAL" not in markdown and config.command() in markdown
     assert "| vanilla | — | 0 | 3/3 | 24.0 ± 4.6 | 25.0 ± 4.6 | 26.0 ± 4.6 |" in markdown
     assert "| guided-oracle | oracle, τ cos 1→0.5, batch | 0 | 3/3 | 32.0 ± 2.6 |" in markdown
-    assert "| p0.8-vanilla | 0.8 | 1/1 | 45.0 | 46.0 | 40.0 | 41.0 | 53.0 | 12.0 | 12.0 |" in markdown
+    assert "| p0.8-vanilla | 0.8 | 1/1 | 45.0 | 46.0 | 45.5 | 46.5 | 40.0 | 41.0 | 53.0 | 12.0 | 12.0 |" in markdown
     assert "| vanilla | 0 | 3/3 | 19.0 ± 4.6 |" in markdown and "| — | — |" in markdown
     assert "| guided-oracle | +8.0 [+3.0, +13.0] p=0.02 (3/3) |" in markdown
 
@@ -241,20 +243,21 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
 
     for step in plan.steps:  # the wall time is the sum of the recorded step times
         record = json.loads(step.marker.read_text())
-        step.marker.write_text(json.dumps({**record, "seconds": 30.0}))
+        step.marker.write_text(json.dumps({**record, "seconds": 60.0}))
     (config.docs / plan_of.FINDINGS).write_text("## Findings\n\nGuidance wins by 8 points.\n")
-    newer, older = plan_of.EARLIER_RECIPES
-    (config.docs / newer).write_text("# Recipe B\n\n## Its tables\n")
-    (config.docs / older).write_text("# Recipe A\n")
+    for age, name in enumerate(plan_of.EARLIER_RECIPES):
+        (config.docs / name).write_text(f"# Recipe {age}\n\n## Its tables\n")
     reported = study.run_study(config, runner=again, echo=lines.append, report_only=True)
-    assert reported["wall_seconds"]["total"] == 30.0 * len(plan.steps)
+    assert reported["wall_seconds"]["total"] == 60.0 * len(plan.steps)
     markdown = (config.docs / "RESULTS.md").read_text()
-    assert f"Wall time (sum of the recorded step times): {len(plan.steps) // 2}m00s" in markdown
+    assert f"Wall time (sum of the recorded step times): {len(plan.steps)}m00s" in markdown
     # the hand-written findings come first, the generated tables after them
     assert markdown.index("Guidance wins by 8 points.") < markdown.index("| vanilla | — | 0 | 3/3 |")
     # then each earlier recipe's frozen results, newest first, one heading level down
-    assert markdown.index("| vanilla | — | 0 | 3/3 |") < markdown.index("\n## Recipe B\n\n### Its tables\n") < \
-        markdown.index("\n## Recipe A\n")
+    positions = [markdown.index(f"\n## Recipe {age}\n\n### Its tables\n")
+                 for age in range(len(plan_of.EARLIER_RECIPES))]
+    assert len(positions) >= 2 and markdown.index("| vanilla | — | 0 | 3/3 |") < positions[0]
+    assert positions == sorted(positions)
 
 
 def test_a_variant_row_is_paired_with_the_row_it_varies(study, tmp_path):
@@ -356,14 +359,15 @@ def test_dry_run_lists_the_quick_plan(study, tmp_path):
     result = CliRunner().invoke(study.main, ["--quick", "--dry-run", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     steps = [line for line in result.output.splitlines() if line.startswith("pending")]
-    assert len(steps) == 14 and sum(" train runs/" in line for line in steps) == 2  # 1 + 1 + 2 x (1 + 5)
+    assert len(steps) == 16 and sum(" train runs/" in line for line in steps) == 2  # 1 + 1 + 2 x (1 + 6)
     assert sum(" finetune runs/" in line for line in steps) == 2
     assert not (tmp_path / "docs").exists()
 
 
 def test_real_tiny_train_and_eval(study, tmp_path, demo_root):
-    """The quick configuration's vanilla run through the real agmae-train, agmae-eval knn and robustness
-    (the other protocols faked to stay within the time budget): the table reads the CLI's numbers."""
+    """The quick configuration's vanilla run through the real agmae-train, agmae-eval knn and robustness (CLS
+    and mean-pooled; the other protocols faked to stay within the time budget): the table reads the CLI's
+    numbers."""
     config = study.make_config(quick=True, rows="vanilla", out=tmp_path / "study", docs=tmp_path / "docs")
     plan = study.build_plan(config)
     run = plan.runs["vanilla", 0]
@@ -385,5 +389,7 @@ def test_real_tiny_train_and_eval(study, tmp_path, demo_root):
     assert metrics["mixed_rand_knn"]["mean"] == robustness["splits"]["mixed-rand"]["knn_top1"]
     assert metrics["only_fg_linear"]["mean"] == robustness["splits"]["only-fg"]["linear_top1"]
     assert metrics["clean_fg_knn"]["mean"] == robustness["clean_fg_knn_top1"]
+    mean_pooled = results["robustness[pool=mean]"]["results"]
+    assert metrics["mixed_rand_knn_mean"]["mean"] == mean_pooled["splits"]["mixed-rand"]["knn_top1"]
     assert all(0.0 <= metrics[name]["mean"] <= 100.0 for name in ("knn_cls", "mixed_rand_knn", "clean_fg_knn"))
     assert "bg_gap_knn" not in metrics
