@@ -61,8 +61,8 @@ class TrainConfig:
                                            "attention is faster]", flags=("--fused-attn/--no-fused-attn",))
     compile: bool = option(False, "torch.compile the MAE (inductor; needs a C compiler on a CPU). Same results up to "
                                   "float rounding, exact resume kept; DDP runs compile the wrapped model. Measured "
-                                  "on a 2-core CPU: the demo MAE's step 0.88x eager after ~80 s of compiling "
-                                  "(benchmarks/train_bench.py --compile), so off by default.",
+                                  "on a quiet 2-core CPU: the demo MAE's step 0.955x eager after ~100 s of compiling "
+                                  "(benchmarks/train_bench.py --compile, as in the README), so off by default.",
                            flags=("--compile/--no-compile",))
     epochs: int | None = option(None, _recipe("epochs", "Training epochs."), type=POSITIVE_INT)
     warmup_epochs: float | None = option(None, _recipe("warmup_epochs", "Epochs of linear learning-rate "
