@@ -32,6 +32,17 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(state: dict) -> str:
+    """Hex SHA-256 of a state dict's tensors (names, dtypes, shapes, values, in name order): what the weights are,
+    whichever file holds them (a checkpoint file's own hash also covers its optimizer state and recorded paths)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 

@@ -19,7 +19,7 @@ import agmae.train.engine as engine
 from agmae.data.folder import scan
 from agmae.store import keys_fingerprint
 from agmae import store
-from agmae.checkpoint import load_checkpoint
+from agmae.checkpoint import export_encoder, load_checkpoint
 from agmae.hardware import cpu_has_native_bf16
 from agmae.cli.train import config_from_options, main as train_cli
 from agmae.train.dataset import GuidedMAEDataset
@@ -291,6 +291,44 @@ def test_fused_attention_is_on_from_128_patches_on_a_cpu_unless_told(patch, give
     trainer = Trainer(_config_for(image_root, tmp_path, patch_size=patch, fused_attn=given),
                       engine.distributed.DistEnv(), torch.device("cpu"))  # 32 px: 16, 64, 256 patches
     assert {block.attn.fused_attn for block in [*trainer.model.blocks, *trainer.model.decoder_blocks]} == {fused}
+
+
+def test_a_run_started_from_another_runs_weights_trains_them_on_with_a_fresh_optimizer(image_root, maps_file,
+                                                                                        tmp_path):
+    """--init-from: the first round's weights exactly, under a fresh optimizer and schedule; the run records their
+    fingerprint, so the file may move, and a resume from other weights or from none is refused."""
+    first = tmp_path / "first"
+    train(_config_for(image_root, first, epochs=2))
+    start = tmp_path / "start.pth"
+    shutil.copy(first / "checkpoint-last.pth", start)
+    second = tmp_path / "second"
+    trainer = Trainer(_config_for(image_root, second, maps_file, epochs=2, init_from=str(start)),
+                      engine.distributed.DistEnv(), torch.device("cpu"))
+    started = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    assert all(torch.equal(started[name], value) for name, value in _weights(first).items())
+    assert (trainer.start_epoch, trainer.step, trainer.optimizer.state) == (0, 0, {})
+    assert trainer.run()["epoch"] == 2
+    assert not torch.equal(_weights(second)["blocks.0.attn.qkv.weight"], started["blocks.0.attn.qkv.weight"])
+
+    moved = start.rename(tmp_path / "moved.pth")  # the same weights elsewhere: the finished run has nothing to do
+    assert train(_config_for(image_root, second, maps_file, epochs=2, init_from=str(moved))) is None
+    train(_config_for(image_root, tmp_path / "other", epochs=1))
+    for other, named in ((tmp_path / "other" / "checkpoint-last.pth", ".*other/checkpoint-last.pth"),
+                         (None, "its own initialisation")):
+        with pytest.raises(ValueError, match=f"started from the weights of .*start.pth, this run from {named} "
+                                             r"\(other weights\); resume with the same --init-from"):
+            train(_config_for(image_root, second, maps_file, epochs=2, init_from=other and str(other)))
+
+
+def test_init_from_refuses_other_models_and_exported_encoders_in_one_line(image_root, tmp_path):
+    train(_config_for(image_root, tmp_path / "first", epochs=1))
+    checkpoint = tmp_path / "first" / "checkpoint-last.pth"
+    with pytest.raises(ValueError, match=r"checkpoint-last.pth: not the weights of this run's MAE \(size mismatch "
+                                         r"for .*\); pass the model options it was trained with"):
+        train(_config_for(image_root, tmp_path / "wide", epochs=1, embed_dim=64, init_from=str(checkpoint)))
+    exported = export_encoder(checkpoint, tmp_path / "encoder.pth")
+    with pytest.raises(ValueError, match="encoder.pth: holds no MAE weights .* not an exported encoder"):
+        train(_config_for(image_root, tmp_path / "from-encoder", epochs=1, init_from=str(exported)))
 
 
 def test_resume_with_another_architecture_is_refused(image_root, tmp_path):

@@ -89,6 +89,19 @@ def test_encoder_names_match_timm_vision_transformer():
     assert all(k.startswith(("decoder_", "mask_token")) for k in set(model.state_dict()) - set(vit.state_dict()))
 
 
+def test_all_names_are_those_of_the_official_models_mae():
+    """facebookresearch/mae's MaskedAutoencoderViT names (written out from its models_mae.py), so that its
+    pre-training checkpoints load with agmae-train --init-from."""
+    block = [f"{part}.{kind}" for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+             for kind in ("weight", "bias")]
+    official = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias", "decoder_embed.weight", "decoder_embed.bias", "mask_token", "decoder_pos_embed",
+                "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias",
+                *(f"blocks.{i}.{name}" for i in range(TINY["depth"]) for name in block),
+                *(f"decoder_blocks.{i}.{name}" for i in range(TINY["decoder_depth"]) for name in block)}
+    assert set(_tiny().state_dict()) == official
+
+
 def test_export_loads_strictly_into_timm_with_equal_features(tmp_path):
     model = _tiny()
     checkpoint = atomic_save({"model": model.state_dict(), "config": {"encoder": model.encoder_kwargs}},

@@ -112,6 +112,13 @@ class TrainConfig:
                              type=click.IntRange(min=0))
     resume: str | None = option(None, "Checkpoint to resume from. [default: RUN_DIR/checkpoint-last.pth when "
                                       "present]", type=click.Path(dir_okay=False))
+    init_from: str | None = option(None, "Start from the MAE weights (encoder and decoder) of this checkpoint, with "
+                                         "a fresh optimizer and schedules: continued pre-training, e.g. a guided "
+                                         "round that continues the vanilla round whose maps guide it. An "
+                                         "agmae-train checkpoint or any {'model': state dict} of the same MAE (the "
+                                         "official MAE's pre-training checkpoints share its parameter names). A run "
+                                         "that has a checkpoint of its own resumes that instead.",
+                                   type=click.Path(exists=True, dir_okay=False))
     workers: int = workers_option(8, "DataLoader worker processes per training process.")
     seed: int = seed_option("Seeds initialisation, data order, crops, flips and masks (runs are reproducible).")
     device: str = device_option()

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import agmae
 from agmae.data.folder import scan, unreadable_images
 from agmae import distributed
-from agmae.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint
+from agmae.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint, weights_sha256
 from agmae.hardware import autocast_dtype, resolve_precision
 from agmae.paths import last_checkpoint
 from agmae.train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
@@ -42,10 +42,11 @@ FOREGROUND_THRESHOLD = 0.5
 # step with it on / off 1.030 for the demo MAE's 64 patches, 0.925 for base/16's 196).
 FUSED_ATTN_MIN_PATCHES = 128
 # Settings that change how a run executes, not what it computes (the global batch is compared as
-# effective_batch, so the ranks may change between kills; the data and maps by their fingerprints; the
-# requested --precision as the autocast dtype it resolved to, amp_dtype, so `native` and `bf16` are one run).
+# effective_batch, so the ranks may change between kills; the data, the maps and the starting weights by their
+# fingerprints; the requested --precision as the autocast dtype it resolved to, amp_dtype, so `native` and `bf16`
+# are one run).
 # Resuming with any other setting changed is refused, so a run's record always says what trained it.
-EXECUTION_SETTINGS = frozenset({"data", "train_split", "out", "maps", "resume", "workers", "save_every",
+EXECUTION_SETTINGS = frozenset({"data", "train_split", "out", "maps", "init_from", "resume", "workers", "save_every",
                                 "keep_every", "verify_images", "max_failures", "device", "compile", "batch_size",
                                 "accum_iter", "world_size", "precision", "version"})
 
@@ -132,6 +133,9 @@ class Trainer:
             self.store_identity = store.identity()
 
         self.model: MaskedAutoencoderViT = create_model(cfg.model, **cfg.model_overrides()).to(device)
+        # the weights it starts from are compared by their fingerprint, as the maps are, so a resumed run with
+        # another --init-from is refused and the file may move
+        self.init_weights = self._init_from(Path(cfg.init_from)) if cfg.init_from else None
         fused = device.type == "cuda" or self.model.num_patches >= FUSED_ATTN_MIN_PATCHES
         self.model.set_fused_attn(fused if cfg.fused_attn is None else cfg.fused_attn)
         input_size = self.model.encoder_kwargs["img_size"]
@@ -166,6 +170,7 @@ class Trainer:
             "encoder": self.model.encoder_kwargs,
             "keys_sha256": self.index.keys_sha256,
             "store_identity": self.store_identity,
+            "init_weights": self.init_weights,
             "world_size": env.world_size,
             "effective_batch": self.effective_batch,
             "lr": self.lr,
@@ -200,6 +205,21 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return last_checkpoint(self.run_dir)
 
+    def _init_from(self, path: Path) -> str:
+        """Load the MAE weights of checkpoint `path` into the model; return their fingerprint."""
+        loaded = load_checkpoint(path)
+        state = loaded.get("model") if isinstance(loaded, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: holds no MAE weights (no 'model' entry); --init-from takes an agmae-train "
+                             f"checkpoint (RUN_DIR/checkpoint-last.pth), not an exported encoder")
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as err:
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise ValueError(f"{path}: not the weights of this run's MAE ({first[:200]}); pass the model options "
+                             f"it was trained with (its run's config.json) or another --init-from") from None
+        return weights_sha256(state)
+
     def _resume(self) -> Path | None:
         path = Path(self.cfg.resume) if self.cfg.resume else self.checkpoint_path
         if not self.cfg.resume and not path.is_file():
@@ -221,6 +241,11 @@ class Trainer:
             raise ValueError(
                 f"{path}: was trained with the maps of {recorded.get('maps')} ({_describe(theirs)}), this run has "
                 f"{self.cfg.maps} ({_describe(ours)}); resume with the same store or write to another --out")
+        if recorded.get("init_weights") != self.init_weights:
+            raise ValueError(
+                f"{path}: started from the weights of {recorded.get('init_from') or 'its own initialisation'}, this "
+                f"run from {self.cfg.init_from or 'its own initialisation'} (other weights); resume with the same "
+                f"--init-from or write to another --out")
         for name in sorted(set(self.config) - EXECUTION_SETTINGS):
             if recorded.get(name) != self.config[name]:
                 raise ValueError(
@@ -293,6 +318,8 @@ class Trainer:
             if self.unreadable:
                 first = ", ".join(f"{self.index.keys[i]} ({reason})" for i, reason in list(self.unreadable.items())[:3])
                 tqdm.write(f"{len(self.unreadable)} of {len(self.index)} images cannot be read and are skipped: {first}")
+            if self.init_weights and not self.resumed_from:
+                tqdm.write(f"started from the weights of {self.cfg.init_from}")
             if self.resumed_from:
                 tqdm.write(f"resumed from {self.resumed_from} at epoch {self.start_epoch}")
                 # a run killed between saving a kept epoch and keeping it resumes from exactly that file
