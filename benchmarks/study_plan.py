@@ -135,6 +135,8 @@ METRICS = {
                                ("robustness[pool=mean]", "results", "splits", "mixed-rand", "linear_top1")),
     "only_fg_knn": ("only-fg k-NN", ("robustness", "results", "splits", "only-fg", "knn_top1")),
     "only_fg_linear": ("only-fg linear", ("robustness", "results", "splits", "only-fg", "linear_top1")),
+    "only_fg_knn_mean": ("only-fg k-NN mean-pool",
+                         ("robustness[pool=mean]", "results", "splits", "only-fg", "knn_top1")),
     "clean_fg_knn": ("clean-fg k-NN", ("robustness", "results", "clean_fg_knn_top1")),
     "bg_gap_knn": ("BG-gap k-NN", ("robustness", "results", "bg_gap", "knn_top1")),
     "bg_gap_linear": ("BG-gap linear", ("robustness", "results", "bg_gap", "linear_top1")),
@@ -142,10 +144,11 @@ METRICS = {
 }
 FEATURE_COLUMNS = ("knn_cls", "knn_mean", "linear", "finetune")
 # The columns each guided row is compared on, seed by seed, with the vanilla row of its dataset.
-PAIRED_COLUMNS = ("knn_mean", "knn_cls", "linear", "only_fg_knn", "mixed_rand_knn", "mixed_rand_knn_mean",
-                  "mixed_rand_linear_mean", "finetune")
+PAIRED_COLUMNS = ("knn_mean", "knn_cls", "linear", "only_fg_knn", "only_fg_knn_mean", "mixed_rand_knn",
+                  "mixed_rand_knn_mean", "mixed_rand_linear_mean", "finetune")
 ROBUSTNESS_COLUMNS = ("mixed_rand_knn", "mixed_rand_linear", "mixed_rand_knn_mean", "mixed_rand_linear_mean",
-                      "only_fg_knn", "only_fg_linear", "clean_fg_knn", "bg_gap_knn", "bg_gap_linear")
+                      "only_fg_knn", "only_fg_linear", "only_fg_knn_mean", "clean_fg_knn", "bg_gap_knn",
+                      "bg_gap_linear")
 
 # Seconds per step for 10k training images on one core of a 2-core AMD EPYC with native bf16 (bf16 training,
 # fp32 evaluation, the demo MAE, steps side by side; the claims study of 2026-12-02), only for the first ETA;
