@@ -47,7 +47,7 @@ KEEP_EVERY = 4
 # Hand-written reading of the numbers, kept beside them: RESULTS.md embeds it above the generated tables.
 FINDINGS = "FINDINGS.md"
 # Earlier recipes' findings and tables, frozen, newest first: RESULTS.md ends with each as a section.
-EARLIER_RECIPES = ("RESULTS-light-18-epochs.md", "RESULTS-earlier-recipe.md")
+EARLIER_RECIPES = ("RESULTS-light-b256-16-epochs.md", "RESULTS-light-18-epochs.md", "RESULTS-earlier-recipe.md")
 
 
 @dataclass(frozen=True)

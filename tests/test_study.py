@@ -121,7 +121,8 @@ def test_a_recipe_with_a_first_round_cuts_the_own_maps_from_the_shorter_vanilla_
     assert [_option(guided.argv, o) for o in ("--epochs", "--warmup-epochs")] == ["32", "4"]
     assert e32.runs["vanilla", 1].run_dir == b256_at_32.runs["vanilla", 1].run_dir
     assert guided.run_dir != b256_at_32.runs["guided-mae-tokencut-128", 1].run_dir
-    # the names of the finished study runs (docs/RESULTS.md), 16 and 32 epochs
+    # the names of the finished study runs: 16 epochs
+    # (docs/RESULTS.md#the-light-b256-recipe-16-epochs-5-seeds) and 32 (docs/RESULTS.md)
     assert [b256.runs[name, 0].run_dir.name for name in ("vanilla", "guided-mae-tokencut-128")] == [
         "vanilla-e16-s0-67ea5440", "mae-tokencut-128-cosine-1-0.5-batch-e16-s0-23c1b645"]
     assert [e32.runs[name, 0].run_dir.name for name in ("vanilla", "guided-mae-tokencut-128")] == [

@@ -67,7 +67,7 @@ class DemoRecipe:
     third run beside vanilla and oracle guidance. Own maps are cut from the vanilla run, or, with
     `first_round_epochs`, from a vanilla MAE of that many epochs of the same recipe (a short first round: a
     32-epoch vanilla MAE's maps are worse than a 16-epoch one's). `headline`: the COLUMNS entry the demo's verdict
-    judges."""
+    judges; `study`: where the study of this recipe gives the spread over seeds."""
     epochs: int
     warmup_epochs: float
     batch_size: int
@@ -76,6 +76,7 @@ class DemoRecipe:
     summary: str
     first_round_epochs: int | None = None
     headline: str = "k-NN original"
+    study: str = "docs/RESULTS.md"
 
     def warmup(self, epochs: int) -> float:
         return round(self.warmup_epochs * epochs / self.epochs, 4)
@@ -102,7 +103,7 @@ LIGHT_B256 = DemoRecipe(RECIPES["demo"]["epochs"], RECIPES["demo"]["warmup_epoch
                         (), "mae-tokencut",
                         "agmae-train's demo recipe (the light demo MAE, batch 256), own maps from the vanilla MAE (no "
                         "outside weights); about 16-17 min; oracle guidance won on seeds 0-2, own maps tied vanilla on "
-                        "seed 2")
+                        "seed 2", study="docs/RESULTS.md#the-light-b256-recipe-16-epochs-5-seeds")
 DEMO_RECIPES = {
     "light-b256": LIGHT_B256,
     # Lever 9 of docs/CALIBRATION.md: lever 8's runs with better own maps (IoU 60-62 against 56-57); vanilla and
@@ -116,7 +117,7 @@ DEMO_RECIPES = {
     # backgrounds (mixed-rand k-NN, chosen in lever 11 before its runs).
     "light-b256-e32": replace(LIGHT_B256, epochs=32, warmup_epochs=2 * LIGHT_B256.warmup_epochs,
                               offline_maps="mae-tokencut-128", first_round_epochs=LIGHT_B256.epochs,
-                              headline="k-NN mixed-rand",
+                              headline="k-NN mixed-rand", study="docs/RESULTS.md",
                               summary="light-b256 for 32 epochs, own maps from a 16-epoch vanilla MAE's last block "
                                       "(a short first round), judged on mixed-rand k-NN: both guided runs beat "
                                       "vanilla there on each of seeds 0-5; about 34 min"),
@@ -124,7 +125,8 @@ DEMO_RECIPES = {
     # +1.65, -0.96 and +0.43 on seeds 0-2.
     "light": DemoRecipe(18, 6.0, 64, (), "mae-tokencut",
                         "the light demo MAE at batch 64, own maps from the vanilla MAE; about 16 min, and both "
-                        "guided runs lost on seed 1"),
+                        "guided runs lost on seed 1",
+                        study="docs/RESULTS.md#the-light-recipe-at-batch-64-18-epochs-5-seeds"),
     # The earlier study's recipe (docs/RESULTS-earlier-recipe.md), on which both kinds of guided MAE beat
     # vanilla on mean-pooled k-NN on each of its 3 seeds (2,000 test images): the 192-wide demo MAE, 20 epochs at
     # batch 256.
@@ -132,7 +134,8 @@ DEMO_RECIPES = {
                                         "--decoder-embed-dim", "128", "--decoder-depth", "2",
                                         "--decoder-num-heads", "4"), "tokencut",
                        "the 192-wide demo MAE of the earlier study, batch 256, maps of TokenCut on the offline "
-                       "EfficientNet-Lite0; about 23-26 min, and guidance did not win on every seed either"),
+                       "EfficientNet-Lite0; about 23-26 min, and guidance did not win on every seed either",
+                       study="docs/RESULTS.md#the-earlier-recipe-the-192-wide-demo-mae-20-epochs-3-seeds"),
 }
 DEFAULT_RECIPE = "light-b256"
 # Mean-pooled features: the headline metric, chosen from the 20-epoch study's signal-to-noise before any
@@ -391,8 +394,8 @@ def main(recipe, out, epochs, seed, keep_every):
     headline = DEMO_RECIPES[recipe].headline
     for line in verdict(table, seed, headline_errors(run_dirs, demo_root, headline), headline):
         click.echo(f"[demo] {line}")
-    click.echo("[demo] one seed is one draw: the spread over seeds, with paired tests, is in docs/RESULTS.md "
-               "(benchmarks/study.py)")
+    click.echo(f"[demo] one seed is one draw: the spread over seeds, with paired tests, is in "
+               f"{DEMO_RECIPES[recipe].study} (benchmarks/study.py)")
     click.echo("\n[demo] map quality against the ground-truth masks (demo train split)")
     width = max(map(len, attention))
     for name, entry in attention.items():
