@@ -168,7 +168,8 @@ def render_markdown(summary: dict, findings: str = "", earlier=()) -> str:
         "mean ± sample std (n − 1) over the n finished seeds. Maps: oracle = masks area-averaged to a 28×28 "
         "grid (resampled with each crop onto the 8×8 patch grid); "
         "mae-tokencut = TokenCut on the final tokens of the same seed's vanilla run (of the recipe's shorter first "
-        "round where it has one), mean-centred, border rule, at 96 px (the two-round pipeline); mae-tokencut-128 = the same cut on its last block's tokens at 128 px; "
+        "round where it has one), mean-centred, border rule, at 96 px (the two-round pipeline); "
+        "mae-tokencut-128 = the same cut on its last block's tokens at 128 px; "
         "tokencut / gradcam = EfficientNet-Lite0 at 224 px; dino-random = CLS "
         "attention of a random ViT-S/8 at 64 px. BG-gap = mixed-same − mixed-rand (only with correlated backgrounds, p > 0). "
         "clean-fg = k-NN of only-fg queries against the training objects on black.",

@@ -37,9 +37,9 @@ def weights_sha256(state: dict) -> str:
     whichever file holds them (a checkpoint file's own hash also covers its optimizer state and recorded paths)."""
     digest = hashlib.sha256()
     for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
+        tensor = state[name].detach().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim tensors too
     return digest.hexdigest()
 
 

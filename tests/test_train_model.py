@@ -7,7 +7,7 @@ import timm
 import torch
 from click.testing import CliRunner
 
-from agmae.checkpoint import atomic_save, encoder_weights, load_encoder
+from agmae.checkpoint import atomic_save, encoder_weights, load_encoder, weights_sha256
 from agmae.cli.train import main as train_cli
 from agmae.train.model import MODELS, create_model, sincos_pos_embed_2d
 
@@ -128,3 +128,12 @@ def test_load_encoder_guesses_kwargs_of_a_bare_state_dict(tmp_path):
     assert set(state) == set(encoder_weights(model.state_dict()))
     with pytest.raises(ValueError, match="no ViT encoder"):
         load_encoder(atomic_save({"model": {"decoder_pred.weight": torch.zeros(1)}}, tmp_path / "d.pth"))
+
+
+def test_the_weights_fingerprint_is_of_names_and_values_not_of_memory_layout():
+    state = {"w": torch.arange(6.0).reshape(3, 2).t(), "count": torch.tensor(3), "empty": torch.empty(0)}
+    same = {"w": state["w"].contiguous(), "count": torch.tensor(3), "empty": torch.empty(0)}
+    assert weights_sha256(state) == weights_sha256(same)
+    assert weights_sha256(state) != weights_sha256({**state, "count": torch.tensor(4)})
+    assert weights_sha256(state) != weights_sha256({**state, "w": state["w"].double()})
+    assert weights_sha256(state) != weights_sha256({"v" if k == "w" else k: v for k, v in state.items()})
