@@ -298,23 +298,27 @@ def _evals_of(config: Config, row: Row, seed: int) -> dict:
 
 
 def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, upstream: list,
-         first_round: int | None = None) -> Run:
+         first_round: int | None = None, init: Step | None = None) -> Run:
     """The training run of (row, seed) and its evaluations, in a run directory named by its configuration
     (rows with the same configuration get the same directory, hence share the run). first_round: the epochs of
-    the vanilla run whose own maps guide it, when they differ from the run's."""
+    the vanilla run whose own maps guide it, when they differ from the run's; init: the training step of the run
+    whose final weights it starts from (a recipe that continues its first round), named `-e<first>+<epochs>`."""
     name, options = _training_options(config, row, seed)
     # Paths stay out of the identity, so moving AGMAE_HOME or --out keeps the run names.
     identity = json.dumps({"dataset": root.name, "maps": MAPS.get(row.maps), "train": options,
-                           **({"first_round": first_round} if first_round else {})}, sort_keys=True)
+                           **({"first_round": first_round} if first_round else {}),
+                           **({"init_from": init.run_dir.name} if init else {})}, sort_keys=True)
+    epochs = f"{DEMO_RECIPES[config.recipe].first_round_epochs}+{config.epochs}" if init else config.epochs
     run_dir = (config.out / "runs" / root.name /
-               f"{name}-e{config.epochs}-s{seed}-{sha256(identity.encode()).hexdigest()[:8]}")
+               f"{name}-e{epochs}-s{seed}-{sha256(identity.encode()).hexdigest()[:8]}")
     label, step_dir = run_dir.relative_to(config.out), run_dir / "study"
     maps = ["--maps", str(store)] if store else []
+    init_from = ["--init-from", str(init.run_dir / "checkpoint-last.pth")] if init else []
     train = Step(id=f"train {label}", kind="train",
-                 argv=[console_script("agmae-train"), *maps, *options, "--data", str(root), "--out", str(run_dir),
-                       "--save-every", "1", "--keep-every", str(KEEP_EVERY)],
+                 argv=[console_script("agmae-train"), *maps, *init_from, *options, "--data", str(root),
+                       "--out", str(run_dir), "--save-every", "1", "--keep-every", str(KEEP_EVERY)],
                  log=step_dir / "train.log", marker=step_dir / "agmae.train.done.json",
-                 needs=tuple(upstream), run_dir=run_dir,
+                 needs=(*upstream, *([init] if init else [])), run_dir=run_dir,
                  estimate=3 * STARTUP_SECONDS + TRAIN_EPOCH_SECONDS * config.epochs * config.n_train / 10000)
     evals = {
         protocol: Step(id=f"{protocol} {label}", kind="eval",
@@ -345,19 +349,21 @@ def build_plan(config: Config) -> Plan:
             if seed not in config.seeds_of(row):
                 continue
             dataset, root = _dataset_step(config, row.correlation)
-            upstream, store, first_round = [add(dataset)], None, None
+            upstream, store, first_round, maker = [add(dataset)], None, None, None
+            own_maps, continues = row.maps in OWN_MAP_SOURCES, DEMO_RECIPES[config.recipe].continue_first_round
+            if own_maps or continues:
+                # the recipe's map maker (and, when the recipe continues it, every run's start): the vanilla run of
+                # the same seed, or a shorter one (a first round)
+                first_round = DEMO_RECIPES[config.recipe].first_round(config.epochs)
+                maker_config = replace(config, epochs=first_round) if first_round else config
+                vanilla_row = Row(f"vanilla p={row.correlation:g}", None, correlation=row.correlation)
+                maker = add(_run(maker_config, vanilla_row, seed, root, None, upstream).train)
             if row.maps is not None:
-                vanilla = None
-                if row.maps in OWN_MAP_SOURCES:
-                    # the recipe's map maker: the vanilla run of the same seed, or a shorter one (a first round)
-                    first_round = DEMO_RECIPES[config.recipe].first_round(config.epochs)
-                    maker = replace(config, epochs=first_round) if first_round else config
-                    vanilla_row = Row(f"vanilla p={row.correlation:g}", None, correlation=row.correlation)
-                    vanilla = add(_run(maker, vanilla_row, seed, root, None, upstream).train)
-                    upstream.append(vanilla)
-                discover, store = _discover_step(config, row.maps, dataset, root, vanilla)
+                upstream += [maker] if own_maps else []
+                discover, store = _discover_step(config, row.maps, dataset, root, maker if own_maps else None)
                 upstream.append(add(discover))
-            run = _run(config, row, seed, root, store, upstream, first_round)
+            run = _run(config, row, seed, root, store, upstream, first_round if own_maps else None,
+                       init=maker if continues else None)
             run.train = add(run.train)
             run.evals = {protocol: add(step) for protocol, step in run.evals.items()}
             runs[row.name, seed] = run

@@ -3,6 +3,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -115,14 +116,19 @@ def test_every_command_the_demo_and_the_study_plan_is_accepted_by_its_cli(tmp_pa
         assert {Path(step.argv[0]).name for step in recipe_steps} == set(clis)
         steps += recipe_steps
     study = load_benchmark("study_plan")
-    study_steps = study.build_plan(study.make_config(out=tmp_path / "study", docs=tmp_path / "docs",
-                                                     precision="fp32")).steps
-    steps += [step for step in study_steps if Path(step.argv[0]).name in clis]
+    for recipe in (None, "light-b256-continue"):  # the study's default rows, and every row continuing a first round
+        study_steps = study.build_plan(study.make_config(recipe=recipe, out=tmp_path / "study", docs=tmp_path / "docs",
+                                                         precision="fp32")).steps
+        steps += [step for step in study_steps if Path(step.argv[0]).name in clis]
     for step in steps:
         command = clis[Path(step.argv[0]).name]
         args = [str(arg) for arg in step.argv[1:]]
         if "--data" in args:  # the datasets a step reads exist by the time it runs
             Path(args[args.index("--data") + 1]).mkdir(parents=True, exist_ok=True)
+        if "--init-from" in args:  # and so do the checkpoints it starts from
+            start = Path(args[args.index("--init-from") + 1])
+            start.parent.mkdir(parents=True, exist_ok=True)
+            start.touch()
         context = command.make_context(Path(step.argv[0]).name, list(args), resilient_parsing=False)
         if isinstance(command, click.Group) and args and args[0] in command.commands:
             sub = command.commands[args[0]]
@@ -299,3 +305,43 @@ def test_a_short_first_round_cuts_the_own_maps_of_the_32_epoch_recipe(tmp_path):
     assert "train vanilla-first-round" not in short_ids
     assert short_ids["discover mae-tokencut-128"].needs == (short_ids["train vanilla"],)
     assert short_ids["discover mae-tokencut-128"].all_cpus
+
+
+def test_a_recipe_that_continues_its_first_round_starts_every_compared_run_from_its_weights(tmp_path):
+    """light-b256-continue: the 16-epoch first round trains exactly as light-b256's vanilla run, on both cores;
+    vanilla and both guided runs start from its final weights (--init-from) for the recipe's own epochs and warm-up
+    share, and need it (so they are redone when it is); the own maps are cut from it on one core; it is no row of
+    the comparison."""
+    from agmae.cli.demo import DEMO_RECIPES, plan
+
+    recipe = DEMO_RECIPES["light-b256-continue"]
+    steps, run_dirs = plan(tmp_path / "run", tmp_path / "demo", epochs=recipe.epochs, seed=1,
+                           recipe="light-b256-continue")
+    by_id = {step.id: step for step in steps}
+    first_round = by_id["train vanilla-first-round"]
+    first_round_dir = Path(first_round.argv[first_round.argv.index("--out") + 1])
+    assert first_round.all_cpus and "--init-from" not in first_round.argv
+    b256_vanilla = {step.id: step for step in plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=1)[0]}[
+        "train vanilla"]
+    assert first_round.recipe()["command"][:-2] == b256_vanilla.recipe()["command"][:-2]  # all but --out
+    assert set(run_dirs) == {"vanilla", "guided-oracle", "guided-mae-tokencut-128"}
+    assert first_round_dir not in run_dirs.values()
+    warmup = f"{recipe.warmup_epochs:g}"
+    assert float(warmup) == 2 * recipe.epochs / 16  # the first round's share of warm-up
+    for name in run_dirs:
+        training = by_id[f"train {name}"]
+        argv = training.argv
+        assert argv[argv.index("--init-from") + 1] == str(first_round_dir / "checkpoint-last.pth")
+        assert [argv[argv.index(o) + 1] for o in ("--epochs", "--warmup-epochs", "--seed")] == [
+            str(recipe.epochs), warmup, "1"]
+        assert first_round in training.needs and not training.all_cpus
+    own_maps = by_id["discover mae-tokencut-128"]
+    assert own_maps.needs == (first_round,) and not own_maps.all_cpus
+    assert own_maps.argv[own_maps.argv.index("--backbone") + 1] == str(first_round_dir / "checkpoint-last.pth")
+
+
+def test_a_recipe_cannot_continue_a_first_round_it_does_not_have():
+    from agmae.cli.demo import LIGHT_B256
+
+    with pytest.raises(ValueError, match="first_round_epochs"):
+        replace(LIGHT_B256, continue_first_round=True)

@@ -397,3 +397,30 @@ def test_real_tiny_train_and_eval(study, tmp_path, demo_root):
     assert metrics["mixed_rand_knn_mean"]["mean"] == mean_pooled["splits"]["mixed-rand"]["knn_top1"]
     assert all(0.0 <= metrics[name]["mean"] <= 100.0 for name in ("knn_cls", "mixed_rand_knn", "clean_fg_knn"))
     assert "bg_gap_knn" not in metrics
+
+
+def test_a_recipe_that_continues_its_first_round_starts_every_row_from_the_studys_16_epoch_vanilla_run(study,
+                                                                                                     tmp_path):
+    """light-b256-continue: every row, vanilla included, starts from the 16-epoch vanilla run of its seed (the very
+    run the default recipe's study trained) and is named for it (-e16+10-); the oracle store does not wait for it,
+    the own maps are cut from it."""
+    def plan(recipe):
+        config = study.make_config(recipe=recipe, rows="vanilla,guided-oracle,guided-mae-tokencut-128",
+                                   out=tmp_path / "study", docs=tmp_path / "docs", precision="bf16")
+        return study.build_plan(config)
+
+    continued, b256 = plan("light-b256-continue"), plan("light-b256")
+    first_round = b256.runs["vanilla", 1].train
+    for row in ("vanilla", "guided-oracle", "guided-mae-tokencut-128"):
+        training = continued.runs[row, 1].train
+        assert _option(training.argv, "--init-from") == str(first_round.run_dir / "checkpoint-last.pth")
+        assert first_round.id in [step.id for step in training.needs]
+        assert [_option(training.argv, o) for o in ("--epochs", "--warmup-epochs")] == ["10", "1.25"]
+        assert "-e16+10-s1-" in training.run_dir.name
+    assert continued.runs["vanilla", 1].run_dir.name.startswith("vanilla-e16+10-s1-")
+    assert _option(continued.runs["guided-mae-tokencut-128", 1].train.argv, "--maps") == _option(
+        b256.runs["guided-mae-tokencut-128", 1].train.argv, "--maps")
+    oracle_store = next(step for step in continued.steps if step.id.endswith("/oracle"))
+    assert not any(step.kind == "train" for step in oracle_store.needs)
+    ids = [step.id for step in continued.steps]
+    assert ids.count(first_round.id) == 1 and ids.index(first_round.id) < ids.index(continued.runs["vanilla", 1].train.id)

@@ -66,7 +66,9 @@ class DemoRecipe:
     changes) at `batch_size`, `model_options` on top of agmae-train's demo preset, and the map source of the
     third run beside vanilla and oracle guidance. Own maps are cut from the vanilla run, or, with
     `first_round_epochs`, from a vanilla MAE of that many epochs of the same recipe (a short first round: a
-    32-epoch vanilla MAE's maps are worse than a 16-epoch one's). `headline`: the COLUMNS entry the demo's verdict
+    32-epoch vanilla MAE's maps are worse than a 16-epoch one's). With `continue_first_round`, every compared run
+    starts from the first round's final weights (agmae-train --init-from) with a schedule of its own over `epochs`,
+    so the first round's epochs are trained once, not three times. `headline`: the COLUMNS entry the demo's verdict
     judges; `study`: where the study of this recipe gives the spread over seeds."""
     epochs: int
     warmup_epochs: float
@@ -77,6 +79,11 @@ class DemoRecipe:
     first_round_epochs: int | None = None
     headline: str = "k-NN original"
     study: str = "docs/RESULTS.md"
+    continue_first_round: bool = False
+
+    def __post_init__(self):
+        if self.continue_first_round and self.first_round_epochs is None:
+            raise ValueError("a recipe that continues its first round needs first_round_epochs")
 
     def warmup(self, epochs: int) -> float:
         return round(self.warmup_epochs * epochs / self.epochs, 4)
@@ -91,9 +98,18 @@ class DemoRecipe:
         return {"vanilla": None, "guided-oracle": "oracle", f"guided-{self.offline_maps}": self.offline_maps}
 
     def first_round(self, epochs: int) -> int | None:
-        """Epochs of the shorter vanilla MAE whose tokens the own maps are cut from, when the compared runs train
-        `epochs`; None: they are cut from the vanilla run itself."""
-        return self.first_round_epochs if self.first_round_epochs not in (None, epochs) else None
+        """Epochs of the vanilla MAE whose tokens the own maps are cut from (and whose weights the compared runs
+        continue, with `continue_first_round`) when the compared runs train `epochs`; None: the own maps are cut
+        from the vanilla run itself."""
+        if self.continue_first_round or self.first_round_epochs != epochs:
+            return self.first_round_epochs
+        return None
+
+    def epochs_text(self, epochs: int) -> str:
+        """How long each compared MAE trains, as the demo's table heading says it."""
+        if self.continue_first_round:
+            return f"{self.first_round_epochs} epochs of a shared vanilla first round, then {epochs} epochs each"
+        return f"{epochs} epochs per MAE"
 
 
 # Lever 8 of docs/CALIBRATION.md: the light demo MAE at batch 256 (a quarter of light's optimizer steps), where
@@ -121,6 +137,15 @@ DEMO_RECIPES = {
                               summary="light-b256 for 32 epochs, own maps from a 16-epoch vanilla MAE's last block "
                                       "(a short first round), judged on mixed-rand k-NN: both guided runs beat "
                                       "vanilla there on each of seeds 0-5; about 34 min"),
+    # Lever 13 of docs/CALIBRATION.md: light-b256's 16-epoch vanilla MAE as one first round, which every compared
+    # run continues for 10 epochs (agmae-train --init-from) with a schedule of its own; own maps as in light-b256-e32,
+    # cut from that first round; judged on mixed-rand k-NN.
+    "light-b256-continue": replace(LIGHT_B256, epochs=10, warmup_epochs=LIGHT_B256.warmup(10),
+                                   offline_maps="mae-tokencut-128", first_round_epochs=LIGHT_B256.epochs,
+                                   continue_first_round=True, headline="k-NN mixed-rand", study="docs/CALIBRATION.md",
+                                   summary="light-b256's 16-epoch vanilla MAE continued for 10 epochs by each "
+                                           "compared run, own maps from that first round's last block, judged on "
+                                           "mixed-rand k-NN; about 19 min"),
     # Levers 3-6: the same model at batch 64 for 18 epochs, the demo's recipe until lever 8; oracle guidance
     # +1.65, -0.96 and +0.43 on seeds 0-2.
     "light": DemoRecipe(18, 6.0, 64, (), "mae-tokencut",
@@ -165,7 +190,9 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
     directory}. Vanilla and guided-oracle train side by side; own maps (mae-tokencut) are discovered once the
     vanilla MAE is done, and their run trains beside the first evaluations. With a recipe's short first round, the
     own maps come from a vanilla run of its `first_round_epochs` instead ("vanilla-first-round", trained beside
-    vanilla, its maps on one core), and guided-oracle waits for a free core. `keep_every` > 0 keeps every run's
+    vanilla, its maps on one core), and guided-oracle waits for a free core. A recipe that continues its first
+    round trains that round first, on both cores; then the own maps on one core beside the vanilla continuation,
+    and the guided continuations as cores free up. `keep_every` > 0 keeps every run's
     checkpoint of every this many epochs (for benchmarks/learning_curve.py); it leaves the runs' identities as
     they are."""
     demo_recipe = DEMO_RECIPES[recipe]
@@ -179,18 +206,21 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
                     out_file.with_suffix(".done.json"), needs, kind="discover", log=logs / f"discover-{method}.log",
                     stale_output=out_file, all_cpus=all_cpus)
 
-    def train(name: str, maps: Step | None, run_epochs: int = epochs) -> tuple[Step, Path]:
+    def train(name: str, maps: Step | None, run_epochs: int = epochs, init: tuple | None = None,
+              all_cpus: bool = False) -> tuple[Step, Path]:
         # no --data: agmae-train's demo recipe (model, batch, blr, native bf16) applies to the demo dataset;
-        # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md)
+        # guided runs take the trainer's default tau schedule, chosen by the study (docs/RESULTS.md).
+        # init: (training step, run directory) of the run whose final weights this one starts from.
         argv = [console_script("agmae-train"),
                 *(["--no-guidance"] if maps is None else ["--maps", str(maps.stale_output)]),
+                *(["--init-from", str(init[1] / "checkpoint-last.pth")] if init else []),
                 *demo_recipe.train_options(run_epochs), "--seed", str(seed),
                 "--save-every", "1",  # a killed demo resumes per epoch
                 *(["--keep-every", str(keep_every)] if keep_every else [])]
-        needs = () if maps is None else (maps,)
+        needs = tuple(step for step in (maps, init and init[0]) if step is not None)
         run_dir = run_directory(run_root, name, Step(name, argv, Path(), needs))
         return Step(f"train {name}", [*argv, "--out", str(run_dir)], run_dir / "train.done.json", needs,
-                    kind="train", log=logs / f"train-{name}.log"), run_dir
+                    kind="train", log=logs / f"train-{name}.log", all_cpus=all_cpus), run_dir
 
     def evaluate(name: str, trained: Step, run_dir: Path) -> Step:
         # clean-fg (k-NN against the training objects on black) is the study's diagnostic, not the demo's
@@ -200,10 +230,13 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
                     log=logs / f"evaluate-{name}.log")
 
     runs = demo_recipe.runs()
-    vanilla, vanilla_dir = train("vanilla", None)
     first_round = demo_recipe.first_round(epochs)
-    map_maker, map_maker_dir = train("vanilla-first-round", None, first_round) if first_round else (vanilla,
-                                                                                                 vanilla_dir)
+    continues = demo_recipe.continue_first_round
+    # a first round that every run continues has no other training beside it: it takes both cores
+    first_round_run = train("vanilla-first-round", None, first_round, all_cpus=continues) if first_round else None
+    init = first_round_run if continues else None
+    vanilla, vanilla_dir = train("vanilla", None, init=init)
+    map_maker, map_maker_dir = first_round_run or (vanilla, vanilla_dir)
     own_backbone = ["--backbone", str(map_maker_dir / "checkpoint-last.pth")]
     # Own maps cut from the vanilla run lie on the critical path (vanilla -> its maps -> the third training), the
     # evaluations ready beside them do not: they take both cores, once guided-oracle's training has finished too.
@@ -213,7 +246,8 @@ def plan(run_root: Path, demo_root: Path, epochs: int, seed: int, recipe: str = 
             if source in OWN_MAP_SOURCES else discover(source, MAP_OPTIONS[source])
             for source in filter(None, runs.values())}
     trained = {"vanilla": (vanilla, vanilla_dir)}
-    trained.update({name: train(name, maps[source]) for name, source in runs.items() if source is not None})
+    trained.update({name: train(name, maps[source], init=init) for name, source in runs.items()
+                    if source is not None})
     steps = [maps["oracle"], vanilla, *([map_maker] if first_round else []),
              *(maps[source] for source in maps if source != "oracle"),
              *(trained[name][0] for name in runs if name != "vanilla")]
@@ -388,8 +422,8 @@ def main(recipe, out, epochs, seed, keep_every):
                  json.loads((run_root / "results.json").read_text())["attention"]["results"].items()}
 
     table = comparison(run_dirs)
-    click.echo(f"\n[demo] recipe {recipe}, {epochs} epochs per MAE, seed {seed}; top-1 % of mean-pooled features "
-               f"(k-NN k={KNN_K}, linear = cached-feature probe)")
+    click.echo(f"\n[demo] recipe {recipe}, {DEMO_RECIPES[recipe].epochs_text(epochs)}, seed {seed}; top-1 % of "
+               f"mean-pooled features (k-NN k={KNN_K}, linear = cached-feature probe)")
     click.echo(format_comparison(table))
     headline = DEMO_RECIPES[recipe].headline
     for line in verdict(table, seed, headline_errors(run_dirs, demo_root, headline), headline):
