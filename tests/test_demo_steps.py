@@ -268,7 +268,7 @@ def test_keeping_checkpoints_along_the_demo_runs_leaves_their_identities_as_they
     assert kept_dirs == plain_dirs
     assert [step.recipe() for step in kept_steps] == [step.recipe() for step in plain_steps]
     trainings = [step.argv for step in kept_steps if step.kind == "train"]
-    assert len(trainings) == 3
+    assert len(trainings) == 4  # the default recipe's first round and the three runs that continue it
     assert all(argv[argv.index("--keep-every") + 1] == "8" for argv in trainings)
     assert not any("--keep-every" in step.argv for step in plain_steps)
     result = CliRunner().invoke(main, ["--keep-every", "-1", "--out", str(tmp_path / "refused")])
@@ -294,8 +294,8 @@ def test_a_short_first_round_cuts_the_own_maps_of_the_32_epoch_recipe(tmp_path):
     assert own_maps.needs == (first_round,) and not own_maps.all_cpus
     assert own_maps.argv[own_maps.argv.index("--backbone") + 1] == str(first_round_dir / "checkpoint-last.pth")
     assert first_round_dir not in run_dirs.values()
-    b256_vanilla = {step.id: step for step in plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=2)[0]}[
-        "train vanilla"]
+    b256_vanilla = {step.id: step for step in plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=2,
+                                                    recipe="light-b256")[0]}["train vanilla"]
     assert first_round.recipe()["command"][:-2] == b256_vanilla.recipe()["command"][:-2]  # all but --out
     assert first_round_dir.name.split("-")[-1] == b256_vanilla.argv[-1].split("-")[-1]  # the same digest
     assert [step.id for step in steps].index("train vanilla-first-round") < [step.id for step in steps].index(
@@ -321,8 +321,8 @@ def test_a_recipe_that_continues_its_first_round_starts_every_compared_run_from_
     first_round = by_id["train vanilla-first-round"]
     first_round_dir = Path(first_round.argv[first_round.argv.index("--out") + 1])
     assert first_round.all_cpus and "--init-from" not in first_round.argv
-    b256_vanilla = {step.id: step for step in plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=1)[0]}[
-        "train vanilla"]
+    b256_vanilla = {step.id: step for step in plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=1,
+                                                    recipe="light-b256")[0]}["train vanilla"]
     assert first_round.recipe()["command"][:-2] == b256_vanilla.recipe()["command"][:-2]  # all but --out
     assert set(run_dirs) == {"vanilla", "guided-oracle", "guided-mae-tokencut-128"}
     assert first_round_dir not in run_dirs.values()

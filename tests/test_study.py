@@ -90,7 +90,7 @@ def test_default_plan_rows_sharing_and_equal_compute(study, plan_of, tmp_path):
     trains = [run.train.argv for run in plan.runs.values()]
     for name in ("--model", "--epochs", "--warmup-epochs", "--batch-size", "--blr", "--precision"):
         assert len({_option(argv, name) for argv in trains}) == 1, name
-    recipe = plan_of.DEMO_RECIPES[plan_of.DEFAULT_RECIPE]
+    recipe = plan_of.DEMO_RECIPES[plan_of.STUDY_RECIPE]
     assert (_option(trains[0], "--epochs"), _option(trains[0], "--warmup-epochs"), _option(trains[0], "--batch-size")
             ) == (str(recipe.epochs), f"{recipe.warmup_epochs:g}", str(recipe.batch_size))
     constant = plan.runs["tau-const-0.25", 0].train.argv
