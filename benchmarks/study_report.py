@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from agmae.checkpoint import atomic_write_text
-from agmae.cli.demo import nested
+from agmae.cli.demo import DEMO_RECIPES, nested
 from agmae.cli.steps import duration
 from agmae.train.config import RECIPES
 from scipy import stats
@@ -91,6 +91,7 @@ def aggregate(plan: Plan) -> dict:
             train_command_seed0=display_command(first.train.argv),
         ))
     _pair_rows(rows)
+    recipe = DEMO_RECIPES[config.recipe]
     seconds = {}
     for step in plan.steps:
         seconds[step.kind] = seconds.get(step.kind, 0.0) + step.seconds()
@@ -101,7 +102,8 @@ def aggregate(plan: Plan) -> dict:
                                    claim_seeds=config.claim_seeds, ablation_seeds=config.ablation_seeds,
                                    n_train=config.n_train,
                                    n_test=config.n_test, batch_size=config.batch_size, precision=config.precision,
-                                   model=RECIPES["demo"]["model"], blr=RECIPES["demo"]["blr"], knn_k=20),
+                                   model=RECIPES["demo"]["model"], blr=RECIPES["demo"]["blr"], knn_k=20,
+                                   continues_epochs=recipe.first_round_epochs if recipe.continue_first_round else None),
         wall_seconds=dict(total=round(sum(seconds.values()), 1), **{k: round(v, 1) for k, v in seconds.items()}),
         rows=rows,
     )
@@ -162,7 +164,9 @@ def render_markdown(summary: dict, findings: str = "", earlier=()) -> str:
         "Reproduce (resumable; each finished run is skipped):", "", "```", summary["command"], "```", "",
         f"Demo dataset ({plan['n_train']} train / {plan['n_test']} per test split, 64 px), demo recipe "
         f"`{plan['recipe']}`: model `{plan['model']}`, epochs {plan['epochs']} (warm-up {plan['warmup_epochs']:g}), "
-        f"batch {plan['batch_size']}, blr {plan['blr']:g}, precision {plan['precision']}, identical for every row. "
+        + (f"each run continuing the {plan['continues_epochs']}-epoch vanilla run of its seed (`--init-from`), "
+           if plan.get("continues_epochs") else "")
+        + f"batch {plan['batch_size']}, blr {plan['blr']:g}, precision {plan['precision']}, identical for every row. "
         "Numbers are top-1 % "
         f"(k-NN: k = {plan['knn_k']}, CLS features unless marked; linear: cached-feature probe), "
         "mean ± sample std (n − 1) over the n finished seeds. Maps: oracle = masks area-averaged to a 28×28 "

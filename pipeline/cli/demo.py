@@ -147,7 +147,7 @@ DEMO_RECIPES = {
     "light-b256-continue": replace(LIGHT_B256, epochs=10, warmup_epochs=LIGHT_B256.warmup(10),
                                    offline_maps="mae-tokencut-128", first_round_epochs=LIGHT_B256.epochs,
                                    continue_first_round=True, headline="k-NN mixed-rand",
-                                   study="docs/CALIBRATION.md#lever-14-the-demo-recipe-light-b256-continue-seeds-02",
+                                   study="docs/continue/RESULTS.md",
                                    summary="a 16-epoch vanilla MAE (light-b256's) continued for 10 epochs by each "
                                            "compared run, own maps from that first round's last block, judged on "
                                            "mixed-rand k-NN: both guided runs beat vanilla there on each of seeds "
