@@ -346,17 +346,18 @@ def build_plan(config: Config) -> Plan:
         return by_id[step.id]
 
     rows = [row for row in ROWS if row.name in config.rows]
+    demo_recipe = DEMO_RECIPES[config.recipe]
     for seed in range(max(config.seeds, config.claim_seeds, config.ablation_seeds)):
         for row in rows:
             if seed not in config.seeds_of(row):
                 continue
             dataset, root = _dataset_step(config, row.correlation)
             upstream, store, first_round, maker = [add(dataset)], None, None, None
-            own_maps, continues = row.maps in OWN_MAP_SOURCES, DEMO_RECIPES[config.recipe].continue_first_round
+            own_maps, continues = row.maps in OWN_MAP_SOURCES, demo_recipe.continue_first_round
             if own_maps or continues:
                 # the recipe's map maker (and, when the recipe continues it, every run's start): the vanilla run of
                 # the same seed, or a shorter one (a first round)
-                first_round = DEMO_RECIPES[config.recipe].first_round(config.epochs)
+                first_round = demo_recipe.first_round(config.epochs)
                 maker_config = replace(config, epochs=first_round) if first_round else config
                 vanilla_row = Row(f"vanilla p={row.correlation:g}", None, correlation=row.correlation)
                 maker = add(_run(maker_config, vanilla_row, seed, root, None, upstream).train)
