@@ -23,12 +23,15 @@ and the weight-norm row `batch`); rows that use one discovery method on one data
 its map store.
 
 docs/RESULTS.md and docs/results.json are regenerated from whatever runs are complete after
-every run, so a partial study gives a partial table that names what is missing.
+every run, so a partial study gives a partial table that names what is missing. Seeds can be split
+across machines (or survive a lost cache): `--record` takes the row-seeds an earlier results.json of
+the same plan finished, after checking that each was trained as this plan would train it.
 
     python benchmarks/study.py --rows vanilla,guided-oracle,guided-mae-tokencut,guided-dino-random  # the headline rows
     python benchmarks/study.py --rows vanilla,guided-oracle --seeds 2   # the core comparison first
     python benchmarks/study.py --report-only    # regenerate the docs (pass the same plan options)
     python benchmarks/study.py --adopt-demo-runs ~/.cache/agmae/demo-run/light-b256  # resume `make demo`'s runs
+    python benchmarks/study.py --seeds 5 --record docs/results.json  # add seeds 3-4 to a record of seeds 0-2
     python benchmarks/study.py --quick          # smoke test: tiny dataset, 1 epoch, 2 rows, 1 seed
 """
 import json
@@ -132,7 +135,8 @@ def print_plan(plan: Plan, echo=click.echo) -> None:
         echo(f"{state} {duration(seconds):>7}  {step.id}")
     pending = [step for step in plan.steps if not step.done()]
     echo(f"{len(pending)} of {len(plan.steps)} steps pending, first estimate "
-         f"{duration(sum(step.estimate for step in pending))}; row-seeds: {len(plan.runs)}, distinct runs: "
+         f"{duration(sum(step.estimate for step in pending))}; row-seeds: {len(plan.runs)} "
+         f"({len(plan.record.metrics)} from the record), distinct runs: "
          f"{len({run.run_dir for run in plan.runs.values()})}")
 
 
@@ -166,6 +170,11 @@ def print_plan(plan: Plan, echo=click.echo) -> None:
               help="Study directory: map stores, runs, logs, step markers. [default: AGMAE_HOME/study]")
 @click.option("--docs", type=click.Path(file_okay=False, path_type=Path),
               help="Where RESULTS.md and results.json go. [default: the repository's docs/; --quick OUT/docs]")
+@click.option("--record", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The results.json of an earlier run of this same plan (on another machine, or before its cache "
+                   "was lost; it may be the one --docs holds): the row-seeds it finished are reported from it, named "
+                   "as such, and not trained again, so seeds can be split across machines. Refused when its plan "
+                   "options (seed counts aside) or a run's configuration differ from this plan's.")
 @click.option("--quick", is_flag=True, help="Smoke configuration: 240 train / 60 test images, 1 epoch, batch 64, "
                                            "1 seed, rows vanilla and guided-oracle (any option above overrides).")
 @click.option("--report-only", is_flag=True, help="Only regenerate the docs from the finished runs of this plan.")

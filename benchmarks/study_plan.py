@@ -186,6 +186,7 @@ class Config:
     out: Path
     docs: Path
     precision: str
+    record: Path | None = None  # results.json of an earlier run of this plan (`--record`)
 
     def seeds_in(self, tier: str) -> list[int]:
         return list(range({MAIN: self.seeds, CLAIM: self.claim_seeds, ABLATION: self.ablation_seeds}[tier]))
@@ -196,20 +197,34 @@ class Config:
     def warmup_epochs(self) -> float:
         return DEMO_RECIPES[self.recipe].warmup(self.epochs)
 
+    def describe(self) -> dict:
+        """The plan options as the report records them (results.json's `plan`)."""
+        recipe = DEMO_RECIPES[self.recipe]
+        return dict(recipe=self.recipe, epochs=self.epochs, warmup_epochs=self.warmup_epochs(), seeds=self.seeds,
+                    claim_seeds=self.claim_seeds, ablation_seeds=self.ablation_seeds, n_train=self.n_train,
+                    n_test=self.n_test, batch_size=self.batch_size, precision=self.precision,
+                    model=RECIPES["demo"]["model"], blr=RECIPES["demo"]["blr"], knn_k=20,
+                    continues_epochs=recipe.first_round_epochs if recipe.continue_first_round else None)
+
     def command(self) -> str:
         """The study command line that reproduces this plan, every plan option explicit."""
-        python = Path(sys.executable)
-        python = python.relative_to(REPO) if python.is_relative_to(REPO) else python
-        parts = [str(python), "benchmarks/study.py", "--recipe", self.recipe, "--epochs", self.epochs,
+        parts = [_shown(Path(sys.executable)), "benchmarks/study.py", "--recipe", self.recipe, "--epochs", self.epochs,
                  "--seeds", self.seeds, "--claim-seeds", self.claim_seeds, "--ablation-seeds", self.ablation_seeds,
                  "--n-train", self.n_train, "--n-test", self.n_test,
                  "--batch-size", self.batch_size, "--rows", ",".join(self.rows), "--precision", self.precision]
         if self.out != agmae_home() / "study":
             parts += ["--out", self.out]
         if self.docs != DEFAULT_DOCS:
-            parts += ["--docs", self.docs]
+            parts += ["--docs", _shown(self.docs)]
+        if self.record:
+            parts += ["--record", _shown(self.record)]
         env = f"AGMAE_HOME={shlex.quote(os.environ['AGMAE_HOME'])} " if "AGMAE_HOME" in os.environ else ""
         return env + shlex.join(str(part) for part in parts)
+
+
+def _shown(path: Path) -> Path:
+    """A path as the docs print it: relative to the repository when inside it, so the command works in any clone."""
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 @dataclass
@@ -230,12 +245,32 @@ class Run:
         return json.loads((self.run_dir / "results.json").read_text())
 
 
+@dataclass(frozen=True)
+class Record:
+    """The row-seeds an earlier run of the same plan finished (on another machine, or before its cache was
+    lost), read from the results.json it wrote: they are reported from it and not trained again."""
+    path: Path
+    summary: dict  # that results.json
+    metrics: dict  # (row name, seed) -> {metric: value}
+    runs: dict  # (row name, seed) -> its run entry (run directory, commands)
+
+    def source(self) -> str:
+        return f"{_shown(self.path)} (generated {self.summary['generated']})"
+
+
+NO_RECORD = Record(Path(), {}, {}, {})
+
+# Plan options that differ between a record and the plan taking row-seeds from it without changing those row-seeds
+SEED_COUNTS = ("seeds", "claim_seeds", "ablation_seeds")
+
+
 @dataclass
 class Plan:
     config: Config
     rows: list  # Row
     runs: dict  # (row name, seed) -> Run
-    steps: list  # every Step once, in execution order
+    steps: list  # every Step once, in execution order; none that only row-seeds of the record need
+    record: Record = NO_RECORD
 
 
 def _slug(value) -> str:
@@ -370,7 +405,56 @@ def build_plan(config: Config) -> Plan:
             run.train = add(run.train)
             run.evals = {protocol: add(step) for protocol, step in run.evals.items()}
             runs[row.name, seed] = run
-    return Plan(config, rows, runs, steps)
+    record = _load_record(config, runs) if config.record else NO_RECORD
+    needed = _needed([step for key, run in runs.items() if key not in record.metrics
+                      for step in (run.train, *run.evals.values())])
+    return Plan(config, rows, runs, [step for step in steps if step.id in needed], record)
+
+
+def _needed(steps: list) -> set:
+    """The ids of these steps and of every step they need, directly or not."""
+    ids, pending = set(), list(steps)
+    while pending:
+        step = pending.pop()
+        if step.id not in ids:
+            ids.add(step.id)
+            pending.extend(step.needs)
+    return ids
+
+
+def _load_record(config: Config, runs: dict) -> Record:
+    """The finished row-seeds of config.record that this plan also has, checked to be the same training: the
+    record's plan options (seed counts aside) and each run's directory name (a hash of its configuration) must
+    equal this plan's."""
+    path = config.record
+
+    def refuse(reason: str):
+        raise click.BadParameter(f"{path}: {reason}", param_hint="--record")
+
+    try:
+        summary = json.loads(path.read_text())
+        recorded_plan, recorded_rows = summary["plan"], summary["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        refuse(f"not a results.json of benchmarks/study.py ({error!r})")
+    planned = config.describe()
+    differ = [f"{name} {recorded_plan.get(name)!r} (this plan: {value!r})" for name, value in planned.items()
+              if name not in SEED_COUNTS and recorded_plan.get(name) != value]
+    if differ:
+        refuse(f"recorded with {', '.join(differ)}; pass the options it was run with")
+    metrics, entries = {}, {}
+    for row in recorded_rows:
+        for seed in row["seeds_done"]:
+            if (row["name"], seed) not in runs:
+                continue
+            entry, run_dir = row["runs"][str(seed)], runs[row["name"], seed].run_dir
+            if Path(entry["run_dir"]).name != run_dir.name:
+                refuse(f"{row['name']} seed {seed} was trained as {Path(entry['run_dir']).name}, this plan trains "
+                       f"{run_dir.name}: its configuration changed, so the recorded numbers are not this plan's")
+            metrics[row["name"], seed] = {name: values["per_seed"][str(seed)]
+                                          for name, values in row["metrics"].items()
+                                          if str(seed) in values["per_seed"]}
+            entries[row["name"], seed] = entry
+    return Record(path, summary, metrics, entries)
 
 
 def _default_precision() -> str:
@@ -382,7 +466,8 @@ def _default_precision() -> str:
 
 
 def make_config(quick=False, recipe=None, epochs=None, seeds=None, claim_seeds=None, ablation_seeds=None,
-                n_train=None, n_test=None, batch_size=None, rows=None, out=None, docs=None, precision=None) -> Config:
+                n_train=None, n_test=None, batch_size=None, rows=None, out=None, docs=None, precision=None,
+                record=None) -> Config:
     defaults = QUICK_DEFAULTS if quick else FULL_DEFAULTS
     given = dict(recipe=recipe, epochs=epochs, seeds=seeds, claim_seeds=claim_seeds, ablation_seeds=ablation_seeds,
                  n_train=n_train, n_test=n_test, batch_size=batch_size, rows=rows)
@@ -409,4 +494,4 @@ def make_config(quick=False, recipe=None, epochs=None, seeds=None, claim_seeds=N
     out = Path(out) if out else agmae_home() / "study"
     docs = Path(docs) if docs else (out / "docs" if quick else DEFAULT_DOCS)
     return Config(**{**values, "rows": names}, out=out.resolve(), docs=docs.resolve(),
-                  precision=precision or _default_precision())
+                  precision=precision or _default_precision(), record=Path(record).resolve() if record else None)

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 from agmae.checkpoint import atomic_write_text
-from agmae.cli.demo import DEMO_RECIPES, nested
+from agmae.cli.demo import nested
 from agmae.cli.steps import duration
-from agmae.train.config import RECIPES
 from scipy import stats
 from study_plan import (EARLIER_RECIPES, FEATURE_COLUMNS, FINDINGS, GUIDANCE_DEFAULTS, MAPS, METRICS,
                         PAIRED_COLUMNS, ROBUSTNESS_COLUMNS, Plan)
@@ -67,46 +66,49 @@ def _pair_rows(rows: list) -> None:
 
 
 def aggregate(plan: Plan) -> dict:
-    """results.json of the study: per row the per-seed numbers and their mean ± std, from complete runs."""
-    config, rows, missing = plan.config, [], []
+    """results.json of the study: per row the per-seed numbers and their mean ± std, from complete runs and from
+    the row-seeds of the plan's record (`recorded`, with its provenance)."""
+    config, record, rows, missing = plan.config, plan.record, [], []
     for row in plan.rows:
         seeds = config.seeds_of(row)
-        done = [seed for seed in seeds if plan.runs[row.name, seed].complete()]
-        missing += [f"{row.name} seed {seed}" for seed in seeds if seed not in done]
-        per_seed = {seed: plan.runs[row.name, seed].results() for seed in done}
+        numbers = {seed: {name: nested(results, path) for name, (_, path) in METRICS.items()}
+                   for seed in seeds if plan.runs[row.name, seed].complete()
+                   for results in [plan.runs[row.name, seed].results()]}
+        recorded = [seed for seed in seeds if seed not in numbers and (row.name, seed) in record.metrics]
+        numbers.update({seed: record.metrics[row.name, seed] for seed in recorded})
+        done = sorted(numbers)
+        missing += [f"{row.name} seed {seed}" for seed in seeds if seed not in numbers]
         metrics = {}
-        for name, (_, path) in METRICS.items():
-            values = {seed: nested(results, path) for seed, results in per_seed.items()}
+        for name in METRICS:
+            values = {seed: numbers[seed].get(name) for seed in done}
             if any(v is not None for v in values.values()):
                 metrics[name] = {**summarise(list(values.values())), "per_seed": {str(s): v for s, v in values.items()}}
-        first = plan.runs[row.name, seeds[0]]
+        runs = {str(seed): dict(run_dir=str(plan.runs[row.name, seed].run_dir),
+                                commands=[display_command(step.argv) for step in plan.runs[row.name, seed].steps()])
+                for seed in seeds}
+        # a record's own recorded_in (it took the row-seed from an earlier record) names where the numbers come from
+        runs.update({str(seed): {"recorded_in": record.source(), **record.runs[row.name, seed]} for seed in recorded})
         rows.append(dict(
             name=row.name, note=row.note, maps=row.maps, maps_command=list(MAPS[row.maps]) if row.maps else None,
             correlation=row.correlation, versus=row.versus,
             guidance=({**GUIDANCE_DEFAULTS, **row.guidance} if row.maps else None),
-            seeds_planned=seeds, seeds_done=done, metrics=metrics,
-            runs={str(seed): dict(run_dir=str(plan.runs[row.name, seed].run_dir),
-                                  commands=[display_command(step.argv) for step in plan.runs[row.name, seed].steps()])
-                  for seed in seeds},
-            train_command_seed0=display_command(first.train.argv),
+            seeds_planned=seeds, seeds_done=done, seeds_recorded=recorded, metrics=metrics, runs=runs,
+            train_command_seed0=display_command(plan.runs[row.name, seeds[0]].train.argv),
         ))
     _pair_rows(rows)
-    recipe = DEMO_RECIPES[config.recipe]
     seconds = {}
     for step in plan.steps:
         seconds[step.kind] = seconds.get(step.kind, 0.0) + step.seconds()
-    return dict(
+    summary = dict(
         command=config.command(), generated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=not missing,
-        missing=missing, plan=dict(recipe=config.recipe, epochs=config.epochs, warmup_epochs=config.warmup_epochs(),
-                                   seeds=config.seeds,
-                                   claim_seeds=config.claim_seeds, ablation_seeds=config.ablation_seeds,
-                                   n_train=config.n_train,
-                                   n_test=config.n_test, batch_size=config.batch_size, precision=config.precision,
-                                   model=RECIPES["demo"]["model"], blr=RECIPES["demo"]["blr"], knn_k=20,
-                                   continues_epochs=recipe.first_round_epochs if recipe.continue_first_round else None),
+        missing=missing, plan=config.describe(),
         wall_seconds=dict(total=round(sum(seconds.values()), 1), **{k: round(v, 1) for k, v in seconds.items()}),
         rows=rows,
     )
+    if any(row["seeds_recorded"] for row in rows):
+        summary["record"] = dict(source=record.source(), command=record.summary["command"],
+                                 wall_seconds=record.summary["wall_seconds"])
+    return summary
 
 
 def _cell(metric: dict | None) -> str:
@@ -160,6 +162,15 @@ def render_markdown(summary: dict, findings: str = "", earlier=()) -> str:
     if not summary["complete"]:
         lines += [f"**PARTIAL**: {len(summary['missing'])} row-seeds not finished yet: "
                   + ", ".join(summary["missing"]) + ". Re-run the command below to continue.", ""]
+    if "record" in summary:
+        record = summary["record"]
+        lines += [f"Row-seeds taken from the record {record['source']}, a run of this same plan whose runs are not "
+                  "on the machine that wrote this report (their numbers are the record's; run directories and "
+                  "commands in results.json): "
+                  + "; ".join(f"{row['name']} seeds {', '.join(map(str, row['seeds_recorded']))}"
+                              for row in rows if row["seeds_recorded"])
+                  + f". The record's command was `{record['command']}`; its step time "
+                  f"{duration(record['wall_seconds']['total'])} is not in the wall time below.", ""]
     lines += [
         "Reproduce (resumable; each finished run is skipped):", "", "```", summary["command"], "```", "",
         f"Demo dataset ({plan['n_train']} train / {plan['n_test']} per test split, 64 px), demo recipe "

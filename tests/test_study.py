@@ -279,6 +279,52 @@ def test_a_variant_row_is_paired_with_the_row_it_varies(study, tmp_path):
     assert "| mask-oracle | guided-oracle | -1.5 [-7.9, +4.9] p=0.20 (0/2) |" in markdown
 
 
+def test_a_record_of_an_earlier_machine_supplies_its_row_seeds_and_only_the_others_are_run(study, tmp_path):
+    """Seeds split across machines: the results.json of a 2-seed study is the record of a 3-seed study in an empty
+    study directory, which runs seed 2 alone and reports all three (paired over three seeds), naming the record;
+    its own results.json, as a record in turn, needs no step at all and keeps the first provenance."""
+    def config(name, seeds, record=None, epochs=1):
+        return study.make_config(seeds=seeds, rows="vanilla,guided-oracle", epochs=epochs, n_train=240, n_test=60,
+                                 out=tmp_path / name, docs=tmp_path / name / "docs", precision="fp32", record=record)
+
+    first = config("first", 2)
+    study.run_study(first, runner=FakeRunner(study.build_plan(first)), echo=lambda line: None)
+    record = first.docs / "results.json"
+    second = config("second", 3, record)
+    plan = study.build_plan(second)
+    runner = FakeRunner(plan)
+    summary = study.run_study(second, runner=runner, echo=lambda line: None)
+    seed2 = {step.id for key in (("vanilla", 2), ("guided-oracle", 2)) for step in plan.runs[key].steps()}
+    assert set(runner.calls) == seed2 and len(runner.calls) == len(seed2)
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert summary["complete"] and rows["vanilla"]["seeds_done"] == [0, 1, 2]
+    assert rows["vanilla"]["seeds_recorded"] == [0, 1]
+    assert rows["vanilla"]["metrics"]["knn_cls"]["per_seed"] == {"0": 20.0, "1": 23.0, "2": 29.0}
+    assert rows["guided-oracle"]["paired"]["knn_cls"]["per_seed"] == {"0": 10.0, "1": 8.0, "2": 6.0}
+    source = rows["vanilla"]["runs"]["0"]["recorded_in"]
+    assert source.startswith(str(record)) and "recorded_in" not in rows["vanilla"]["runs"]["2"]
+    assert summary["record"]["command"] == first.command() and f"--record {record}" in second.command()
+    markdown = (second.docs / "RESULTS.md").read_text()
+    assert "taken from the record" in markdown and "vanilla seeds 0, 1; guided-oracle seeds 0, 1" in markdown
+
+    third = config("third", 3, second.docs / "results.json")
+    plan = study.build_plan(third)
+    runner = FakeRunner(plan)
+    again = study.run_study(third, runner=runner, echo=lambda line: None)
+    assert plan.steps == [] and runner.calls == []
+    assert [row["metrics"] for row in again["rows"]] == [row["metrics"] for row in summary["rows"]]
+    assert again["rows"][0]["runs"]["0"]["recorded_in"] == source
+
+    with pytest.raises(click.BadParameter, match=r"recorded with epochs 1 \(this plan: 2\), warmup_epochs .*; "
+                                                 "pass the options it was run with"):
+        study.build_plan(config("other-epochs", 3, record, epochs=2))
+    renamed = json.loads(record.read_text())
+    renamed["rows"][1]["runs"]["1"]["run_dir"] += "x"
+    record.write_text(json.dumps(renamed))
+    with pytest.raises(click.BadParameter, match="guided-oracle seed 1 was trained as .*x, this plan trains"):
+        study.build_plan(config("renamed", 3, record))
+
+
 def test_a_changed_command_redoes_the_step_and_a_result_neutral_change_does_not(study, tmp_path):
     config = study.make_config(seeds=1, rows="vanilla,guided-oracle", epochs=1, n_train=240, n_test=60,
                                out=tmp_path / "study", docs=tmp_path / "docs", precision="fp32")
