@@ -65,15 +65,19 @@ def _pair_rows(rows: list) -> None:
             row["paired_versus"] = _paired_columns(row, by_name[row["versus"]])
 
 
+def _metrics_of(results: dict) -> dict:
+    """The reported numbers (METRICS) of a run's results.json; None where a protocol did not write one."""
+    return {name: nested(results, path) for name, (_, path) in METRICS.items()}
+
+
 def aggregate(plan: Plan) -> dict:
     """results.json of the study: per row the per-seed numbers and their mean ± std, from complete runs and from
     the row-seeds of the plan's record (`recorded`, with its provenance)."""
     config, record, rows, missing = plan.config, plan.record, [], []
     for row in plan.rows:
         seeds = config.seeds_of(row)
-        numbers = {seed: {name: nested(results, path) for name, (_, path) in METRICS.items()}
-                   for seed in seeds if plan.runs[row.name, seed].complete()
-                   for results in [plan.runs[row.name, seed].results()]}
+        numbers = {seed: _metrics_of(plan.runs[row.name, seed].results())
+                   for seed in seeds if plan.runs[row.name, seed].complete()}
         recorded = [seed for seed in seeds if seed not in numbers and (row.name, seed) in record.metrics]
         numbers.update({seed: record.metrics[row.name, seed] for seed in recorded})
         done = sorted(numbers)
