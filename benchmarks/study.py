@@ -46,8 +46,8 @@ from agmae.cli.demo import DEMO_RECIPES
 from agmae.cli.steps import cpu_set, duration, execute, interrupt_on_sigterm, log_runner
 from agmae.paths import maps_method
 from study_plan import (FULL_DEFAULTS, QUICK_DEFAULTS, QUICK_ROWS, REPO, ROW_NAMES, Config, Plan, build_plan,
-                        make_config)
-from study_report import write_report
+                        load_record, make_config)
+from study_report import wall_total, write_report
 
 subprocess_runner = partial(log_runner, cwd=REPO)
 
@@ -102,12 +102,29 @@ def adopt_demo_runs(plan: Plan, demo_run_root: Path, echo=click.echo) -> int:
     return adopted
 
 
+def results_a_report_would_drop(plan: Plan) -> list:
+    """The row-seeds of this plan that the docs' results.json holds finished, as this plan trains them, while
+    neither this machine's runs nor the plan's record supply them: writing the report would lose their numbers."""
+    published = plan.config.docs / "results.json"
+    if not published.is_file() or published == plan.config.record:
+        return []
+    held = load_record(published, plan.config, plan.runs, strict=False)
+    return [f"{name} seed {seed}" for name, seed in held.metrics
+            if (name, seed) not in plan.record.metrics and not plan.runs[name, seed].complete()]
+
+
 def run_study(config: Config, runner=subprocess_runner, echo=click.echo, report_only=False, cpus=None,
               adopt: Path | None = None) -> dict:
     """Run (or, with report_only, only report) the plan; returns the summary written to the docs. cpus: run
     steps side by side on these CPUs (agmae.cli.steps.execute); None, one at a time. adopt: a `make demo` run
     root whose finished runs the study resumes instead of training them again (adopt_demo_runs)."""
     plan = build_plan(config)
+    dropped = results_a_report_would_drop(plan)
+    if dropped:
+        published = config.docs / "results.json"
+        raise click.ClickException(f"{published} holds {len(dropped)} finished row-seeds of this plan that are not on "
+                                   f"this machine (first: {dropped[0]}); pass --record {published} to keep them, or "
+                                   "--docs elsewhere")
     if adopt is not None and not report_only:
         adopt_demo_runs(plan, adopt, echo)
     def report_when_a_run_completes(step):
@@ -119,7 +136,7 @@ def run_study(config: Config, runner=subprocess_runner, echo=click.echo, report_
     summary = write_report(plan)
     echo(f"wrote {config.docs / 'RESULTS.md'} and results.json: {sum(len(r['seeds_done']) for r in summary['rows'])}"
          f" row-seeds complete, {len(summary['missing'])} missing; recorded step time "
-         f"{duration(summary['wall_seconds']['total'])}")
+         f"{duration(wall_total(summary))}")
     if failed:
         raise click.ClickException(f"{len(failed)} steps failed or were skipped (first: {failed[0]}); their logs "
                                    "are in the run directories; fix the cause and re-run to continue")

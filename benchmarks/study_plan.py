@@ -248,14 +248,23 @@ class Run:
 @dataclass(frozen=True)
 class Record:
     """The row-seeds an earlier run of the same plan finished (on another machine, or before its cache was
-    lost), read from the results.json it wrote: they are reported from it and not trained again."""
+    lost), read from the results.json it wrote: those not finished here are reported from it, not trained again."""
     path: Path
     summary: dict  # that results.json
     metrics: dict  # (row name, seed) -> {metric: value}
-    runs: dict  # (row name, seed) -> its run entry (run directory, commands)
+    runs: dict  # (row name, seed) -> its run entry (run directory, commands, `recorded_in` if it took it in turn)
 
     def source(self) -> str:
         return f"{_shown(self.path)} (generated {self.summary['generated']})"
+
+    def entry(self, key: tuple) -> dict:
+        """The run entry of a row-seed taken from this record, naming where its numbers were measured: this
+        record, or the record it took them from."""
+        return {"recorded_in": self.source(), **self.runs[key]}
+
+    def step_seconds(self) -> dict:
+        """Step seconds per source (this record's own steps, and its records'), keyed like `recorded_in`."""
+        return {**self.summary.get("recorded_step_seconds", {}), self.source(): self.summary["wall_seconds"]["total"]}
 
 
 NO_RECORD = Record(Path(), {}, {}, {})
@@ -405,8 +414,8 @@ def build_plan(config: Config) -> Plan:
             run.train = add(run.train)
             run.evals = {protocol: add(step) for protocol, step in run.evals.items()}
             runs[row.name, seed] = run
-    record = _load_record(config, runs) if config.record else NO_RECORD
-    needed = _needed([step for key, run in runs.items() if key not in record.metrics
+    record = load_record(config.record, config, runs) if config.record else NO_RECORD
+    needed = _needed([step for key, run in runs.items() if key not in record.metrics or run.complete()
                       for step in (run.train, *run.evals.values())])
     return Plan(config, rows, runs, [step for step in steps if step.id in needed], record)
 
@@ -422,12 +431,11 @@ def _needed(steps: list) -> set:
     return ids
 
 
-def _load_record(config: Config, runs: dict) -> Record:
-    """The finished row-seeds of config.record that this plan also has, checked to be the same training: the
-    record's plan options (seed counts aside) and each run's directory name (a hash of its configuration) must
-    equal this plan's."""
-    path = config.record
-
+def load_record(path: Path, config: Config, runs: dict, strict: bool = True) -> Record:
+    """The finished row-seeds of the results.json at `path` that this plan also has, checked to be the same
+    training: the record's plan options (seed counts aside) and each run's directory name (a hash of its
+    configuration) must equal this plan's. Not strict: an unreadable record or one of another plan is empty and a
+    row-seed trained otherwise is left out, instead of refused."""
     def refuse(reason: str):
         raise click.BadParameter(f"{path}: {reason}", param_hint="--record")
 
@@ -435,11 +443,14 @@ def _load_record(config: Config, runs: dict) -> Record:
         summary = json.loads(path.read_text())
         recorded_plan, recorded_rows = summary["plan"], summary["rows"]
     except (OSError, ValueError, KeyError, TypeError) as error:
+        if not strict:
+            return NO_RECORD
         refuse(f"not a results.json of benchmarks/study.py ({error!r})")
-    planned = config.describe()
-    differ = [f"{name} {recorded_plan.get(name)!r} (this plan: {value!r})" for name, value in planned.items()
+    differ = [f"{name} {recorded_plan.get(name)!r} (this plan: {value!r})" for name, value in config.describe().items()
               if name not in SEED_COUNTS and recorded_plan.get(name) != value]
     if differ:
+        if not strict:
+            return NO_RECORD
         refuse(f"recorded with {', '.join(differ)}; pass the options it was run with")
     metrics, entries = {}, {}
     for row in recorded_rows:
@@ -448,6 +459,8 @@ def _load_record(config: Config, runs: dict) -> Record:
                 continue
             entry, run_dir = row["runs"][str(seed)], runs[row["name"], seed].run_dir
             if Path(entry["run_dir"]).name != run_dir.name:
+                if not strict:
+                    continue
                 refuse(f"{row['name']} seed {seed} was trained as {Path(entry['run_dir']).name}, this plan trains "
                        f"{run_dir.name}: its configuration changed, so the recorded numbers are not this plan's")
             metrics[row["name"], seed] = {name: values["per_seed"][str(seed)]

@@ -90,8 +90,7 @@ def aggregate(plan: Plan) -> dict:
         runs = {str(seed): dict(run_dir=str(plan.runs[row.name, seed].run_dir),
                                 commands=[display_command(step.argv) for step in plan.runs[row.name, seed].steps()])
                 for seed in seeds}
-        # a record's own recorded_in (it took the row-seed from an earlier record) names where the numbers come from
-        runs.update({str(seed): {"recorded_in": record.source(), **record.runs[row.name, seed]} for seed in recorded})
+        runs.update({str(seed): record.entry((row.name, seed)) for seed in recorded})
         rows.append(dict(
             name=row.name, note=row.note, maps=row.maps, maps_command=list(MAPS[row.maps]) if row.maps else None,
             correlation=row.correlation, versus=row.versus,
@@ -109,9 +108,9 @@ def aggregate(plan: Plan) -> dict:
         wall_seconds=dict(total=round(sum(seconds.values()), 1), **{k: round(v, 1) for k, v in seconds.items()}),
         rows=rows,
     )
-    if any(row["seeds_recorded"] for row in rows):
-        summary["record"] = dict(source=record.source(), command=record.summary["command"],
-                                 wall_seconds=record.summary["wall_seconds"])
+    sources = {row["runs"][str(seed)]["recorded_in"] for row in rows for seed in row["seeds_recorded"]}
+    if sources:
+        summary["recorded_step_seconds"] = {source: record.step_seconds()[source] for source in sorted(sources)}
     return summary
 
 
@@ -154,6 +153,11 @@ def _paired_table(rows: list, key: str, heading: str, intro: str, against: str |
     return lines
 
 
+def wall_total(summary: dict) -> float:
+    """Step seconds of every reported number: this machine's and those of the records it took row-seeds from."""
+    return summary["wall_seconds"]["total"] + sum(summary.get("recorded_step_seconds", {}).values())
+
+
 def render_markdown(summary: dict, findings: str = "", earlier=()) -> str:
     """RESULTS.md: the generated tables, after the hand-written findings (docs/FINDINGS.md) when there are any,
     and then the earlier recipes' frozen results (`earlier`, the texts of EARLIER_RECIPES), one heading level
@@ -166,17 +170,18 @@ def render_markdown(summary: dict, findings: str = "", earlier=()) -> str:
     if not summary["complete"]:
         lines += [f"**PARTIAL**: {len(summary['missing'])} row-seeds not finished yet: "
                   + ", ".join(summary["missing"]) + ". Re-run the command below to continue.", ""]
-    if "record" in summary:
-        record = summary["record"]
-        lines += [f"Row-seeds taken from the record {record['source']}, a run of this same plan whose runs are not "
-                  "on the machine that wrote this report (their numbers are the record's; run directories and "
-                  "commands in results.json): "
+    if "recorded_step_seconds" in summary:
+        lines += ["Row-seeds taken from records of this same plan, whose runs are not on the machine that wrote this "
+                  "report (their numbers are the records'; run directories and commands in results.json): "
                   + "; ".join(f"{row['name']} seeds {', '.join(map(str, row['seeds_recorded']))}"
                               for row in rows if row["seeds_recorded"])
-                  + f". The record's command was `{record['command']}`; its step time "
-                  f"{duration(record['wall_seconds']['total'])} is not in the wall time below.", ""]
+                  + ". Their step time is in the wall time below: "
+                  + ", ".join(f"{duration(seconds)} in {source}"
+                              for source, seconds in summary["recorded_step_seconds"].items()) + ".", ""]
     lines += [
-        "Reproduce (resumable; each finished run is skipped):", "", "```", summary["command"], "```", "",
+        "Reproduce (resumable; each finished run is skipped"
+        + ("; without `--record`, the recorded row-seeds are trained here too" if "recorded_step_seconds" in summary
+           else "") + "):", "", "```", summary["command"], "```", "",
         f"Demo dataset ({plan['n_train']} train / {plan['n_test']} per test split, 64 px), demo recipe "
         f"`{plan['recipe']}`: model `{plan['model']}`, epochs {plan['epochs']} (warm-up {plan['warmup_epochs']:g}), "
         + (f"each run continuing the {plan['continues_epochs']}-epoch vanilla run of its seed (`--init-from`), "
@@ -193,7 +198,9 @@ def render_markdown(summary: dict, findings: str = "", earlier=()) -> str:
         "attention of a random ViT-S/8 at 64 px. BG-gap = mixed-same − mixed-rand (only with correlated backgrounds, p > 0). "
         "clean-fg = k-NN of only-fg queries against the training objects on black.",
         "",
-        f"Wall time (sum of the recorded step times): {duration(wall['total'])} ("
+        f"Wall time (sum of the recorded step times): {duration(wall_total(summary))} ("
+        + (f"this machine {duration(wall['total'])}" + (": " if len(wall) > 1 else "")
+           if "recorded_step_seconds" in summary else "")
         + ", ".join(f"{kind} {duration(s)}" for kind, s in wall.items() if kind != "total") + ").",
         "", "## Features (original test split)", "",
         "| row | maps, τ, weight-norm | p | n | " + " | ".join(METRICS[c][0] for c in FEATURE_COLUMNS) + " |",

@@ -281,19 +281,26 @@ def test_a_variant_row_is_paired_with_the_row_it_varies(study, tmp_path):
 
 def test_a_record_of_an_earlier_machine_supplies_its_row_seeds_and_only_the_others_are_run(study, tmp_path):
     """Seeds split across machines: the results.json of a 2-seed study is the record of a 3-seed study in an empty
-    study directory, which runs seed 2 alone and reports all three (paired over three seeds), naming the record;
-    its own results.json, as a record in turn, needs no step at all and keeps the first provenance."""
-    def config(name, seeds, record=None, epochs=1):
+    study directory, which runs seed 2 alone and reports all three (paired over three seeds), naming the record and
+    its step time; that report, as a record in turn, needs no step at all and keeps the first provenance. Runs
+    finished on this machine win over the record. A study that would overwrite finished results it cannot
+    reproduce refuses, and so does a record of another plan or of another configuration."""
+    def config(name, seeds, record=None, epochs=1, docs=None):
         return study.make_config(seeds=seeds, rows="vanilla,guided-oracle", epochs=epochs, n_train=240, n_test=60,
-                                 out=tmp_path / name, docs=tmp_path / name / "docs", precision="fp32", record=record)
+                                 out=tmp_path / name, docs=docs or tmp_path / name / "docs", precision="fp32",
+                                 record=record)
+
+    def run(config):
+        plan = study.build_plan(config)
+        runner = FakeRunner(plan)
+        return plan, runner, study.run_study(config, runner=runner, echo=lambda line: None)
 
     first = config("first", 2)
-    study.run_study(first, runner=FakeRunner(study.build_plan(first)), echo=lambda line: None)
+    run(first)
     record = first.docs / "results.json"
+    first_seconds = json.loads(record.read_text())["wall_seconds"]["total"]
     second = config("second", 3, record)
-    plan = study.build_plan(second)
-    runner = FakeRunner(plan)
-    summary = study.run_study(second, runner=runner, echo=lambda line: None)
+    plan, runner, summary = run(second)
     seed2 = {step.id for key in (("vanilla", 2), ("guided-oracle", 2)) for step in plan.runs[key].steps()}
     assert set(runner.calls) == seed2 and len(runner.calls) == len(seed2)
     rows = {row["name"]: row for row in summary["rows"]}
@@ -303,18 +310,24 @@ def test_a_record_of_an_earlier_machine_supplies_its_row_seeds_and_only_the_othe
     assert rows["guided-oracle"]["paired"]["knn_cls"]["per_seed"] == {"0": 10.0, "1": 8.0, "2": 6.0}
     source = rows["vanilla"]["runs"]["0"]["recorded_in"]
     assert source.startswith(str(record)) and "recorded_in" not in rows["vanilla"]["runs"]["2"]
-    assert summary["record"]["command"] == first.command() and f"--record {record}" in second.command()
+    assert summary["recorded_step_seconds"] == {source: first_seconds} and f"--record {record}" in second.command()
     markdown = (second.docs / "RESULTS.md").read_text()
-    assert "taken from the record" in markdown and "vanilla seeds 0, 1; guided-oracle seeds 0, 1" in markdown
+    assert "taken from records" in markdown and "vanilla seeds 0, 1; guided-oracle seeds 0, 1." in markdown
 
-    third = config("third", 3, second.docs / "results.json")
-    plan = study.build_plan(third)
-    runner = FakeRunner(plan)
-    again = study.run_study(third, runner=runner, echo=lambda line: None)
+    plan, runner, again = run(config("third", 3, second.docs / "results.json"))
     assert plan.steps == [] and runner.calls == []
     assert [row["metrics"] for row in again["rows"]] == [row["metrics"] for row in summary["rows"]]
     assert again["rows"][0]["runs"]["0"]["recorded_in"] == source
+    second_source = record_source(second.docs / "results.json")
+    assert again["recorded_step_seconds"] == {source: first_seconds, second_source: summary["wall_seconds"]["total"]}
 
+    plan, runner, local = run(config("second", 3, first.docs / "results.json", docs=tmp_path / "local-docs"))
+    assert runner.calls == [] and plan.runs["vanilla", 2].train in plan.steps
+    assert [row["seeds_recorded"] for row in local["rows"]] == [[0, 1], [0, 1]]
+
+    with pytest.raises(click.ClickException, match=r"holds 4 finished row-seeds of this plan that are not on this "
+                                                   r"machine \(first: vanilla seed 0\); pass --record .*results.json"):
+        run(config("fourth", 3, docs=first.docs))
     with pytest.raises(click.BadParameter, match=r"recorded with epochs 1 \(this plan: 2\), warmup_epochs .*; "
                                                  "pass the options it was run with"):
         study.build_plan(config("other-epochs", 3, record, epochs=2))
@@ -323,6 +336,11 @@ def test_a_record_of_an_earlier_machine_supplies_its_row_seeds_and_only_the_othe
     record.write_text(json.dumps(renamed))
     with pytest.raises(click.BadParameter, match="guided-oracle seed 1 was trained as .*x, this plan trains"):
         study.build_plan(config("renamed", 3, record))
+
+
+def record_source(results: Path) -> str:
+    """How a report names a record it took row-seeds from."""
+    return f"{results} (generated {json.loads(results.read_text())['generated']})"
 
 
 def test_a_changed_command_redoes_the_step_and_a_result_neutral_change_does_not(study, tmp_path):
