@@ -143,7 +143,7 @@ DEMO_RECIPES = {
     # compared run continues for 10 epochs (agmae-train --init-from) with a schedule of its own (10 epochs: what the
     # 20-minute budget holds); own maps as in light-b256-e32, cut from that first round; judged on mixed-rand k-NN.
     # Both guided runs beat vanilla there on each of seeds 0-2: oracle +0.83, +0.74, +0.47; own maps +0.65, +0.76,
-    # +0.63 (14.4-17.5 min). The default.
+    # +0.63 (14-17.5 min); its 5-seed study +0.87 and +0.80, each on 5/5 seeds. The default.
     "light-b256-continue": replace(LIGHT_B256, epochs=10, warmup_epochs=LIGHT_B256.warmup(10),
                                    offline_maps="mae-tokencut-128", first_round_epochs=LIGHT_B256.epochs,
                                    continue_first_round=True, headline="k-NN mixed-rand",
@@ -151,7 +151,7 @@ DEMO_RECIPES = {
                                    summary="a 16-epoch vanilla MAE (light-b256's) continued for 10 epochs by each "
                                            "compared run, own maps from that first round's last block, judged on "
                                            "mixed-rand k-NN: both guided runs beat vanilla there on each of seeds "
-                                           "0-2, by 0.5-0.8 points; about 15-18 min"),
+                                           "0-4 of its study, by 0.5-1.2 points; about 14-18 min"),
     # Levers 3-6: the same model at batch 64 for 18 epochs, the demo's recipe until lever 8; oracle guidance
     # +1.65, -0.96 and +0.43 on seeds 0-2.
     "light": DemoRecipe(18, 6.0, 64, (), "mae-tokencut",
@@ -344,7 +344,7 @@ def write_report(run_root: Path, table: dict, attention: dict, demo_root: Path, 
     sources = [source for source in DEMO_RECIPES[recipe].runs().values()
                if source and maps_path(run_root, source).exists()]
     fig = plt.figure(figsize=(14, 4 + 1.6 * len(sources)))
-    grid = fig.add_gridspec(1 + len(sources), 8, height_ratios=[2.5] + [1] * len(sources))
+    grid = fig.add_gridspec(1 + len(sources), 8, height_ratios=[2.5] + [1] * len(sources), hspace=0.35)
     bars = fig.add_subplot(grid[0, :5])  # column 5 left free for the quality chart's labels
     columns = list(COLUMNS)
     width = 0.8 / len(table)
