@@ -153,7 +153,7 @@ def print_plan(plan: Plan, echo=click.echo) -> None:
     pending = [step for step in plan.steps if not step.done()]
     echo(f"{len(pending)} of {len(plan.steps)} steps pending, first estimate "
          f"{duration(sum(step.estimate for step in pending))}; row-seeds: {len(plan.runs)} "
-         f"({len(plan.record.metrics)} from the record), distinct runs: "
+         f"({sum(not plan.runs[key].complete() for key in plan.record.metrics)} from the record), distinct runs: "
          f"{len({run.run_dir for run in plan.runs.values()})}")
 
 

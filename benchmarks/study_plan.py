@@ -269,7 +269,8 @@ class Record:
 
 NO_RECORD = Record(Path(), {}, {}, {})
 
-# Plan options that differ between a record and the plan taking row-seeds from it without changing those row-seeds
+# Plan options in which a record may differ from the plan taking its row-seeds: they add or drop row-seeds
+# and change none
 SEED_COUNTS = ("seeds", "claim_seeds", "ablation_seeds")
 
 
@@ -278,7 +279,7 @@ class Plan:
     config: Config
     rows: list  # Row
     runs: dict  # (row name, seed) -> Run
-    steps: list  # every Step once, in execution order; none that only row-seeds of the record need
+    steps: list  # every Step once, in execution order; none that only row-seeds taken from the record need
     record: Record = NO_RECORD
 
 

@@ -72,7 +72,7 @@ def _metrics_of(results: dict) -> dict:
 
 def aggregate(plan: Plan) -> dict:
     """results.json of the study: per row the per-seed numbers and their mean ± std, from complete runs and from
-    the row-seeds of the plan's record (`recorded`, with its provenance)."""
+    the plan's record for the row-seeds not complete here (`seeds_recorded`, each run entry naming its source)."""
     config, record, rows, missing = plan.config, plan.record, [], []
     for row in plan.rows:
         seeds = config.seeds_of(row)
