@@ -109,8 +109,7 @@ def results_a_report_would_drop(plan: Plan) -> list:
     if not published.is_file() or published == plan.config.record:
         return []
     held = load_record(published, plan.config, plan.runs, strict=False)
-    return [f"{name} seed {seed}" for name, seed in held.metrics
-            if (name, seed) not in plan.record.metrics and not plan.runs[name, seed].complete()]
+    return [f"{name} seed {seed}" for name, seed in held.metrics if (name, seed) not in plan.record.metrics]
 
 
 def run_study(config: Config, runner=subprocess_runner, echo=click.echo, report_only=False, cpus=None,
@@ -153,7 +152,7 @@ def print_plan(plan: Plan, echo=click.echo) -> None:
     pending = [step for step in plan.steps if not step.done()]
     echo(f"{len(pending)} of {len(plan.steps)} steps pending, first estimate "
          f"{duration(sum(step.estimate for step in pending))}; row-seeds: {len(plan.runs)} "
-         f"({sum(not plan.runs[key].complete() for key in plan.record.metrics)} from the record), distinct runs: "
+         f"({len(plan.record.metrics)} from the record), distinct runs: "
          f"{len({run.run_dir for run in plan.runs.values()})}")
 
 

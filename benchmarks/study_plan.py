@@ -248,7 +248,7 @@ class Run:
 @dataclass(frozen=True)
 class Record:
     """The row-seeds an earlier run of the same plan finished (on another machine, or before its cache was
-    lost), read from the results.json it wrote: those not finished here are reported from it, not trained again."""
+    lost) and this machine has not, read from the results.json it wrote: reported from it, not trained again."""
     path: Path
     summary: dict  # that results.json
     metrics: dict  # (row name, seed) -> {metric: value}
@@ -416,7 +416,7 @@ def build_plan(config: Config) -> Plan:
             run.evals = {protocol: add(step) for protocol, step in run.evals.items()}
             runs[row.name, seed] = run
     record = load_record(config.record, config, runs) if config.record else NO_RECORD
-    needed = _needed([step for key, run in runs.items() if key not in record.metrics or run.complete()
+    needed = _needed([step for key, run in runs.items() if key not in record.metrics
                       for step in (run.train, *run.evals.values())])
     return Plan(config, rows, runs, [step for step in steps if step.id in needed], record)
 
@@ -433,10 +433,10 @@ def _needed(steps: list) -> set:
 
 
 def load_record(path: Path, config: Config, runs: dict, strict: bool = True) -> Record:
-    """The finished row-seeds of the results.json at `path` that this plan also has, checked to be the same
-    training: the record's plan options (seed counts aside) and each run's directory name (a hash of its
-    configuration) must equal this plan's. Not strict: an unreadable record or one of another plan is empty and a
-    row-seed trained otherwise is left out, instead of refused."""
+    """The finished row-seeds of the results.json at `path` that this plan also has and this machine has not
+    finished (its own runs win), checked to be the same training: the record's plan options (seed counts aside) and
+    each run's directory name (a hash of its configuration) must equal this plan's. Not strict: an unreadable record
+    or one of another plan is empty and a row-seed trained otherwise is left out, instead of refused."""
     def refuse(reason: str):
         raise click.BadParameter(f"{path}: {reason}", param_hint="--record")
 
@@ -464,6 +464,8 @@ def load_record(path: Path, config: Config, runs: dict, strict: bool = True) -> 
                     continue
                 refuse(f"{row['name']} seed {seed} was trained as {Path(entry['run_dir']).name}, this plan trains "
                        f"{run_dir.name}: its configuration changed, so the recorded numbers are not this plan's")
+            if runs[row["name"], seed].complete():
+                continue
             metrics[row["name"], seed] = {name: values["per_seed"][str(seed)]
                                           for name, values in row["metrics"].items()
                                           if str(seed) in values["per_seed"]}

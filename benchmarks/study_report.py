@@ -78,7 +78,7 @@ def aggregate(plan: Plan) -> dict:
         seeds = config.seeds_of(row)
         numbers = {seed: _metrics_of(plan.runs[row.name, seed].results())
                    for seed in seeds if plan.runs[row.name, seed].complete()}
-        recorded = [seed for seed in seeds if seed not in numbers and (row.name, seed) in record.metrics]
+        recorded = [seed for seed in seeds if (row.name, seed) in record.metrics]
         numbers.update({seed: record.metrics[row.name, seed] for seed in recorded})
         done = sorted(numbers)
         missing += [f"{row.name} seed {seed}" for seed in seeds if seed not in numbers]
@@ -87,10 +87,10 @@ def aggregate(plan: Plan) -> dict:
             values = {seed: numbers[seed].get(name) for seed in done}
             if any(v is not None for v in values.values()):
                 metrics[name] = {**summarise(list(values.values())), "per_seed": {str(s): v for s, v in values.items()}}
-        runs = {str(seed): dict(run_dir=str(plan.runs[row.name, seed].run_dir),
-                                commands=[display_command(step.argv) for step in plan.runs[row.name, seed].steps()])
+        runs = {str(seed): record.entry((row.name, seed)) if seed in recorded else
+                dict(run_dir=str(plan.runs[row.name, seed].run_dir),
+                     commands=[display_command(step.argv) for step in plan.runs[row.name, seed].steps()])
                 for seed in seeds}
-        runs.update({str(seed): record.entry((row.name, seed)) for seed in recorded})
         rows.append(dict(
             name=row.name, note=row.note, maps=row.maps, maps_command=list(MAPS[row.maps]) if row.maps else None,
             correlation=row.correlation, versus=row.versus,
@@ -110,7 +110,8 @@ def aggregate(plan: Plan) -> dict:
     )
     sources = {row["runs"][str(seed)]["recorded_in"] for row in rows for seed in row["seeds_recorded"]}
     if sources:
-        summary["recorded_step_seconds"] = {source: record.step_seconds()[source] for source in sorted(sources)}
+        seconds_of = record.step_seconds()
+        summary["recorded_step_seconds"] = {source: seconds_of[source] for source in sorted(sources)}
     return summary
 
 
