@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from agmae.data.idx import read_idx
 from agmae.paths import agmae_home
+from agmae.errors import UserError
 
 # Bump when the generator changes, so that cached builds of older versions are not reused.
 GENERATOR_VERSION = 1
@@ -106,7 +107,7 @@ def _fashion_mnist(part: str):
         arrays.append(read_idx(found))
     images, labels = arrays
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise ValueError(f"{FASHION_MNIST_DIR}: {part} images {images.shape} and labels {labels.shape} do not match")
+        raise UserError(f"{FASHION_MNIST_DIR}: {part} images {images.shape} and labels {labels.shape} do not match")
     return images, labels.astype(np.int64)
 
 
@@ -219,7 +220,7 @@ def _build(root: Path, params: dict) -> None:
     for part, pool_labels, n in (("train", train_labels, params["n_train"]), ("t10k", test_labels, params["n_test"])):
         available = int(np.bincount(pool_labels, minlength=len(CLASS_NAMES)).min()) * len(CLASS_NAMES)
         if n > available:
-            raise ValueError(f"Fashion-MNIST {part} holds {available} class-balanced garments; asked for {n}")
+            raise UserError(f"Fashion-MNIST {part} holds {available} class-balanced garments; asked for {n}")
 
     sizes = params["garment_sizes"]
     train_objects = _sample_objects(train_labels, params["n_train"], sizes, _sample_stream(seed, "objects-train"))
@@ -283,14 +284,14 @@ def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=10000, garment_si
     """
     correlation, seed, n_train, n_test = float(correlation), int(seed), int(n_train), int(n_test)
     if not 0.0 <= correlation <= 1.0:
-        raise ValueError(f"demo correlation {correlation} is outside [0, 1]")
+        raise UserError(f"demo correlation {correlation} is outside [0, 1]")
     if seed < 0:
-        raise ValueError(f"demo seed {seed} is negative; use a seed >= 0")
+        raise UserError(f"demo seed {seed} is negative; use a seed >= 0")
     if min(n_train, n_test) < len(CLASS_NAMES):
-        raise ValueError(f"demo n_train={n_train}, n_test={n_test}: need at least {len(CLASS_NAMES)} (one per class)")
+        raise UserError(f"demo n_train={n_train}, n_test={n_test}: need at least {len(CLASS_NAMES)} (one per class)")
     lo, hi = (int(size) for size in garment_sizes)
     if not 1 <= lo <= hi <= IMAGE_SIZE:
-        raise ValueError(f"demo garment sizes {lo}-{hi}: need 1 <= lo <= hi <= {IMAGE_SIZE} (the image side)")
+        raise UserError(f"demo garment sizes {lo}-{hi}: need 1 <= lo <= hi <= {IMAGE_SIZE} (the image side)")
     params = {"correlation": correlation, "seed": seed, "n_train": n_train, "n_test": n_test,
               "garment_sizes": [lo, hi]}
     name = demo_name(correlation, seed, n_train, n_test, (lo, hi))

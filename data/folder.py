@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from agmae.paths import agmae_home
 from agmae.store import keys_fingerprint
+from agmae.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 EXPECTED_LAYOUT = "ROOT/<class>/<image>.jpg"
@@ -182,13 +183,13 @@ def split_folder(root, split: str, option: str = "--train-split") -> Path:
     if folder.is_dir():
         return folder
     if not root.is_dir():
-        raise ValueError(f"dataset root {root} does not exist; pass --data ROOT with ROOT/<split>/<class>/<image>")
+        raise UserError(f"dataset root {root} does not exist; pass --data ROOT with ROOT/<split>/<class>/<image>")
     children = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
     if any(_is_image(f.name) for child in children for f in os.scandir(child.path) if f.is_file()):
-        raise ValueError(f"{root} holds class folders of images, so it is one split's folder; --data takes the "
+        raise UserError(f"{root} holds class folders of images, so it is one split's folder; --data takes the "
                          f"dataset root: pass --data {root.parent} --train-split {root.name}")
     found = ", ".join(sorted(e.name for e in children)) or "no folders"
-    raise ValueError(f"{root} has no split folder {split!r} (it has: {found}); pass {option} NAME, or lay "
+    raise UserError(f"{root} has no split folder {split!r} (it has: {found}); pass {option} NAME, or lay "
                      f"the dataset out as ROOT/<split>/<class>/<image>")
 
 
@@ -218,11 +219,11 @@ def _walk(root: Path):
                         pending.append(f"{rel}/{entry.name}")
                 elif _is_image(entry.name):
                     if "\n" in entry.name:
-                        raise ValueError(f"image file name contains a newline: {directory / entry.name!r}; rename it")
+                        raise UserError(f"image file name contains a newline: {directory / entry.name!r}; rename it")
                     keys.append(f"{rel}/{entry.name}")
                     count += 1
         if count == 0:
-            raise ValueError(
+            raise UserError(
                 f"class folder {root / cls} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                 "remove it or add images"
             )
@@ -311,7 +312,7 @@ def scan(root, cache_dir=None) -> ImageFolderIndex:
     if not root.exists():
         raise FileNotFoundError(f"dataset root {root} does not exist; expected an image folder {EXPECTED_LAYOUT}")
     if not root.is_dir():
-        raise ValueError(f"dataset root {root} is not a directory; expected an image folder {EXPECTED_LAYOUT}")
+        raise UserError(f"dataset root {root} is not a directory; expected an image folder {EXPECTED_LAYOUT}")
     candidates = _cache_candidates(root, cache_dir)
     for path in candidates:
         cached = _load_cache(path, root)
@@ -321,7 +322,7 @@ def scan(root, cache_dir=None) -> ImageFolderIndex:
     scan_started_ns = time.time_ns()
     keys, classes, stamps = _walk(root)
     if not keys:
-        raise ValueError(f"dataset root {root} holds no class folders with images; expected {EXPECTED_LAYOUT}")
+        raise UserError(f"dataset root {root} holds no class folders with images; expected {EXPECTED_LAYOUT}")
     index = ImageFolderIndex(root, keys, _labels(keys, classes), classes, keys_fingerprint(keys))
     if max(stamps.values()) < scan_started_ns - RACY_MTIME_NS:
         for path in candidates:

@@ -9,6 +9,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from agmae.errors import UserError
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -30,7 +31,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as err:
-        raise ValueError(f"{path}: corrupt or truncated gzip stream ({err}); re-download the file") from err
+        raise UserError(f"{path}: corrupt or truncated gzip stream ({err}); re-download the file") from err
 
 
 def read_idx(path) -> np.ndarray:
@@ -42,23 +43,23 @@ def read_idx(path) -> np.ndarray:
     path = Path(path)
     data = _read_bytes(path)
     if len(data) < 4:
-        raise ValueError(f"{path}: {len(data)} bytes is too short for an IDX header; expected an IDX file")
+        raise UserError(f"{path}: {len(data)} bytes is too short for an IDX header; expected an IDX file")
     zero0, zero1, code, ndim = data[:4]
     if zero0 != 0 or zero1 != 0:
-        raise ValueError(f"{path}: bad IDX magic {data[:4].hex()} (expected 0000<type><ndim>); not an IDX file")
+        raise UserError(f"{path}: bad IDX magic {data[:4].hex()} (expected 0000<type><ndim>); not an IDX file")
     if code not in IDX_DTYPES:
         known = ", ".join(f"0x{c:02x}" for c in IDX_DTYPES)
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x} (known: {known})")
+        raise UserError(f"{path}: unknown IDX type code 0x{code:02x} (known: {known})")
     if ndim == 0:
-        raise ValueError(f"{path}: IDX header declares 0 dimensions; expected at least 1")
+        raise UserError(f"{path}: IDX header declares 0 dimensions; expected at least 1")
     header_size = 4 + 4 * ndim
     if len(data) < header_size:
-        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes, need {header_size} for {ndim} dimensions)")
+        raise UserError(f"{path}: truncated IDX header ({len(data)} bytes, need {header_size} for {ndim} dimensions)")
     shape = tuple(int(s) for s in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[code]
     expected = header_size + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
-        raise ValueError(
+        raise UserError(
             f"{path}: IDX header declares shape {shape} of {dtype.name} ({expected} bytes) but the file holds "
             f"{len(data)} bytes; the file is truncated or not this format"
         )

@@ -6,6 +6,7 @@
 import inspect
 
 from agmae.discovery import dino, gradcam, oracle, tokencut
+from agmae.errors import UserError
 
 METHODS = {
     "tokencut": (tokencut.build, tokencut.TokenCut),
@@ -18,7 +19,7 @@ METHODS = {
 def method_options(method) -> list:
     """Names of the options `build(method, ...)` accepts besides backbone/weights/device/random_init/seed."""
     if method not in METHODS:
-        raise ValueError(f"unknown discovery method {method!r}; use one of {', '.join(METHODS)}")
+        raise UserError(f"unknown discovery method {method!r}; use one of {', '.join(METHODS)}")
     params = inspect.signature(METHODS[method][1].__init__).parameters
     return [name for name in params if name not in ("self", "backbone")]
 
@@ -29,7 +30,7 @@ def build(method, backbone=None, weights=None, device="auto", random_init=False,
     CUDA, fp32 on CPU), fp32 or bf16; opts: the method's options."""
     unknown = sorted(set(opts) - set(method_options(method)))
     if unknown:
-        raise ValueError(f"method {method} has no option {', '.join(unknown)}; "
+        raise UserError(f"method {method} has no option {', '.join(unknown)}; "
                          f"its options are {', '.join(method_options(method))}")
     return METHODS[method][0](backbone=backbone, weights=weights, device=device,
                               random_init=random_init, seed=seed, precision=precision, **opts)

@@ -21,6 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from agmae.checkpoint import file_sha256, load_encoder
 from agmae.hardware import resolve_precision
+from agmae.errors import UserError
 
 DEFAULT_VIT = "vit_small_patch16_224.dino"
 OFFLINE_LITE0 = "tf_efficientnet_lite0"
@@ -76,7 +77,7 @@ class Backbone:
     def check_size(self, size: int):
         step = self.patch_size if self.kind == "vit" else 32
         if size <= 0 or size % step:
-            raise ValueError(f"image size {size} is not a positive multiple of {step} for backbone {self.name}")
+            raise UserError(f"image size {size} is not a positive multiple of {step} for backbone {self.name}")
 
     def grid(self, size: int, layer=None) -> tuple:
         """(h, w) of the map for an S×S input (`layer`: CNN module name, None = the head features)."""
@@ -104,7 +105,7 @@ class Backbone:
                     hook.remove()
             names = [name for name, out in finished if out is features]
             if not names:
-                raise ValueError(f"cannot tell which layer of {self.name} makes its head features; pass a layer name")
+                raise UserError(f"cannot tell which layer of {self.name} makes its head features; pass a layer name")
             self._head_layer = names[-1]
         return self._head_layer
 
@@ -124,7 +125,7 @@ class Backbone:
         try:
             return self.model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"backbone {self.name} has no layer {name!r}; "
+            raise UserError(f"backbone {self.name} has no layer {name!r}; "
                              "pick one of its module names (model.named_modules())") from None
 
     def features(self, imgs, layer=None):
@@ -184,20 +185,20 @@ def read_state_dict(path) -> dict:
     with `module.`/`backbone.` prefixes and the DINO projection head removed."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"weights file {path} does not exist; pass an existing checkpoint to --weights")
+        raise UserError(f"weights file {path} does not exist; pass an existing checkpoint to --weights")
     # Full DINO checkpoints pickle their argparse Namespace next to the tensors.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"weights file {path} cannot be read as a torch checkpoint "
+            raise UserError(f"weights file {path} cannot be read as a torch checkpoint "
                              f"({type(err).__name__}); pass a DINO or timm state dict") from err
     for wrapper in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {path} holds no state dict of tensors; pass a DINO or timm state dict")
+        raise UserError(f"weights file {path} holds no state dict of tensors; pass a DINO or timm state dict")
     state = {}
     for key, value in obj.items():
         while key.startswith(STRIPPED_PREFIXES):
@@ -216,11 +217,11 @@ def load_by_order(model, state, source):
     """Load a state dict whose keys are named differently but come in the model's order, every shape checked."""
     target = model.state_dict()
     if len(target) != len(state):
-        raise ValueError(f"weights {source} hold {len(state)} tensors, {type(model).__name__} needs {len(target)}")
+        raise UserError(f"weights {source} hold {len(state)} tensors, {type(model).__name__} needs {len(target)}")
     renamed = {}
     for (name, expected), (theirs, tensor) in zip(target.items(), state.items()):
         if expected.shape != tensor.shape:
-            raise ValueError(f"weights {source}: {theirs} has shape {tuple(tensor.shape)} "
+            raise UserError(f"weights {source}: {theirs} has shape {tuple(tensor.shape)} "
                              f"but {name} needs {tuple(expected.shape)}")
         renamed[name] = tensor
     model.load_state_dict(renamed, strict=True)
@@ -241,7 +242,7 @@ def load_state(model, state, source):
     reshaped = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
                 if k in target and v.shape != target[k].shape]
     if missing or unexpected or reshaped:
-        raise ValueError(f"weights {source} do not fit {type(model).__name__}: missing {missing[:3]}, "
+        raise UserError(f"weights {source} do not fit {type(model).__name__}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shape {reshaped[:3]}; "
                          "pass weights of the chosen --backbone")
     model.load_state_dict(state, strict=True)
@@ -289,13 +290,13 @@ def load_backbone(name=None, weights=None, random_init=False, seed=0, device="au
     device = resolve_device(device)
     if Path(name).suffix == ".pth" or Path(name).is_file():
         if weights is not None or random_init:
-            raise ValueError(f"--backbone {name} is an agmae encoder with its own weights; drop --weights/--random-init")
+            raise UserError(f"--backbone {name} is an agmae encoder with its own weights; drop --weights/--random-init")
         if classifier:
-            raise ValueError(f"--backbone {name}: an agmae encoder has no classifier, which Grad-CAM needs; use "
+            raise UserError(f"--backbone {name}: an agmae encoder has no classifier, which Grad-CAM needs; use "
                              "--method tokencut or dino with it")
         return Backbone(own_encoder(name), f"agmae encoder {Path(name).name}", file_sha256(name), device, precision)
     if not timm.is_model(name):
-        raise ValueError(f"unknown backbone {name!r}; use a timm model name such as {DEFAULT_VIT} or {OFFLINE_LITE0}")
+        raise UserError(f"unknown backbone {name!r}; use a timm model name such as {DEFAULT_VIT} or {OFFLINE_LITE0}")
     if weights is not None:
         state = read_state_dict(weights)
         head_kwargs = {}
@@ -323,7 +324,7 @@ def load_backbone(name=None, weights=None, random_init=False, seed=0, device="au
         try:
             model = create(name, pretrained=True)
         except Exception as err:
-            raise ValueError(
+            raise UserError(
                 f"no weights for backbone {name}: timm cannot fetch them here ({type(err).__name__}); "
                 f"pass --weights FILE (an official DINO checkpoint or a timm state dict), "
                 f"use --backbone {OFFLINE_LITE0} (offline ImageNet weights), or --random-init for a smoke test"
@@ -333,6 +334,6 @@ def load_backbone(name=None, weights=None, random_init=False, seed=0, device="au
     label = f"{name} (random init, seed {seed})" if random_init and weights is None else name
     backbone = Backbone(model, label, sha, device, precision)
     if classifier and backbone.num_classes == 0:
-        raise ValueError(f"backbone {name} has no classifier head, which Grad-CAM needs; pass --weights with a "
+        raise UserError(f"backbone {name} has no classifier head, which Grad-CAM needs; pass --weights with a "
                          f"`head.weight`, or use a classifier such as {OFFLINE_LITE0}")
     return backbone

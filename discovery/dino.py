@@ -3,6 +3,7 @@ import torch
 
 from agmae.discovery.backbones import load_backbone
 from agmae.discovery.base import Discoverer, to_grid
+from agmae.errors import UserError
 
 HEAD_COMBINE = ("mean", "max")
 
@@ -32,11 +33,11 @@ class DinoAttention(Discoverer):
 
     def __init__(self, backbone, heads="mean", mass_threshold=None):
         if backbone.kind != "vit":
-            raise ValueError(f"method dino needs a ViT backbone, got {backbone.name}")
+            raise UserError(f"method dino needs a ViT backbone, got {backbone.name}")
         if heads not in HEAD_COMBINE:
-            raise ValueError(f"dino heads={heads!r}: use one of {HEAD_COMBINE}")
+            raise UserError(f"dino heads={heads!r}: use one of {HEAD_COMBINE}")
         if mass_threshold is not None and not 0 < mass_threshold <= 1:
-            raise ValueError(f"dino mass_threshold={mass_threshold}: use a fraction in (0, 1]")
+            raise UserError(f"dino mass_threshold={mass_threshold}: use a fraction in (0, 1]")
         super().__init__(backbone, {"heads": heads, "mass_threshold": mass_threshold})
 
     def compute(self, imgs, keys=None, labels=None):

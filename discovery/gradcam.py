@@ -3,6 +3,7 @@ import torch
 
 from agmae.discovery.backbones import OFFLINE_LITE0, capture_output, load_backbone
 from agmae.discovery.base import Discoverer, to_grid
+from agmae.errors import UserError
 
 TARGETS = ("predicted", "label")
 
@@ -12,7 +13,7 @@ class GradCAM(Discoverer):
 
     def __init__(self, backbone, target="predicted", layer=None):
         if target not in TARGETS:
-            raise ValueError(f"gradcam target={target!r}: use one of {TARGETS}")
+            raise UserError(f"gradcam target={target!r}: use one of {TARGETS}")
         if layer is None:
             vit = backbone.kind == "vit"
             layer = f"blocks.{len(backbone.model.blocks) - 1}.norm1" if vit else backbone.head_layer()
@@ -24,7 +25,7 @@ class GradCAM(Discoverer):
 
     def compute(self, imgs, keys=None, labels=None):
         if self.options["target"] == "label" and labels is None:
-            raise ValueError("gradcam target=label needs the images' labels")
+            raise UserError("gradcam target=label needs the images' labels")
         backbone = self.backbone
         with torch.enable_grad(), capture_output(backbone.module(self.options["layer"]), as_leaf=True) as taken:
             with backbone.autocast():

@@ -7,6 +7,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from agmae.discovery.base import Discoverer
+from agmae.errors import UserError
 
 
 def area_matrix(n_in, n_out):
@@ -46,19 +47,19 @@ class Oracle(Discoverer):
     def __init__(self, masks=None, patch=16):
         masks = Path(masks) if masks is not None else default_masks_dir()
         if not masks.is_dir():
-            raise ValueError(f"oracle masks directory {masks} does not exist; pass masks=DIR (--masks)")
+            raise UserError(f"oracle masks directory {masks} does not exist; pass masks=DIR (--masks)")
         super().__init__(_NoBackbone(), {"masks": str(masks), "patch": int(patch)})
 
     def grid(self, size):
         patch = self.options["patch"]
         if size <= 0 or size % patch:
-            raise ValueError(f"image size {size} is not a positive multiple of the oracle patch {patch}")
+            raise UserError(f"image size {size} is not a positive multiple of the oracle patch {patch}")
         return (size // patch,) * 2
 
     def compute(self, imgs, keys=None, labels=None):
         """A missing or unreadable mask gives a NaN map, which the caller records as failed."""
         if keys is None or len(keys) != len(imgs):
-            raise ValueError("oracle needs the images' dataset keys to find their masks")
+            raise UserError("oracle needs the images' dataset keys to find their masks")
         grid = self.grid(imgs.shape[-1])
         maps = torch.full((len(keys), *grid), float("nan"))
         for i, key in enumerate(keys):
@@ -73,5 +74,5 @@ class Oracle(Discoverer):
 
 def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
     if backbone is not None or weights is not None:
-        raise ValueError("oracle uses ground-truth masks and takes no --backbone/--weights")
+        raise UserError("oracle uses ground-truth masks and takes no --backbone/--weights")
     return Oracle(**opts)

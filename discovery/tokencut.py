@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from agmae.discovery.backbones import load_backbone
 from agmae.discovery.base import Discoverer, to_grid
+from agmae.errors import UserError
 
 FG_RULES = ("seed", "border")
 SOLVERS = ("exact", "iterative")
@@ -110,7 +111,7 @@ def fiedler(weights, solver="exact"):
     lost parity with scipy (|cos| 0.993, one partition flipped) and was slower too (121 ms against 54 ms).
     iterative works in float32 and solves exactly, in float64, only the graphs it did not converge on."""
     if solver not in SOLVERS:
-        raise ValueError(f"tokencut solver={solver!r}: use one of {SOLVERS}")
+        raise UserError(f"tokencut solver={solver!r}: use one of {SOLVERS}")
     if solver == "exact":
         return fiedler_exact(weights.double())
     eigvec, converged = fiedler_iterative(weights.float())
@@ -131,7 +132,7 @@ def ncut(feats, tau=0.2, eps=1e-5, binary=True, fg_rule="seed", grid=None, solve
     converge).
     """
     if fg_rule not in FG_RULES:
-        raise ValueError(f"tokencut fg_rule={fg_rule!r}: use one of {FG_RULES}")
+        raise UserError(f"tokencut fg_rule={fg_rule!r}: use one of {FG_RULES}")
     dtype = torch.float64 if solver == "exact" else torch.float32
     eigvec = fiedler(graph_weights(feats, tau, eps, binary, dtype), solver)
     foreground = eigvec > eigvec.mean(-1, keepdim=True)
@@ -172,14 +173,14 @@ class TokenCut(Discoverer):
                  layer=None, center=None, solver="exact"):
         defaults = VIT_DEFAULTS if backbone.kind == "vit" else CNN_DEFAULTS
         if graph not in GRAPHS:
-            raise ValueError(f"tokencut graph={graph!r}: use one of {GRAPHS}")
+            raise UserError(f"tokencut graph={graph!r}: use one of {GRAPHS}")
         if output not in OUTPUTS:
-            raise ValueError(f"tokencut output={output!r}: use one of {OUTPUTS}")
+            raise UserError(f"tokencut output={output!r}: use one of {OUTPUTS}")
         if solver not in SOLVERS:
-            raise ValueError(f"tokencut solver={solver!r}: use one of {SOLVERS}")
+            raise UserError(f"tokencut solver={solver!r}: use one of {SOLVERS}")
         fg_rule = defaults["fg_rule"] if fg_rule is None else fg_rule
         if fg_rule not in FG_RULES:
-            raise ValueError(f"tokencut fg_rule={fg_rule!r}: use one of {FG_RULES}")
+            raise UserError(f"tokencut fg_rule={fg_rule!r}: use one of {FG_RULES}")
         if backbone.kind == "vit" and layer is not None:
             backbone.module(layer)
         if backbone.kind == "cnn":

@@ -29,6 +29,7 @@ from agmae import distributed
 from agmae.checkpoint import atomic_write, file_sha256
 from agmae.hardware import resolve_precision
 from agmae.paths import agmae_home
+from agmae.errors import UserError
 
 POOLS = ("cls", "mean")
 CACHE_FORMAT = 1
@@ -44,7 +45,7 @@ def build_encoder(checkpoint) -> tuple[torch.nn.Module, dict]:
     model = VisionTransformer(**{**timm_kwargs, "num_classes": 0})
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{checkpoint}: encoder weights do not fit a VisionTransformer{timm_kwargs} "
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); pass the checkpoint "
             "of an agmae-train run or a timm ViT state dict with its kwargs"
@@ -128,7 +129,7 @@ def readable_index(root, verify_images: bool = True, max_failures: float = 0.001
     bad = unreadable_images(index, progress=progress)
     if len(bad) > max_failures * len(index):
         first = next(iter(bad))
-        raise ValueError(f"{index.root}: {len(bad)} of {len(index)} images cannot be read (e.g. "
+        raise UserError(f"{index.root}: {len(bad)} of {len(index)} images cannot be read (e.g. "
                          f"{index.keys[first]}: {bad[first]}), more than --max-failures {max_failures:g}; "
                          "fix or remove them, or raise --max-failures")
     return index.without(bad), {index.keys[i]: reason for i, reason in bad.items()}

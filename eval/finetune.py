@@ -48,6 +48,7 @@ from agmae.eval.knn import topk_accuracy
 from agmae.eval.linear import build_scheduler
 from agmae.hardware import autocast_dtype, resolve_precision
 from agmae.options import device_option, option, precision_option, seed_option, validate, workers_option
+from agmae.errors import UserError
 
 HEAD_INIT_STD = 2e-5  # MAE's: the fresh head starts near zero, so the first steps do not wreck the encoder
 ADAMW_BETAS = (0.9, 0.999)
@@ -125,7 +126,7 @@ class FinetuneOptions:
         recipe = RECIPES["demo" if demo else "imagenet"]
         done = replace(self, **{name: value for name, value in recipe.items() if getattr(self, name) is None})
         if done.mixing and done.batch_size % 2:
-            raise ValueError(f"--batch-size {done.batch_size}: Mixup/CutMix pair the images of a batch, so it "
+            raise UserError(f"--batch-size {done.batch_size}: Mixup/CutMix pair the images of a batch, so it "
                              "must be even (or pass --mixup 0 --cutmix 0)")
         return done
 
@@ -145,7 +146,7 @@ def build_classifier(checkpoint, num_classes: int, drop_path: float) -> VisionTr
     encoder = {name: value for name, value in state.items() if not name.startswith(("norm.", "head."))}
     missing, unexpected = model.load_state_dict(encoder, strict=False)
     if set(missing) != {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} or unexpected:
-        raise ValueError(f"{checkpoint}: encoder weights do not fit a VisionTransformer{timm_kwargs} (missing "
+        raise UserError(f"{checkpoint}: encoder weights do not fit a VisionTransformer{timm_kwargs} (missing "
                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     nn.init.trunc_normal_(model.head.weight, std=HEAD_INIT_STD)
     nn.init.zeros_(model.head.bias)
@@ -229,7 +230,7 @@ class FineTuning:
         batches_per_epoch = len(train_index) // (opts.batch_size * self.env.world_size)
         self.steps_per_epoch = batches_per_epoch // opts.accum_iter
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{train_index.root}: {len(train_index)} images make no full step of --batch-size "
+            raise UserError(f"{train_index.root}: {len(train_index)} images make no full step of --batch-size "
                              f"{opts.batch_size} x --accum-iter {opts.accum_iter} x "
                              f"{self.env.world_size} ranks; lower them")
         self.lr = opts.blr * opts.batch_size * opts.accum_iter * self.env.world_size / 256
@@ -257,7 +258,7 @@ class FineTuning:
         state = load_checkpoint(self.checkpoint_path)
         if state["identity"] != self.identity:
             changed = sorted(name for name in self.identity if state["identity"].get(name) != self.identity[name])
-            raise ValueError(f"{self.checkpoint_path} was fine-tuned with other {', '.join(changed)} "
+            raise UserError(f"{self.checkpoint_path} was fine-tuned with other {', '.join(changed)} "
                              f"({json.dumps(state['identity'], sort_keys=True)[:300]}); pass another --run-dir, "
                              "or delete it to start over")
         self.model.load_state_dict(state["model"])
@@ -299,7 +300,7 @@ class FineTuning:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 loss = self.criterion(self.trained(imgs), targets)
             if not math.isfinite(loss.item()):
-                raise ValueError(f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}, batch {i}; lower "
+                raise UserError(f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}, batch {i}; lower "
                                  "--blr or use --precision fp32")
             sync = closes_step or not self.env.distributed
             with nullcontext() if sync else self.trained.no_sync():

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from agmae.errors import UserError
 
 KS = (10, 20, 100, 200)
 HEADLINE_K = 20
@@ -33,9 +34,9 @@ def normalised_rows(features, start: int, stop: int) -> torch.Tensor:
 def clamp_k(k: int, bank_size: int) -> int:
     """k larger than the bank is clamped to the bank size with a warning (every bank item then votes)."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     if bank_size < 1:
-        raise ValueError("the k-NN bank is empty: the train split has no images")
+        raise UserError("the k-NN bank is empty: the train split has no images")
     if k > bank_size:
         warnings.warn(f"k={k} exceeds the bank size {bank_size}; using k={bank_size}", stacklevel=3)
         return bank_size

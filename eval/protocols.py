@@ -23,6 +23,7 @@ from agmae.eval.report import format_table, update_results
 from agmae.options import device_option, option, precision_option, seed_option, validate, workers_option
 from agmae.hardware import INFERENCE_PRECISIONS
 from agmae.store import open_maps
+from agmae.errors import UserError
 
 POSITIVE_INT = click.IntRange(min=1)
 POSITIVE = click.FloatRange(min=0, min_open=True)
@@ -249,7 +250,7 @@ def run_robustness(ev: Evaluation, splits, knn_opts: KnnOptions, probe_opts: Pro
     started = time.time()
     names = robustness_splits(ev, splits)
     if not names:
-        raise ValueError(f"no robustness splits under {ev.root}; pass --splits NAME (repeatable)")
+        raise UserError(f"no robustness splits under {ev.root}; pass --splits NAME (repeatable)")
     train = ev.features(ev.train_split)
     features = {name: ev.features(name) for name in names}
     clean_fg = clean_fg and ev.has_split(robustness.CLEAN_FG_BANK) and robustness.CLEAN_FG_QUERIES in features
@@ -323,9 +324,9 @@ def run_attention(root, split: str, stores, opts: AttentionOptions) -> Outcome:
     at each store's grid (a coarser grid scores differently, even for the same prior)."""
     started, root = time.time(), Path(root)
     if not stores:
-        raise ValueError("no map stores (maps-*.h5) to score; run agmae-discover or pass --maps FILE")
+        raise UserError("no map stores (maps-*.h5) to score; run agmae-discover or pass --maps FILE")
     if not has_masks(root, split):
-        raise ValueError(f"no ground-truth masks at {root / 'masks' / split}; attention quality needs "
+        raise UserError(f"no ground-truth masks at {root / 'masks' / split}; attention quality needs "
                          f"ROOT/masks/{split}/<key>")
     index = scan(split_folder(root, split))
 
@@ -337,7 +338,7 @@ def run_attention(root, split: str, stores, opts: AttentionOptions) -> Outcome:
         store = open_maps(path)
         unknown = set(store.keys) - set(index.keys)
         if unknown:
-            raise ValueError(f"{path}: {len(unknown)} keys (e.g. {sorted(unknown)[0]}) are not images of "
+            raise UserError(f"{path}: {len(unknown)} keys (e.g. {sorted(unknown)[0]}) are not images of "
                              f"{root / split}; pass the store computed on this split")
         scores = attention.evaluate_store(store, mask_of, progress=True)
         name = f"{store.attrs['method']} ({Path(path).name})"

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from agmae.checkpoint import atomic_write_text
+from agmae.errors import UserError
 
 RESULTS_NAME = "results.json"
 
@@ -35,7 +36,7 @@ def read_results(run_dir) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); move it away and re-run the evaluation") from err
+        raise UserError(f"{path} is not valid JSON ({err}); move it away and re-run the evaluation") from err
 
 
 def update_results(run_dir, protocol: str, entry: dict) -> Path:

@@ -9,6 +9,7 @@ queries against a bank with backgrounds are degenerate: they vote for the darkes
 """
 from agmae.eval.knn import DEFAULT_T, HEADLINE_K, knn_predict, topk_accuracy
 from agmae.eval.linear import probe_accuracy
+from agmae.errors import UserError
 
 DEMO_SPLITS = ("original", "mixed-rand", "only-fg", "mixed-same")
 CLEAN_FG_BANK, CLEAN_FG_QUERIES = "train-fg", "only-fg"
@@ -21,7 +22,7 @@ def check_same_classes(reference, others: dict, protocol: str = "robustness") ->
     for name, split in others.items():
         if split.classes != reference.classes:
             mine, theirs = set(reference.classes), set(split.classes)
-            raise ValueError(
+            raise UserError(
                 f"split {name} ({split.root}) lacks the classes {sorted(mine - theirs)[:5]} and has "
                 f"{sorted(theirs - mine)[:5]} that the train split {reference.root} lacks; {protocol} "
                 "needs both splits to have the same class folders (an empty folder is not a class: give it "

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from agmae.errors import UserError
 
 DECODER_PREFIXES = ("decoder_", "mask_token")
 _CLASSIFIER_PREFIXES = ("head.",)
@@ -77,7 +78,7 @@ def load_checkpoint(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: cannot be loaded as a checkpoint ({err}); is it complete and a torch file?") from err
+        raise UserError(f"{path}: cannot be loaded as a checkpoint ({err}); is it complete and a torch file?") from err
 
 
 def encoder_kwargs_path(path) -> Path:
@@ -118,12 +119,12 @@ def load_encoder(path) -> tuple[dict, dict]:
     path = Path(path)
     loaded = load_checkpoint(path)
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: holds a {type(loaded).__name__}, expected a checkpoint or a state dict")
+        raise UserError(f"{path}: holds a {type(loaded).__name__}, expected a checkpoint or a state dict")
     state = loaded["model"] if isinstance(loaded.get("model"), dict) else loaded
     state = encoder_weights(state)
     absent = [k for k in _REQUIRED_ENCODER_KEYS if k not in state]
     if absent:
-        raise ValueError(
+        raise UserError(
             f"{path}: no ViT encoder in it (missing {', '.join(absent)}); expected an agmae-train "
             f"checkpoint or an exported encoder (agmae-train export)"
         )

@@ -1,6 +1,7 @@
 """What this machine offers the stages: CPU share for data loading, native bf16. Imports no torch at
 module level, so the CLIs' --help stays fast."""
 import os
+from agmae.errors import UserError
 
 
 def default_workers(limit: int = 8) -> int:
@@ -34,7 +35,7 @@ def resolve_precision(precision: str, device, training: bool = False) -> str:
     import torch
 
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        raise UserError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     on_cuda = device.type == "cuda"
     bf16_native = torch.cuda.is_bf16_supported() if on_cuda else cpu_has_native_bf16()
     if precision in ("auto", "native"):
@@ -42,9 +43,9 @@ def resolve_precision(precision: str, device, training: bool = False) -> str:
             return "bf16" if bf16_native else ("fp16" if training else "fp32")
         return "bf16" if precision == "native" and bf16_native else "fp32"
     if precision == "bf16" and not bf16_native:
-        raise ValueError(f"precision bf16: this {device.type.upper()} has no native bf16 support; use fp32")
+        raise UserError(f"precision bf16: this {device.type.upper()} has no native bf16 support; use fp32")
     if precision == "fp16" and not (on_cuda and training):
-        raise ValueError("precision fp16 is for training on a CUDA device (CPU autocast and feature "
+        raise UserError("precision fp16 is for training on a CUDA device (CPU autocast and feature "
                          "extraction support bf16 only); use bf16 or fp32")
     return precision
 

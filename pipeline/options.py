@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from agmae.hardware import PRECISIONS, default_workers
+from agmae.errors import UserError
 
 
 def option(default, help: str, type=None, flags: tuple = (), show_default: bool = True, **click_kwargs):
@@ -60,7 +61,7 @@ def validate(config) -> None:
         try:
             converted = [kind.convert(v, None, None) for v in value] if many else kind.convert(value, None, None)
         except click.BadParameter as err:
-            raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: {err.message}") from None
+            raise UserError(f"--{f.name.replace('_', '-')} {value!r}: {err.message}") from None
         plain = tuple(_plain(v) for v in converted) if many else _plain(converted)
         setattr(config, f.name, plain)
 

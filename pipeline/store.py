@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 import agmae
+from agmae.errors import UserError
 
 FORMAT_VERSION = 1
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
@@ -42,14 +43,14 @@ def _identity(keys, grid, method, backbone, weights_sha256, image_size, method_o
               keys_sha256, shard, index_range) -> dict:
     """The identity attrs in the normalised form they are stored and compared in."""
     if (shard is None) != (index_range is None):
-        raise ValueError("a shard store needs both shard=(k, n) and index_range=(lo, hi)")
+        raise UserError("a shard store needs both shard=(k, n) and index_range=(lo, hi)")
     if shard is not None:
         lo, hi = index_range
         if hi - lo != len(keys):
-            raise ValueError(f"index_range {tuple(index_range)} holds {hi - lo} images "
+            raise UserError(f"index_range {tuple(index_range)} holds {hi - lo} images "
                              f"but {len(keys)} keys were given")
         if keys_sha256 is None:
-            raise ValueError("a shard store needs keys_sha256 = the full dataset's fingerprint")
+            raise UserError("a shard store needs keys_sha256 = the full dataset's fingerprint")
     return {"format_version": FORMAT_VERSION, "method": method, "backbone": backbone or "",
             "weights_sha256": weights_sha256 or "", "image_size": int(image_size),
             "grid": tuple(int(g) for g in grid),
@@ -82,30 +83,30 @@ def _open_h5(path: Path, mode: str = "r") -> h5py.File:
         return h5py.File(path, mode, locking=False if mode == "r" else None)
     except OSError as err:
         if "lock" in str(err).lower():
-            raise ValueError(f"{path}: another job is writing this store (it holds the file's lock); wait for it "
+            raise UserError(f"{path}: another job is writing this store (it holds the file's lock); wait for it "
                              f"to finish or write to another --out (--overwrite would leave that job writing to an "
                              f"unlinked file)") from err
         if mode != "r" and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise NotWritableError(f"{path}: cannot be opened for writing ({err.strerror}); a complete store is "
                                    f"read where it lies (agmae-train --maps, agmae-discover inspect), an "
                                    f"unfinished one needs a writable --out") from err
-        raise ValueError(f"{path}: cannot be opened as HDF5 ({err}); it is truncated or not a store: "
+        raise UserError(f"{path}: cannot be opened as HDF5 ({err}); it is truncated or not a store: "
                          f"pass --overwrite to recompute it, or another --out") from err
 
 
 def _contiguous(path: Path, f: h5py.File, name: str, shape: tuple, dtype) -> int:
     """Byte offset of dataset `name`, after checking it is the memmap-able array the format says."""
     if name not in f:
-        raise ValueError(f"{path}: dataset /{name} is missing")
+        raise UserError(f"{path}: dataset /{name} is missing")
     ds = f[name]
     if ds.shape != shape or ds.dtype != np.dtype(dtype):
-        raise ValueError(f"{path}: /{name} is {ds.dtype}{list(ds.shape)}, expected "
+        raise UserError(f"{path}: /{name} is {ds.dtype}{list(ds.shape)}, expected "
                          f"{np.dtype(dtype)}{list(shape)}")
     offset = ds.id.get_offset()
     if ds.chunks is not None or ds.compression is not None or offset is None:
-        raise ValueError(f"{path}: /{name} is not stored contiguously, so it cannot be memory-mapped")
+        raise UserError(f"{path}: /{name} is not stored contiguously, so it cannot be memory-mapped")
     if offset + ds.nbytes > path.stat().st_size:
-        raise ValueError(f"{path}: /{name} ends at byte {offset + ds.nbytes} but the file has "
+        raise UserError(f"{path}: /{name} ends at byte {offset + ds.nbytes} but the file has "
                          f"{path.stat().st_size} bytes (truncated copy?)")
     return offset
 
@@ -125,22 +126,22 @@ class MapStore:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise ValueError(f"{self.path}: no such attention store; run agmae-discover first")
+            raise UserError(f"{self.path}: no such attention store; run agmae-discover first")
         with _open_h5(self.path) as f:
             self.attrs = _read_attrs(f)
             version = self.attrs["format_version"]
             if version is None:
-                raise ValueError(f"{self.path}: no format_version attribute, not an agmae attention store")
+                raise UserError(f"{self.path}: no format_version attribute, not an agmae attention store")
             if version != FORMAT_VERSION:
-                raise ValueError(f"{self.path}: format_version is {version}, this agmae reads "
+                raise UserError(f"{self.path}: format_version is {version}, this agmae reads "
                                  f"version {FORMAT_VERSION}; recompute the store")
             self.attrs["method_options"] = json.loads(self.attrs["method_options"])
             for name in ("keys", "errors"):
                 if name not in f or f[name].ndim != 1:
-                    raise ValueError(f"{self.path}: dataset /{name} is missing or not one-dimensional")
+                    raise UserError(f"{self.path}: dataset /{name} is missing or not one-dimensional")
             n = f["keys"].shape[0]
             if f["errors"].shape != (n,):
-                raise ValueError(f"{self.path}: /errors has {f['errors'].shape[0]} entries, /keys {n}")
+                raise UserError(f"{self.path}: /errors has {f['errors'].shape[0]} entries, /keys {n}")
             maps_offset = _contiguous(self.path, f, "maps", (n, *self.attrs["grid"]), np.float16)
             status_offset = _contiguous(self.path, f, "status", (n,), np.uint8)
             self.keys = f["keys"].asstr()[:].tolist()
@@ -253,7 +254,7 @@ def create(path, keys: Sequence[str], grid, *, method: str, backbone: str | None
     path = Path(path)
     keys = list(keys)
     if not keys:
-        raise ValueError(f"{path}: no keys given; a store needs at least one image")
+        raise UserError(f"{path}: no keys given; a store needs at least one image")
     identity = _identity(keys, grid, method, backbone, weights_sha256, image_size, method_options,
                          keys_sha256, shard, index_range)
     if path.exists() and not overwrite:
@@ -292,10 +293,10 @@ def _check_resumable(path: Path, identity: dict, keys: list) -> None:
         stored_keys = f["keys"].asstr()[:].tolist() if "keys" in f else []
     for name, value in identity.items():
         if stored[name] != value:
-            raise ValueError(f"{path}: existing store has {name}={stored[name]!r}, this run has "
+            raise UserError(f"{path}: existing store has {name}={stored[name]!r}, this run has "
                              f"{name}={value!r}; pass overwrite=True (--overwrite) or another output")
     if stored_keys != keys:
-        raise ValueError(f"{path}: existing store holds different keys than this run; "
+        raise UserError(f"{path}: existing store holds different keys than this run; "
                          f"pass overwrite=True (--overwrite) or another output")
 
 
@@ -304,32 +305,32 @@ def merge(shard_paths: Sequence, out_path) -> Path:
     on what they computed, be finished, and cover the dataset's indices exactly once."""
     out_path = Path(out_path)
     if not shard_paths:
-        raise ValueError(f"{out_path}: no shards given to merge")
+        raise UserError(f"{out_path}: no shards given to merge")
     shards = sorted((open_maps(p) for p in shard_paths), key=lambda s: (s.attrs["index_range"] or (0,)))
     first = shards[0]
     end = 0
     for shard in shards:
         if shard.attrs["shard"] is None:
-            raise ValueError(f"{shard.path}: not a shard (no shard attribute); merge takes shard stores")
+            raise UserError(f"{shard.path}: not a shard (no shard attribute); merge takes shard stores")
         for name in _MERGE_ATTRS:
             if shard.attrs[name] != first.attrs[name]:
-                raise ValueError(f"{shard.path}: {name}={shard.attrs[name]!r} disagrees with "
+                raise UserError(f"{shard.path}: {name}={shard.attrs[name]!r} disagrees with "
                                  f"{first.path}: {name}={first.attrs[name]!r}; shards must come from one run")
         lo, hi = shard.attrs["index_range"]
         if lo > end:
-            raise ValueError(f"{shard.path}: gap, indices [{end}, {lo}) are in no shard; "
+            raise UserError(f"{shard.path}: gap, indices [{end}, {lo}) are in no shard; "
                              f"add the missing shard")
         if lo < end:
-            raise ValueError(f"{shard.path}: overlap, indices [{lo}, {end}) are in two shards; "
+            raise UserError(f"{shard.path}: overlap, indices [{lo}, {end}) are in two shards; "
                              f"merge each shard once")
         pending = int((shard.status == STATUS_PENDING).sum())
         if pending:
-            raise ValueError(f"{shard.path}: {pending} maps still pending; finish the shard "
+            raise UserError(f"{shard.path}: {pending} maps still pending; finish the shard "
                              f"(rerun its job, it resumes) before merging")
         end = hi
     keys = [key for shard in shards for key in shard.keys]
     if keys_fingerprint(keys) != first.attrs["keys_sha256"]:
-        raise ValueError(f"{out_path}: the shards' keys hash to {keys_fingerprint(keys)}, not the "
+        raise UserError(f"{out_path}: the shards' keys hash to {keys_fingerprint(keys)}, not the "
                          f"dataset fingerprint {first.attrs['keys_sha256']}; a shard is missing at the end "
                          f"or the shards come from another dataset")
     temp = out_path.with_name(f".{out_path.name}.merging-{os.getpid()}")
@@ -353,25 +354,25 @@ def validate(path, dataset_keys: Sequence[str] | None = None) -> MapStore:
     store = open_maps(path)
     attrs, path = store.attrs, store.path
     if attrs["shard"] is None and keys_fingerprint(store.keys) != attrs["keys_sha256"]:
-        raise ValueError(f"{path}: its keys hash to {keys_fingerprint(store.keys)} but keys_sha256 "
+        raise UserError(f"{path}: its keys hash to {keys_fingerprint(store.keys)} but keys_sha256 "
                          f"says {attrs['keys_sha256']}; the file was altered, recompute it")
     if dataset_keys is not None:
         dataset_keys = list(dataset_keys)
         expected = keys_fingerprint(dataset_keys)
         if attrs["keys_sha256"] != expected:
-            raise ValueError(f"{path}: keys fingerprint {attrs['keys_sha256']} differs from the "
+            raise UserError(f"{path}: keys fingerprint {attrs['keys_sha256']} differs from the "
                              f"dataset's {expected}; the maps are for another dataset, recompute them")
         lo, hi = attrs["index_range"] or (0, len(dataset_keys))
         if store.keys != dataset_keys[lo:hi]:
-            raise ValueError(f"{path}: its keys differ from the dataset's indices [{lo}, {hi})")
+            raise UserError(f"{path}: its keys differ from the dataset's indices [{lo}, {hi})")
     if not np.isin(store.status, (STATUS_PENDING, STATUS_DONE, STATUS_FAILED)).all():
-        raise ValueError(f"{path}: /status holds codes other than 0, 1, 2")
+        raise UserError(f"{path}: /status holds codes other than 0, 1, 2")
     for lo in range(0, len(store), _ROWS_PER_STEP):
         done = store.status[lo:lo + _ROWS_PER_STEP] == STATUS_DONE
         maps = np.asarray(store.maps[lo:lo + _ROWS_PER_STEP][done])
         if not np.isfinite(maps).all():
-            raise ValueError(f"{path}: done maps contain NaN or inf (first near index {lo}); recompute them")
+            raise UserError(f"{path}: done maps contain NaN or inf (first near index {lo}); recompute them")
         if maps.size and (maps.min() < 0 or maps.max() > 1):
-            raise ValueError(f"{path}: done maps have values outside [0, 1] "
+            raise UserError(f"{path}: done maps have values outside [0, 1] "
                              f"({maps.min()} .. {maps.max()}, near index {lo}); recompute them")
     return store

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from agmae.data import demo
+from agmae.errors import UserError
 from agmae.data.folder import split_folder
 from agmae.options import (data_option, device_option, option, precision_option, run_dir_option, seed_option,
                            train_split_option, validate, workers_option)
@@ -132,13 +133,13 @@ class TrainConfig:
         """The maps weight the loss, choose the masked patches, or both: refuse a use without maps, and
         maps given for no use (the vanilla MAE in disguise)."""
         if self.maps is None and self.masking != "random":
-            raise ValueError(f"--masking {self.masking} chooses the masked patches by the maps: it needs --maps "
+            raise UserError(f"--masking {self.masking} chooses the masked patches by the maps: it needs --maps "
                              f"(not --no-guidance)")
         if self.maps is None and not self.weight_loss:
-            raise ValueError("--no-weight-loss keeps the maps out of the loss, for --masking attention-* only: "
+            raise UserError("--no-weight-loss keeps the maps out of the loss, for --masking attention-* only: "
                              "it needs --maps (not --no-guidance)")
         if not self.weight_loss and self.masking == "random":
-            raise ValueError("--no-weight-loss with --masking random uses --maps for nothing: that is the vanilla "
+            raise UserError("--no-weight-loss with --masking random uses --maps for nothing: that is the vanilla "
                              "MAE, train it with --no-guidance")
 
     def image_folder(self) -> Path:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from agmae.data.folder import ImageFolderIndex, UnreadableImageError, load_rgb
 from agmae.data.transforms import JointRandomResizedCrop, crop_maps
 from agmae.store import STATUS_DONE, MapStore, open_maps, validate
+from agmae.errors import UserError
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -35,19 +36,19 @@ def check_store(path, index: ImageFolderIndex, require_maps: bool = False,
     """
     store = validate(path, index.keys)
     if store.attrs["shard"] is not None or len(store) != len(index):
-        raise ValueError(
+        raise UserError(
             f"{store.path}: holds {len(store)} of the dataset's {len(index)} maps (a shard?); "
             f"join the shards with `agmae-discover merge` and train on the merged store"
         )
     counts = store.counts()
     if counts["pending"] and not allow_missing_maps:
-        raise ValueError(
+        raise UserError(
             f"{store.path}: {counts['pending']} of {len(store)} maps are still pending (discovery has not "
             f"finished); rerun the same agmae-discover command, it resumes, or pass --allow-missing-maps to "
             f"train those images unguided"
         )
     if counts["failed"] and require_maps:
-        raise ValueError(
+        raise UserError(
             f"{store.path}: {counts['failed']} of {len(store)} maps failed (unreadable images or non-finite "
             f"maps; `agmae-discover inspect` lists them), which resuming does not recompute: fix those images "
             f"and rerun agmae-discover with --overwrite, or drop --require-maps to train them unguided"

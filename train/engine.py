@@ -34,6 +34,7 @@ from agmae.train.config import TrainConfig
 from agmae.train.masking import masking_noise
 from agmae.train.model import MaskedAutoencoderViT, create_model
 from agmae.train.schedules import lr_at, tau_at
+from agmae.errors import UserError
 
 ADAMW_BETAS = (0.9, 0.95)
 LR_REFERENCE_BATCH = 256
@@ -150,7 +151,7 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.loader) // cfg.accum_iter
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"{self.images}: {len(self.sampler)} images per process make no full step of "
                 f"--batch-size {cfg.batch_size} x --accum-iter {cfg.accum_iter}; lower them"
             )
@@ -196,7 +197,7 @@ class Trainer:
             distributed.barrier()
         if len(unreadable) > self.cfg.max_failures * len(self.index):
             first = ", ".join(self.index.keys[i] for i in list(unreadable)[:3])
-            raise ValueError(f"{self.images}: {len(unreadable)} of {len(self.index)} images cannot be read "
+            raise UserError(f"{self.images}: {len(unreadable)} of {len(self.index)} images cannot be read "
                              f"(e.g. {first}: {next(iter(unreadable.values()))}), more than --max-failures "
                              f"{self.cfg.max_failures:g}; fix or remove them, or raise --max-failures")
         return unreadable
@@ -210,13 +211,13 @@ class Trainer:
         loaded = load_checkpoint(path)
         state = loaded.get("model") if isinstance(loaded, dict) else None
         if not isinstance(state, dict):
-            raise ValueError(f"{path}: holds no MAE weights (no 'model' entry); --init-from takes an agmae-train "
+            raise UserError(f"{path}: holds no MAE weights (no 'model' entry); --init-from takes an agmae-train "
                              f"checkpoint (RUN_DIR/checkpoint-last.pth), not an exported encoder")
         try:
             self.model.load_state_dict(state)
         except RuntimeError as err:
             first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-            raise ValueError(f"{path}: not the weights of this run's MAE ({first[:200]}); pass the model options "
+            raise UserError(f"{path}: not the weights of this run's MAE ({first[:200]}); pass the model options "
                              f"it was trained with (its run's config.json) or another --init-from") from None
         return weights_sha256(state)
 
@@ -238,17 +239,17 @@ class Trainer:
         """Refuse to resume a checkpoint trained with another setting, naming it and both values."""
         theirs, ours = recorded.get("store_identity"), self.config["store_identity"]
         if theirs != ours:
-            raise ValueError(
+            raise UserError(
                 f"{path}: was trained with the maps of {recorded.get('maps')} ({_describe(theirs)}), this run has "
                 f"{self.cfg.maps} ({_describe(ours)}); resume with the same store or write to another --out")
         if recorded.get("init_weights") != self.init_weights:
-            raise ValueError(
+            raise UserError(
                 f"{path}: started from the weights of {recorded.get('init_from') or 'its own initialisation'}, this "
                 f"run from {self.cfg.init_from or 'its own initialisation'} (other weights); resume with the same "
                 f"--init-from or write to another --out")
         for name in sorted(set(self.config) - EXECUTION_SETTINGS):
             if recorded.get(name) != self.config[name]:
-                raise ValueError(
+                raise UserError(
                     f"{path}: was trained with --{name.replace('_', '-')} {recorded.get(name)!r}, this run has "
                     f"{self.config[name]!r}; resume with the settings it was trained with, or train the new "
                     f"settings into another --out")

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
+from agmae.errors import UserError
 
 
 # (embed_dim, depth, num_heads) of the standard ViT sizes
@@ -43,7 +44,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_hw: tuple[int, int], cls_token: boo
     (when present) gets an all-zero row.
     """
     if embed_dim % 4:
-        raise ValueError(f"embed_dim={embed_dim} must be divisible by 4 for a 2-D sin-cos position embedding")
+        raise UserError(f"embed_dim={embed_dim} must be divisible by 4 for a 2-D sin-cos position embedding")
     rows, cols = torch.meshgrid(
         torch.arange(grid_hw[0], dtype=torch.float64), torch.arange(grid_hw[1], dtype=torch.float64), indexing="ij"
     )
@@ -79,10 +80,10 @@ class MaskedAutoencoderViT(nn.Module):
     ):
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+            raise UserError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
         for part, width, heads in (("encoder", embed_dim, num_heads), ("decoder", decoder_embed_dim, decoder_num_heads)):
             if width % heads:
-                raise ValueError(f"the {part}'s {heads} heads do not divide its width {width}; choose a head "
+                raise UserError(f"the {part}'s {heads} heads do not divide its width {width}; choose a head "
                                  "count that divides the width (--num-heads / --decoder-num-heads)")
         self.encoder_kwargs = dict(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans,
@@ -233,6 +234,6 @@ def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
     """A preset from `MODELS` (e.g. `mae_vit_base_patch16`), any constructor argument overridable
     (`img_size`, `patch_size`, `embed_dim`, `depth`, `num_heads`, `decoder_*`, `fused_attn`)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
     kwargs = {**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}}
     return MaskedAutoencoderViT(**kwargs)

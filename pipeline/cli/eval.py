@@ -21,6 +21,7 @@ from agmae.eval.protocols import AttentionOptions, FeatureOptions, FinetuneOptio
 from agmae import options
 from agmae.options import click_option, click_options, compose, run_dir_option
 from agmae.paths import default_run_dir, last_checkpoint
+from agmae.errors import UserError
 
 
 checkpoint_option = click.option(
@@ -139,7 +140,7 @@ def attention_step(opts, only_if_present=False):
         if only_if_present and not protocols.has_masks(command.root, split):
             return f"[all] skipped attention: {command.root} has no ground-truth masks (masks/{split})"
         if not stores:
-            raise ValueError(f"no map stores in {command.run_dir} (maps-*.h5); run agmae-discover or pass --maps FILE")
+            raise UserError(f"no map stores in {command.run_dir} (maps-*.h5); run agmae-discover or pass --maps FILE")
         return protocols.run_attention(command.root, split, stores, attention_opts)
     return step
 
