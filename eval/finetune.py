@@ -47,7 +47,8 @@ from agmae.eval.features import FolderImages, embed_folder
 from agmae.eval.knn import topk_accuracy
 from agmae.eval.linear import build_scheduler
 from agmae.hardware import autocast_dtype, resolve_precision
-from agmae.options import device_option, option, precision_option, seed_option, validate, workers_option
+from agmae.options import (POSITIVE_INT, SHARE, device_option, max_failures_option, option, precision_option,
+                           seed_option, validate, verify_images_option, workers_option)
 from agmae.errors import UserError
 
 HEAD_INIT_STD = 2e-5  # MAE's: the fresh head starts near zero, so the first steps do not wreck the encoder
@@ -67,9 +68,7 @@ RECIPES = {
 }
 
 
-POSITIVE_INT = click.IntRange(min=1)
 NON_NEGATIVE = click.FloatRange(min=0)
-SHARE = click.FloatRange(0, 1)
 
 
 # How a run executes, not what it computes: the options a resume may change.
@@ -113,10 +112,8 @@ class FinetuneOptions:
     precision: str = precision_option("Autocast precision.")
     workers: int = workers_option(8, "DataLoader worker processes per rank.")
     device: str = device_option()
-    verify_images: bool = option(True, "Check once that every image decodes (in parallel, cached per file) and "
-                                       "leave out those that do not.", flags=("--verify-images/--no-verify-images",))
-    max_failures: float = option(0.001, "Fail when more than this fraction of a split's images cannot be read.",
-                                 type=SHARE)
+    verify_images: bool = verify_images_option("leave out those that do not")
+    max_failures: float = max_failures_option("a split's images")
 
     def __post_init__(self):
         validate(self)

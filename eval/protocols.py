@@ -20,13 +20,11 @@ from agmae.eval import attention, finetune, knn, linear, retrieval, robustness
 from agmae.eval.features import POOLS, FeatureSource, image_size_of, readable_index
 from agmae.eval.finetune import FinetuneOptions
 from agmae.eval.report import format_table, update_results
-from agmae.options import device_option, option, precision_option, seed_option, validate, workers_option
+from agmae.options import (POSITIVE, POSITIVE_INT, device_option, max_failures_option, option, precision_option,
+                           seed_option, validate, verify_images_option, workers_option)
 from agmae.hardware import INFERENCE_PRECISIONS
 from agmae.store import open_maps
 from agmae.errors import UserError
-
-POSITIVE_INT = click.IntRange(min=1)
-POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
 @dataclass
@@ -39,10 +37,8 @@ class FeatureOptions:
     precision: str = precision_option("Encoder autocast while extracting; part of the feature cache key.",
                                       choices=INFERENCE_PRECISIONS)
     no_cache: bool = option(False, "Re-extract features instead of using AGMAE_HOME/features.")
-    verify_images: bool = option(True, "Check once that every image decodes (in parallel, cached per file) and "
-                                       "leave out those that do not.", flags=("--verify-images/--no-verify-images",))
-    max_failures: float = option(0.001, "Fail when more than this fraction of a split's images cannot be read; "
-                                        "fewer are left out and named in results.json.", type=click.FloatRange(0, 1))
+    verify_images: bool = verify_images_option("leave out those that do not")
+    max_failures: float = max_failures_option("a split's images", "; fewer are left out and named in results.json")
 
     def __post_init__(self):
         validate(self)

@@ -14,6 +14,11 @@ from agmae.hardware import PRECISIONS, default_workers
 from agmae.errors import UserError
 
 
+POSITIVE_INT = click.IntRange(min=1)
+POSITIVE = click.FloatRange(min=0, min_open=True)
+SHARE = click.FloatRange(0, 1)
+
+
 def option(default, help: str, type=None, flags: tuple = (), show_default: bool = True, **click_kwargs):
     """A dataclass field that is also a command-line option. type: a click type (its conversion is the
     option's validation, for the CLI and for `validate` alike); flags: the option's declarations when they
@@ -124,6 +129,17 @@ def precision_option(help: str, choices=PRECISIONS, default="auto"):
                           "without bf16), fp32 on a CPU; native: as auto, but bf16 also on a CPU that computes "
                           "it natively (AVX512-BF16/AMX), where it halves the time.",
                   type=click.Choice(choices))
+
+
+def verify_images_option(skipped: str):
+    """--verify-images: `skipped` says what happens to an image that does not decode."""
+    return option(True, "Check once that every image decodes (in parallel, cached per file under AGMAE_HOME/index) "
+                        f"and {skipped}.", flags=("--verify-images/--no-verify-images",))
+
+
+def max_failures_option(images: str, fewer: str = ""):
+    """--max-failures: the share of `images` that may be unreadable before the command fails."""
+    return option(0.001, f"Fail when more than this fraction of {images} cannot be read{fewer}.", type=SHARE)
 
 
 def seed_option(help: str):

@@ -12,8 +12,9 @@ import click
 from agmae.data import demo
 from agmae.errors import UserError
 from agmae.data.folder import split_folder
-from agmae.options import (data_option, device_option, option, precision_option, run_dir_option, seed_option,
-                           train_split_option, validate, workers_option)
+from agmae.options import (POSITIVE, POSITIVE_INT, data_option, device_option, max_failures_option, option,
+                           precision_option, run_dir_option, seed_option, train_split_option, validate,
+                           verify_images_option, workers_option)
 from agmae.paths import default_run_dir
 from agmae.train.masking import MASKING_RULES, SAMPLING_WEIGHT_FLOOR
 
@@ -27,10 +28,6 @@ RECIPES = {
 
 def _recipe(name: str, text: str) -> str:
     return f"{text} [default: {RECIPES['demo'][name]} on the demo dataset, {RECIPES['paper'][name]} otherwise]"
-
-
-POSITIVE_INT = click.IntRange(min=1)
-POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
 @dataclass
@@ -100,12 +97,9 @@ class TrainConfig:
     require_maps: bool = option(False, "Fail when a training image's map failed (default: train it unguided).")
     allow_missing_maps: bool = option(False, "Train the images whose maps are still pending (an unfinished "
                                              "agmae-discover) unguided instead of refusing the store.")
-    verify_images: bool = option(True, "Check once that every training image decodes (in parallel, cached per "
-                                       "file under AGMAE_HOME/index) and skip those that do not.",
-                                 flags=("--verify-images/--no-verify-images",))
-    max_failures: float = option(0.001, "Fail when more than this fraction of the training images cannot be "
-                                        "read; fewer are skipped and named in the log and metrics.jsonl.",
-                                 type=click.FloatRange(0, 1))
+    verify_images: bool = verify_images_option("skip those that do not")
+    max_failures: float = max_failures_option("the training images",
+                                              "; fewer are skipped and named in the log and metrics.jsonl")
     save_every: int = option(5, "Write RUN_DIR/checkpoint-last.pth every this many epochs (and at the end).",
                              type=POSITIVE_INT)
     keep_every: int = option(0, "Also keep RUN_DIR/checkpoint-<epoch>.pth every this many epochs, for "
