@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -76,13 +78,59 @@ class NotWritableError(ValueError):
     """The store's file system refuses writes (read-only, no permission)."""
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _lock_held(path: Path, err: OSError) -> bool:
+    """Whether another process holds the file's lock: HDF5 reports a refused lock as EAGAIN (BlockingIOError);
+    without that, ask the file system whether a shared lock would be refused right now."""
+    if isinstance(err, BlockingIOError) or err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as probe:
+        return probe.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _has_hdf5_signature(path: Path) -> bool:
+    """HDF5's superblock starts with its signature at byte 0, 512, 1024, 2048, ... (a user block may precede it)."""
+    size, offset = path.stat().st_size, 0
+    with open(path, "rb") as f:
+        while offset + len(HDF5_SIGNATURE) <= size:
+            f.seek(offset)
+            if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                return True
+            offset = 512 if offset == 0 else offset * 2
+    return False
+
+
+def _damage(path: Path, err: OSError) -> str:
+    """What is wrong with a file HDF5 will not open, told from the file itself where it can be."""
+    if not _has_hdf5_signature(path):
+        return f"not an HDF5 file ({path.stat().st_size} bytes, no HDF5 signature)"
+    stored = re.search(r"\bstored_eof = (\d+)", str(err))
+    if stored and int(stored.group(1)) > path.stat().st_size:
+        return (f"truncated: the file has {path.stat().st_size} bytes, its HDF5 header says "
+                f"{int(stored.group(1))} (an interrupted copy or a full disk?)")
+    return f"a damaged HDF5 file ({err})"
+
+
 def _open_h5(path: Path, mode: str = "r") -> h5py.File:
     """Open with HDF5's file lock off for readers, so `inspect` can look at a store a job is writing.
     Without SWMR such a read can still meet a half-updated /errors heap and fail; retry it."""
     try:
         return h5py.File(path, mode, locking=False if mode == "r" else None)
     except OSError as err:
-        if "lock" in str(err).lower():
+        if mode != "r" and _lock_held(path, err):
             raise UserError(f"{path}: another job is writing this store (it holds the file's lock); wait for it "
                              f"to finish or write to another --out (--overwrite would leave that job writing to an "
                              f"unlinked file)") from err
@@ -90,8 +138,17 @@ def _open_h5(path: Path, mode: str = "r") -> h5py.File:
             raise NotWritableError(f"{path}: cannot be opened for writing ({err.strerror}); a complete store is "
                                    f"read where it lies (agmae-train --maps, agmae-discover inspect), an "
                                    f"unfinished one needs a writable --out") from err
-        raise UserError(f"{path}: cannot be opened as HDF5 ({err}); it is truncated or not a store: "
-                         f"pass --overwrite to recompute it, or another --out") from err
+        if err.errno in (errno.EACCES, errno.EPERM):
+            raise UserError(f"{path}: cannot be read ({err.strerror}); give yourself read access to it") from err
+        raise UserError(f"{path}: damaged attention store, {_damage(path, err)}; recompute it "
+                         f"(agmae-discover --overwrite) or copy it again") from err
+
+
+def _require_store(path: Path, attrs: dict) -> None:
+    """Refuse an HDF5 file that agmae-discover did not write."""
+    if attrs["format_version"] is None:
+        raise UserError(f"{path}: an HDF5 file, but not an agmae attention store (no format_version attribute); "
+                         f"pass the maps-<method>.h5 that agmae-discover wrote, or write the store to another --out")
 
 
 def _contiguous(path: Path, f: h5py.File, name: str, shape: tuple, dtype) -> int:
@@ -129,9 +186,8 @@ class MapStore:
             raise UserError(f"{self.path}: no such attention store; run agmae-discover first")
         with _open_h5(self.path) as f:
             self.attrs = _read_attrs(f)
+            _require_store(self.path, self.attrs)
             version = self.attrs["format_version"]
-            if version is None:
-                raise UserError(f"{self.path}: no format_version attribute, not an agmae attention store")
             if version != FORMAT_VERSION:
                 raise UserError(f"{self.path}: format_version is {version}, this agmae reads "
                                  f"version {FORMAT_VERSION}; recompute the store")
@@ -242,6 +298,15 @@ class StoreWriter:
         self.close()
 
 
+def make_parent(path: Path) -> None:
+    """Create the folder `path` goes in; refuse in one line a path under a regular file."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{path}: its parent {parent} is a file, not a directory; write to a path under a "
+                             f"directory (--out)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def create(path, keys: Sequence[str], grid, *, method: str, backbone: str | None,
            weights_sha256: str | None, image_size: int, method_options: dict | None,
            keys_sha256: str | None = None, shard=None, index_range=None,
@@ -260,7 +325,7 @@ def create(path, keys: Sequence[str], grid, *, method: str, backbone: str | None
     if path.exists() and not overwrite:
         _check_resumable(path, identity, keys)
         return StoreWriter(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     temp = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
         with h5py.File(temp, "w") as f:
@@ -287,16 +352,32 @@ def create(path, keys: Sequence[str], grid, *, method: str, backbone: str | None
     return StoreWriter(path)
 
 
+def key_changes(old: Sequence[str], new: Sequence[str], show: int = 3) -> str:
+    """What changed between two key lists, for a message: the keys added and removed (the first `show` of each),
+    or, when both hold the same keys, that their order differs."""
+    old_set, new_set = set(old), set(new)
+    added, removed = sorted(new_set - old_set), sorted(old_set - new_set)
+    parts = [f"{len(keys)} {what} ({', '.join(keys[:show])}{', ...' if len(keys) > show else ''})"
+             for keys, what in ((added, "added"), (removed, "removed")) if keys]
+    if parts:
+        return "images " + " and ".join(parts)
+    if len(old) != len(new):
+        return f"{abs(len(old) - len(new))} duplicate keys"
+    return "the same images in another order"
+
+
 def _check_resumable(path: Path, identity: dict, keys: list) -> None:
     with _open_h5(path) as f:
         stored = _read_attrs(f)
+        _require_store(path, stored)
         stored_keys = f["keys"].asstr()[:].tolist() if "keys" in f else []
     for name, value in identity.items():
         if stored[name] != value:
+            change = f" ({key_changes(stored_keys, keys)} since)" if name == "keys_sha256" else ""
             raise UserError(f"{path}: existing store has {name}={stored[name]!r}, this run has "
-                             f"{name}={value!r}; pass overwrite=True (--overwrite) or another output")
+                             f"{name}={value!r}{change}; pass overwrite=True (--overwrite) or another output")
     if stored_keys != keys:
-        raise UserError(f"{path}: existing store holds different keys than this run; "
+        raise UserError(f"{path}: existing store holds other keys than this run ({key_changes(stored_keys, keys)}); "
                          f"pass overwrite=True (--overwrite) or another output")
 
 
@@ -359,12 +440,14 @@ def validate(path, dataset_keys: Sequence[str] | None = None) -> MapStore:
     if dataset_keys is not None:
         dataset_keys = list(dataset_keys)
         expected = keys_fingerprint(dataset_keys)
-        if attrs["keys_sha256"] != expected:
-            raise UserError(f"{path}: keys fingerprint {attrs['keys_sha256']} differs from the "
-                             f"dataset's {expected}; the maps are for another dataset, recompute them")
         lo, hi = attrs["index_range"] or (0, len(dataset_keys))
+        if attrs["keys_sha256"] != expected:
+            changes = key_changes(store.keys, dataset_keys if attrs["shard"] is None else dataset_keys[lo:hi])
+            raise UserError(f"{path}: keys fingerprint {attrs['keys_sha256']} differs from the dataset's {expected}: "
+                             f"{changes} since the maps were computed; recompute them (agmae-discover --overwrite)")
         if store.keys != dataset_keys[lo:hi]:
-            raise UserError(f"{path}: its keys differ from the dataset's indices [{lo}, {hi})")
+            raise UserError(f"{path}: its keys differ from the dataset's indices [{lo}, {hi}) "
+                             f"({key_changes(store.keys, dataset_keys[lo:hi])}); recompute them")
     if not np.isin(store.status, (STATUS_PENDING, STATUS_DONE, STATUS_FAILED)).all():
         raise UserError(f"{path}: /status holds codes other than 0, 1, 2")
     for lo in range(0, len(store), _ROWS_PER_STEP):

@@ -321,3 +321,83 @@ def test_validate_refuses_truncated_file(good_store, tmp_path):
     with pytest.raises(ValueError, match="truncated") as err:
         store.validate(copy)
     assert str(copy) in str(err.value)
+
+
+def _half(path, tmp_path):
+    damaged = tmp_path / "half.h5"
+    damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return damaged
+
+
+def _random_bytes(path, tmp_path):
+    damaged = tmp_path / "random.h5"
+    damaged.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+    return damaged
+
+
+def _foreign_hdf5(path, tmp_path):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f.create_dataset("maps", data=np.zeros((N, *GRID), np.float16))
+    return foreign
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_half, "damaged attention store, truncated: the file has"),
+    (_random_bytes, "damaged attention store, not an HDF5 file"),
+    (_foreign_hdf5, "an HDF5 file, but not an agmae attention store"),
+])
+def test_a_damaged_store_is_called_damaged_by_readers_and_writers(good_store, tmp_path, damage, problem):
+    damaged = damage(good_store, tmp_path)
+    for attempt in (lambda: store.open_maps(damaged), lambda: store.validate(damaged), lambda: make_store(damaged)):
+        with pytest.raises(agmae.errors.UserError, match=problem) as err:
+            attempt()
+        assert str(damaged) in str(err.value) and "lock" not in str(err.value)
+
+
+def _hold_for_writing(path, ready, release):
+    with h5py.File(path, "r+"):
+        ready.set()
+        release.wait(30)
+
+
+def test_only_a_store_another_process_writes_is_reported_locked(tmp_path):
+    path = tmp_path / "maps.h5"
+    with make_store(path) as writer:
+        write_range(writer, 0, 8)
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_for_writing, args=(path, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(agmae.errors.UserError, match="another job is writing this store") as err:
+            make_store(path)
+        assert str(path) in str(err.value)
+        assert store.open_maps(path).counts()["done"] == 7, "readers do not take the lock"
+    finally:
+        release.set()
+        holder.join()
+    with make_store(path) as writer:
+        assert writer.first_pending() == 8
+
+
+def test_a_store_under_a_regular_file_names_the_file(tmp_path):
+    (tmp_path / "runs").write_text("a file where a folder should be")
+    with pytest.raises(agmae.errors.UserError, match="its parent .*runs is a file, not a directory"):
+        make_store(tmp_path / "runs" / "default" / "maps.h5")
+
+
+def test_a_changed_dataset_is_named_by_the_images_added_and_removed(good_store):
+    added = KEYS + ["class0/new_1.png", "class1/new_2.png"]
+    with pytest.raises(agmae.errors.UserError, match=r"2 added \(class0/new_1.png, class1/new_2.png\)") as err:
+        store.validate(good_store, dataset_keys=added)
+    assert "recompute" in str(err.value)
+    with pytest.raises(agmae.errors.UserError, match=r"1 removed \(class0/img_000.png\)"):
+        store.validate(good_store, dataset_keys=KEYS[1:])
+    many = KEYS + [f"class0/new_{i}.png" for i in range(5)]
+    with pytest.raises(agmae.errors.UserError, match=r"5 added \(class0/new_0.png, class0/new_1.png, "
+                                                     r"class0/new_2.png, \.\.\.\)"):
+        make_store(good_store, keys=many)
+    with pytest.raises(agmae.errors.UserError, match="the same images in another order"):
+        store.validate(good_store, dataset_keys=KEYS[::-1])
