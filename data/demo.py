@@ -27,11 +27,11 @@ import io
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import skimage.data
+from joblib import Parallel, delayed
 from PIL import Image
 from skimage.color import hsv2rgb
 from tqdm import tqdm
@@ -181,7 +181,7 @@ def _keys(labels: np.ndarray) -> list:
     return [f"{CLASS_NAMES[label]}/{i:06d}.png" for i, label in enumerate(labels)]
 
 
-def _write_split(root: Path, split: str, objects: dict, alpha: np.ndarray, backgrounds, pool, progress) -> None:
+def _write_split(root: Path, split: str, objects: dict, alpha: np.ndarray, backgrounds, parallel, progress) -> None:
     keys = _keys(objects["labels"])
     for name in CLASS_NAMES:
         (root / split / name).mkdir(parents=True)
@@ -196,7 +196,7 @@ def _write_split(root: Path, split: str, objects: dict, alpha: np.ndarray, backg
             (root / "masks" / split / key).write_bytes(_png_bytes(mask))
         return hi - lo
 
-    for done in pool.map(write_chunk, range(0, len(keys), CHUNK)):
+    for done in parallel(delayed(write_chunk)(lo) for lo in range(0, len(keys), CHUNK)):
         progress.update(done)
 
     manifest = {
@@ -213,7 +213,7 @@ def _write_split(root: Path, split: str, objects: dict, alpha: np.ndarray, backg
     (root / f"manifest-{split}.json").write_text(json.dumps(manifest))
 
 
-def _build(root: Path, params: dict) -> None:
+def _build(root: Path, params: dict, workers: int) -> None:
     seed, correlation = params["seed"], params["correlation"]
     train_images, train_labels = _fashion_mnist("train")
     test_images, test_labels = _fashion_mnist("t10k")
@@ -243,11 +243,12 @@ def _build(root: Path, params: dict) -> None:
             ("mixed-same", test_objects, test_alpha, backgrounds("mixed-same", test_objects["labels"], BANK_A, 1.0))
         )
     total = sum(len(objects["garments"]) for _, objects, _, _ in splits)
-    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(
+    # Threads: compositing (numpy) and PNG encoding (zlib) release the GIL, and the chunks share the canvases.
+    with Parallel(n_jobs=workers, prefer="threads", return_as="generator") as parallel, tqdm(
         total=total, desc="building demo dataset", unit="img", disable=None
     ) as progress:
         for split, objects, alpha, bgs in splits:
-            _write_split(root, split, objects, alpha, bgs, pool, progress)
+            _write_split(root, split, objects, alpha, bgs, parallel, progress)
 
     info = {
         "params": params,
@@ -273,12 +274,14 @@ def demo_name(correlation: float, seed: int, n_train: int, n_test: int, garment_
     return f"fmnist-v{GENERATOR_VERSION}-p{correlation:g}-seed{seed}-train{n_train}-test{n_test}-garment{lo}-{hi}"
 
 
-def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=10000, garment_sizes=GARMENT_SIZES) -> Path:
+def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=10000, garment_sizes=GARMENT_SIZES,
+                workers: int | None = None) -> Path:
     """Root of the demo dataset with these parameters, building it (once) into AGMAE_HOME/demo/ if needed.
 
     correlation: probability that an image's background is its class's own photograph
     (0 = backgrounds carry no label information). n_train / n_test: images in `train` and in
     each test split. garment_sizes: (lo, hi), the garment's side in pixels, uniform in [lo, hi].
+    workers: threads writing the images (default: every CPU this process may use); the files do not depend on it.
     The build is deterministic in the parameters and atomic (temp dir, then rename; `demo.json`
     marks completion); concurrent callers wait for one build.
     """
@@ -292,6 +295,8 @@ def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=10000, garment_si
     lo, hi = (int(size) for size in garment_sizes)
     if not 1 <= lo <= hi <= IMAGE_SIZE:
         raise UserError(f"demo garment sizes {lo}-{hi}: need 1 <= lo <= hi <= {IMAGE_SIZE} (the image side)")
+    if workers is not None and workers < 1:
+        raise UserError(f"demo build workers={workers}: use at least 1 (or None for every CPU)")
     params = {"correlation": correlation, "seed": seed, "n_train": n_train, "n_test": n_test,
               "garment_sizes": [lo, hi]}
     name = demo_name(correlation, seed, n_train, n_test, (lo, hi))
@@ -309,7 +314,7 @@ def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=10000, garment_si
             shutil.rmtree(stale, ignore_errors=True)
         tmp = demo_dir / f".tmp-{name}-{os.getpid()}"
         try:
-            _build(tmp, params)
+            _build(tmp, params, workers or len(os.sched_getaffinity(0)))
             os.rename(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

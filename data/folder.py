@@ -7,13 +7,13 @@ the index is cached and re-used while no directory of the tree has changed.
 """
 import hashlib
 import os
-from concurrent.futures import ProcessPoolExecutor
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from joblib import Parallel, delayed
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -27,6 +27,8 @@ CACHE_VERSION = 1
 # A directory modified this recently may still change within the same timestamp tick
 # (coarse mtimes on ext4/NFS/FAT), so an index that includes it is not cached yet.
 RACY_MTIME_NS = 2_000_000_000
+# Images per decode task: enough to outweigh a task's hand-over to a worker process.
+DECODE_CHUNK = 256
 
 
 class UnreadableImageError(OSError, ValueError):
@@ -130,8 +132,9 @@ def _decode_cache_path(index) -> Path:
 def unreadable_images(index, workers: int | None = None, progress: bool = True) -> dict:
     """{dataset index: reason} of the images of `index` that do not decode.
 
-    Checked in parallel (`workers` processes, default: every CPU this process may use) and cached per file
-    by (size, mtime) under AGMAE_HOME/index/, so a second call decodes only the files that changed."""
+    Checked in parallel by joblib's process workers (`workers` of them, default: every CPU this process may
+    use; 1 checks in this process) and cached per file by (size, mtime) under AGMAE_HOME/index/, so a second
+    call decodes only the files that changed. The result does not depend on `workers`."""
     cache = _decode_cache_path(index)
     sizes = np.full(len(index), -2, np.int64)
     mtimes = np.zeros(len(index), np.int64)
@@ -152,14 +155,13 @@ def unreadable_images(index, workers: int | None = None, progress: bool = True) 
         if (sizes[i], mtimes[i]) != current or current == (-1, -1):
             stale.append(i)
     if stale:
-        chunk = 256
-        parts = [stale[lo:lo + chunk] for lo in range(0, len(stale), chunk)]
+        parts = [stale[lo:lo + DECODE_CHUNK] for lo in range(0, len(stale), DECODE_CHUNK)]
         workers = workers or len(os.sched_getaffinity(0))
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(
-                total=len(stale), desc=f"checking images decode ({index.root.name})", unit="img",
-                disable=not progress) as bar:
-            for part, results in zip(parts, pool.map(_decode_check, [[str(index.path(i)) for i in part]
-                                                                     for part in parts])):
+        checks = Parallel(n_jobs=max(1, min(workers, len(parts))), return_as="generator")(
+            delayed(_decode_check)([str(index.path(i)) for i in part]) for part in parts)
+        with tqdm(total=len(stale), desc=f"checking images decode ({index.root.name})", unit="img",
+                  disable=not progress) as bar:
+            for part, results in zip(parts, checks):
                 for i, (size, mtime, reason) in zip(part, results):
                     sizes[i], mtimes[i], reasons[i] = size, mtime, reason
                 bar.update(len(part))

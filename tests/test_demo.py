@@ -145,6 +145,15 @@ def test_build_is_deterministic_and_seeded(demo_root, tmp_path, monkeypatch):
     assert load_manifest(other_seed, "train")["garments"] != load_manifest(demo_root, "train")["garments"][:20]
 
 
+def test_parallel_build_writes_the_files_of_the_serial_build(demo_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("AGMAE_HOME", str(tmp_path))
+    monkeypatch.setattr(demo, "CHUNK", 7)  # several chunks per split, so the two workers share every split
+    serial = ensure_demo(n_train=40, n_test=20, workers=1)
+    monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "parallel"))
+    parallel = ensure_demo(n_train=40, n_test=20, workers=2)
+    assert parallel != serial and len(digests(serial)) == 2 * (2 * 40 + 3 * 20) + 5 + 1 and digests(parallel) == digests(serial)
+
+
 def test_garment_sizes_are_a_recipe_parameter_with_a_cache_of_their_own(tmp_path, monkeypatch):
     monkeypatch.setenv("AGMAE_HOME", str(tmp_path))
     small = ensure_demo(n_train=40, n_test=20, garment_sizes=(20, 24))
@@ -174,7 +183,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
     monkeypatch.setenv("AGMAE_HOME", str(tmp_path))
     real_build = demo._build
 
-    def killed(root, params):
+    def killed(root, params, workers):
         (root / "train").mkdir(parents=True)
         raise KeyboardInterrupt
 
@@ -186,7 +195,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
     root = ensure_demo(n_train=10, n_test=10)
     assert (root / "demo.json").is_file() and len(scan(root / "train")) == 10
 
-    def must_not_build(root, params):
+    def must_not_build(root, params, workers):
         raise AssertionError("a complete demo dataset was built again")
 
     monkeypatch.setattr(demo, "_build", must_not_build)
@@ -202,6 +211,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
         ({"n_test": 20000}, "t10k holds 10000"),
         ({"garment_sizes": (40, 30)}, "garment sizes 40-30"),
         ({"garment_sizes": (20, 70)}, "hi <= 64"),
+        ({"workers": 0}, "workers=0: use at least 1"),
     ],
 )
 def test_bad_parameters_are_rejected(tmp_path, monkeypatch, kwargs, message):

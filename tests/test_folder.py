@@ -226,6 +226,7 @@ def test_images_load_as_they_are_meant_to_be_seen(tmp_path):
 
 def test_unreadable_images_are_found_in_parallel_and_rechecked_only_when_a_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(folder, "DECODE_CHUNK", 2)  # 6 tasks for the 2 worker processes
     root = tmp_path / "data"
     (root / "ok").mkdir(parents=True)
     for i in range(6):
@@ -238,24 +239,22 @@ def test_unreadable_images_are_found_in_parallel_and_rechecked_only_when_a_file_
     checked = []
     real_check = folder._decode_check
     monkeypatch.setattr(folder, "_decode_check", lambda paths: checked.extend(paths) or real_check(paths))
-    monkeypatch.setattr(folder, "ProcessPoolExecutor", ThreadPool)
-    assert folder.unreadable_images(index, progress=False) == found and checked == []  # cached
+    assert folder.unreadable_images(index, workers=1, progress=False) == found and checked == []  # cached
     Image.effect_noise((40, 40), 40).convert("RGB").save(root / "bad" / "text.png")  # mended in place
-    again = folder.unreadable_images(index, progress=False)
+    again = folder.unreadable_images(index, workers=1, progress=False)
     assert [Path(p).name for p in checked] == ["text.png"] and len(again) == len(found) - 1
 
 
-class ThreadPool:
-    """A ProcessPoolExecutor stand-in that runs in this process, so a test can count the calls."""
-
-    def __init__(self, max_workers=None):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, function, items):
-        return map(function, items)
+def test_parallel_image_check_finds_what_the_serial_one_finds(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder, "DECODE_CHUNK", 3)
+    root = tmp_path / "data"
+    (root / "ok").mkdir(parents=True)
+    for i in range(7):
+        Image.effect_noise((30, 20), 40).convert("RGB").save(root / "ok" / f"{i}.png")
+    add_unreadable_images(root, root / "ok" / "0.png")
+    index = scan(root)
+    results = []
+    for workers in (1, 2):
+        monkeypatch.setenv("AGMAE_HOME", str(tmp_path / f"home-{workers}"))  # a fresh decode cache each
+        results.append(folder.unreadable_images(index, workers=workers, progress=False))
+    assert results[0] == results[1] and len(results[0]) == 4 and all(results[0].values())
