@@ -49,6 +49,7 @@ class Oracle(Discoverer):
         if not masks.is_dir():
             raise UserError(f"oracle masks directory {masks} does not exist; pass masks=DIR (--masks)")
         super().__init__(_NoBackbone(), {"masks": str(masks), "patch": int(patch)})
+        self.failures = {}  # {key: why its mask gave no map}, for the store's /errors
 
     def grid(self, size):
         patch = self.options["patch"]
@@ -57,16 +58,22 @@ class Oracle(Discoverer):
         return (size // patch,) * 2
 
     def compute(self, imgs, keys=None, labels=None):
-        """A missing or unreadable mask gives a NaN map, which the caller records as failed."""
+        """A missing or unreadable mask gives a NaN map, which the caller records as failed with the reason
+        `failures[key]` holds."""
         if keys is None or len(keys) != len(imgs):
             raise UserError("oracle needs the images' dataset keys to find their masks")
         grid = self.grid(imgs.shape[-1])
         maps = torch.full((len(keys), *grid), float("nan"))
         for i, key in enumerate(keys):
+            path = Path(self.options["masks"]) / key
             try:
-                with Image.open(Path(self.options["masks"]) / key) as mask:
+                with Image.open(path) as mask:
                     pixels = np.asarray(mask.convert("L"), dtype=np.float64) / 255.0
-            except OSError:
+            except FileNotFoundError:
+                self.failures[key] = f"missing mask file {path}"
+                continue
+            except OSError as err:
+                self.failures[key] = f"unreadable mask file {path} ({err})"
                 continue
             maps[i] = area_average(torch.from_numpy(pixels), grid).float()
         return maps

@@ -13,8 +13,10 @@ is written last (both via temp file + os.replace): a .npy without its .json is n
 Features are stored as float16 (half the memory at ImageNet scale; cosine similarities move
 by < 1e-3) and a fresh extraction returns the same float16 values a later cache hit will.
 """
+import errno
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +137,21 @@ def readable_index(root, verify_images: bool = True, max_failures: float = 0.001
     return index.without(bad), {index.keys[i]: reason for i, reason in bad.items()}
 
 
+def _cache_error(cache: Path, err: OSError) -> UserError:
+    return UserError(f"{cache}: the feature cache cannot be written ({err.strerror or err}); set AGMAE_HOME "
+                     f"(now {agmae_home()}) to a writable directory, or pass --no-cache")
+
+
+def _writable_cache(cache: Path) -> None:
+    """Refuse a feature cache folder that cannot be created or written."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _cache_error(cache, err) from err
+    if not os.access(cache, os.W_OK):
+        raise _cache_error(cache, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+
+
 def _everyone_agrees(flag: bool, device) -> bool:
     """True only if flag is true on every rank (a rank with a different cache view must not skip work).
 
@@ -200,12 +217,18 @@ class FeatureSource:
             feats = np.load(npy_path, mmap_mode="r")
             if feats.shape[0] == len(index):
                 return FolderFeatures(feats, index, npy_path, unreadable)
+        writes = self.use_cache and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
+        if writes:  # checked before the extraction, which an unwritable cache would throw away
+            _writable_cache(npy_path.parent)
         model = self.encoder()
         feats = extract_features(model, index, image_size_of(self.timm_kwargs), self.pool, self.batch_size,
                                  self.workers, self.device, self.progress, self.precision).numpy().astype(np.float16)
-        if self.use_cache and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-            atomic_write(npy_path, lambda f: np.save(f, feats))
+        if writes:
             meta = {**key, "checkpoint": str(self.checkpoint.resolve()), "shape": list(feats.shape)}
-            atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            try:
+                atomic_write(npy_path, lambda f: np.save(f, feats))
+                atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            except OSError as err:
+                raise _cache_error(npy_path.parent, err) from err
         distributed.barrier()
         return FolderFeatures(feats, index, npy_path if self.use_cache else None, unreadable)

@@ -8,13 +8,22 @@ works as typed.
 import os
 from pathlib import Path
 
+from agmae.errors import UserError
+
 # Preference order when a stage must pick one of several map stores on its own:
 # the paper's best-performing discovery method first.
 METHOD_PREFERENCE = ("tokencut", "dino", "gradcam", "oracle")
 
 
 def agmae_home() -> Path:
-    return Path(os.environ.get("AGMAE_HOME", Path.home() / ".cache" / "agmae")).expanduser()
+    """`AGMAE_HOME`, created if missing; refused in one line where it cannot be a directory."""
+    home = Path(os.environ.get("AGMAE_HOME", Path.home() / ".cache" / "agmae")).expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"AGMAE_HOME={home} cannot be used as agmae's cache directory ({err.strerror}); set "
+                        f"AGMAE_HOME to a directory you can write (unset, it is ~/.cache/agmae)") from err
+    return home
 
 
 def default_run_dir() -> Path:

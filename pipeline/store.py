@@ -248,7 +248,7 @@ class StoreWriter:
     def write(self, start: int, maps, status, errors: Sequence[str] | None = None) -> None:
         """Store one batch at local indices `start ...`. `maps: [b, h, w]` in [0, 1] (clipped,
         quantised to float16), `status: [b]` DONE or FAILED, `errors: [b]` reasons for FAILED.
-        A DONE map that is not finite is stored as FAILED ("non-finite map")."""
+        A DONE map that is not finite is stored as FAILED, with its error if given, else "non-finite map"."""
         maps = np.asarray(maps, dtype=np.float32)
         status = np.asarray(status, dtype=np.uint8).copy()
         errors = list(errors) if errors is not None else [""] * len(status)
@@ -266,7 +266,7 @@ class StoreWriter:
             raise ValueError(f"{self.path}: status must be STATUS_DONE or STATUS_FAILED")
         broken = (status == STATUS_DONE) & ~np.isfinite(maps).all(axis=(1, 2))
         status[broken] = STATUS_FAILED
-        errors = ["non-finite map" if bad else err for bad, err in zip(broken, errors)]
+        errors = ["non-finite map" if bad and not err else err for bad, err in zip(broken, errors)]
         failed = status == STATUS_FAILED
         maps[failed] = 0.0
         stop = start + len(status)

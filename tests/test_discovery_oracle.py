@@ -49,3 +49,38 @@ def test_oracle_missing_mask_gives_a_non_finite_map(demo_root, tmp_path):
     assert torch.isfinite(maps[0]).all() and torch.isnan(maps[1]).all()
     with pytest.raises(ValueError, match="does not exist"):
         discovery.build("oracle", masks=tmp_path / "missing")
+
+
+def test_a_missing_mask_file_is_named_in_the_store(demo_root, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from agmae import store
+    from agmae.cli.discover import main
+
+    masks = tmp_path / "masks"
+    shutil.copytree(demo_root / "masks" / "train", masks)
+    key = scan(demo_root / "train").keys[5]
+    (masks / key).unlink()
+    out = tmp_path / "maps-oracle.h5"
+    result = CliRunner().invoke(main, ["--method", "oracle", "--data", str(demo_root), "--masks", str(masks),
+                                       "--out", str(out), "--image-size", "64", "--workers", "0", "--max-failures", "0.01"])
+    assert result.exit_code == 0, result.output
+    maps = store.open_maps(out)
+    assert maps.counts()["failed"] == 1 and maps.errors[5] == f"missing mask file {masks / key}"
+
+
+def test_an_out_under_a_regular_file_says_so(demo_root, tmp_path):
+    from click.testing import CliRunner
+
+    from agmae.cli.discover import main
+
+    (tmp_path / "runs").write_text("a file")
+    out = tmp_path / "runs" / "maps-oracle.h5"
+    result = CliRunner().invoke(main, ["--method", "oracle", "--data", str(demo_root), "--out", str(out),
+                                       "--image-size", "64", "--workers", "0"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 1 and errors == [
+        f"Error: {out}: its parent {tmp_path / 'runs'} is a file, not a directory; write to a path under a "
+        "directory (--out)"], result.output

@@ -140,3 +140,35 @@ def test_bf16_extraction_follows_fp32_and_is_cached_apart(tiny_checkpoint, image
     cosine = F.cosine_similarity(torch.from_numpy(np.asarray(fast.feats, np.float32)),
                                  torch.from_numpy(np.asarray(exact.feats, np.float32)), dim=1)
     assert cosine.min() > 0.99
+
+
+def test_an_unwritable_feature_cache_names_the_cache_and_agmae_home(tiny_checkpoint, image_folder, tmp_path,
+                                                                   monkeypatch):
+    checkpoint, _ = tiny_checkpoint
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "features").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("AGMAE_HOME", str(home))
+    extracted = []
+    monkeypatch.setattr(features_module, "extract_features", lambda *args, **kwargs: extracted.append(1))
+    with pytest.raises(features_module.UserError, match="the feature cache cannot be written") as err:
+        FeatureSource(checkpoint, workers=0, progress=False).features(image_folder)
+    message = str(err.value)
+    assert str(home / "features") in message and f"AGMAE_HOME (now {home})" in message and "--no-cache" in message
+    assert "--run-dir" not in message and not extracted, "refused before any extraction"
+
+
+def test_a_cache_write_refused_by_the_file_system_names_the_cache(tiny_checkpoint, image_folder, tmp_path,
+                                                                  monkeypatch):
+    checkpoint, _ = tiny_checkpoint
+    monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "home"))
+
+    def read_only(path, write):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(features_module, "atomic_write", read_only)
+    with pytest.raises(features_module.UserError, match=r"features: the feature cache cannot be written "
+                                                        r"\(Read-only file system\); set AGMAE_HOME"):
+        FeatureSource(checkpoint, workers=0, progress=False).features(image_folder)
+    cached = FeatureSource(checkpoint, workers=0, progress=False, use_cache=False).features(image_folder)
+    assert cached.feats.shape == (15, 32) and cached.cache_path is None, "--no-cache still evaluates"

@@ -159,7 +159,9 @@ def compute_store(d, index, out, size, batch_size, workers, shard, overwrite):
                     maps[readable] = d(imgs[readable], keys=[index.keys[i] for i in ids],
                                        labels=torch.as_tensor(index.labels[ids.numpy()]))
                 status = np.where(readable.numpy(), store.STATUS_DONE, store.STATUS_FAILED)
-                writer.write(position, maps.numpy(), status, list(errors))
+                reasons = getattr(d, "failures", {})  # why a method gave no map (oracle: the missing mask file)
+                errors = [err or reasons.pop(index.keys[lo + position + j], "") for j, err in enumerate(errors)]
+                writer.write(position, maps.numpy(), status, errors)
                 position += len(imgs)
                 bar.update(len(imgs))
         return writer.counts()
