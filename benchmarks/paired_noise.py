@@ -5,7 +5,7 @@ with each run's weighted k-NN (k = 20, the demo's headline metric: mean-pooled b
 run and test split, the difference of their top-1 accuracies, the share of test images on which exactly one of
 them is right, and the standard error of the difference that this disagreement implies, sqrt((d − Δ²) / n) for
 paired proportions. A per-seed difference within about two standard errors says nothing on its own
-(docs/CALIBRATION.md, lever 6). Each run's features are extracted once, whatever the number of splits.
+(docs/results/README.md). Each run's features are extracted once, whatever the number of splits.
 
     python benchmarks/paired_noise.py GUIDED_RUN... VANILLA_RUN [--data DEMO_ROOT] [--test-split original ...]
 """

@@ -1,7 +1,7 @@
 """Everything a training run depends on, each field defined once: `agmae-train`'s options are generated
 from these fields (`agmae.options`), and a Python caller's values pass the same validation.
 
-Fields left None take a recipe's value: the demo dataset's calibration when the data is the built-in
+Fields left None take a recipe's value: the demo dataset's recipe when the data is the built-in
 demo dataset, MAE's ImageNet recipe otherwise (`RECIPES`, docs/METHOD.md#the-mae).
 """
 from dataclasses import dataclass, replace

@@ -25,7 +25,7 @@ MODELS: dict[str, dict] = {
     for size, (dim, depth, heads) in _VIT_SIZES.items()
     for patch in (16, 14, 8)
 }
-# The demo dataset's calibrated model (docs/CALIBRATION.md, lever 2): 64-px images, an 8x8 grid, width 128,
+# The demo dataset's model (docs/METHOD.md#the-mae): 64-px images, an 8x8 grid, width 128,
 # 4 blocks and a 1-block decoder, 3.5x cheaper per image than the earlier 192-wide, 6-block demo MAE
 # (--embed-dim 192 --depth 6 --num-heads 3 --decoder-embed-dim 128 --decoder-depth 2 --decoder-num-heads 4),
 # on which guidance separated from vanilla no earlier.
