@@ -1,0 +1,87 @@
+"""Serial against joblib-parallel CPU work, measured in one run: the image check (`unreadable_images`,
+joblib's process workers) and the demo dataset build (`ensure_demo`, joblib threads). Each is timed with
+workers=1 (in this process) and with --workers, from a cold start (a fresh AGMAE_HOME, so no cached decode
+check and no cached build), --repeats times; the best time of each counts. It prints both times and the
+speed-up ratio, and checks that both paths produced the same result.
+
+    python benchmarks/joblib_bench.py [--workers N] [--n-train 10000] [--n-test 10000] [--repeats 3]
+"""
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from agmae.data import demo, folder
+
+
+def _best_time(work, repeats: int, workdir: Path, name: str):
+    """(best seconds, result of the last run) of `work(home)`, each run in a fresh AGMAE_HOME."""
+    best, result = float("inf"), None
+    for repeat in range(repeats):
+        home = workdir / f"{name}-{repeat}"
+        os.environ["AGMAE_HOME"] = str(home)
+        started = time.perf_counter()
+        result = work(home)
+        best = min(best, time.perf_counter() - started)
+        shutil.rmtree(home)
+    return best, result
+
+
+def _digest(root: Path) -> str:
+    """SHA-256 over every file of a demo build (relative path and bytes), in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _row(name: str, serial: float, parallel: float, workers: int, same: bool) -> str:
+    return (f"{name:<13} serial {serial:8.2f} s   joblib x{workers} {parallel:8.2f} s   "
+            f"speed-up {serial / parallel:5.2f}x   same result: {same}")
+
+
+@click.command()
+@click.option("--workers", type=click.IntRange(min=2), default=len(os.sched_getaffinity(0)), show_default=True,
+              help="Workers of the parallel runs (the serial runs use 1).")
+@click.option("--n-train", type=click.IntRange(min=10), default=10000, show_default=True,
+              help="Training images of the demo build (each test split holds --n-test).")
+@click.option("--n-test", type=click.IntRange(min=10), default=10000, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Cold runs of each path; the fastest counts.")
+def main(workers, n_train, n_test, repeats):
+    workdir = Path(tempfile.mkdtemp(prefix="joblib_bench-"))
+    saved_home = os.environ.get("AGMAE_HOME")
+    try:
+        def build(n_jobs):
+            return lambda home: _digest(demo.ensure_demo(n_train=n_train, n_test=n_test, workers=n_jobs))
+
+        build_serial, serial_digest = _best_time(build(1), repeats, workdir, "build-serial")
+        build_parallel, parallel_digest = _best_time(build(workers), repeats, workdir, "build-parallel")
+
+        os.environ["AGMAE_HOME"] = str(workdir / "images")
+        index = folder.scan(demo.ensure_demo(n_train=n_train, n_test=n_test, workers=workers) / "train")
+
+        def check(n_jobs):
+            return lambda home: folder.unreadable_images(index, workers=n_jobs, progress=False)
+
+        check_serial, serial_bad = _best_time(check(1), repeats, workdir, "check-serial")
+        check_parallel, parallel_bad = _best_time(check(workers), repeats, workdir, "check-parallel")
+    finally:
+        if saved_home is None:
+            os.environ.pop("AGMAE_HOME", None)
+        else:
+            os.environ["AGMAE_HOME"] = saved_home
+        shutil.rmtree(workdir)
+    print(f"{len(os.sched_getaffinity(0))} CPUs; demo build of 2 x {n_train} + 3 x {n_test} images and their masks; "
+          f"image check of its {len(index)} train images in tasks of {folder.DECODE_CHUNK}; best of {repeats}")
+    print(_row("image check", check_serial, check_parallel, workers, serial_bad == parallel_bad))
+    print(_row("demo build", build_serial, build_parallel, workers, serial_digest == parallel_digest))
+
+
+if __name__ == "__main__":
+    main()
