@@ -134,7 +134,15 @@ def readable_index(root, verify_images: bool = True, max_failures: float = 0.001
         raise UserError(f"{index.root}: {len(bad)} of {len(index)} images cannot be read (e.g. "
                          f"{index.keys[first]}: {bad[first]}), more than --max-failures {max_failures:g}; "
                          "fix or remove them, or raise --max-failures")
-    return index.without(bad), {index.keys[i]: reason for i, reason in bad.items()}
+    readable = index.without(bad)
+    images_per_class = np.bincount(readable.labels, minlength=len(index.classes))
+    for label in np.flatnonzero(images_per_class == 0):
+        name = index.classes[label]
+        example = next(i for i in bad if index.labels[i] == label)
+        count = int((index.labels == label).sum())
+        raise UserError(f"{index.root / name}: class {name} has no readable image (all {count} cannot be read, e.g. "
+                        f"{index.keys[example]}: {bad[example]}); fix them, or move the class folder out of every split")
+    return readable, {index.keys[i]: reason for i, reason in bad.items()}
 
 
 def _cache_error(cache: Path, err: OSError) -> UserError:

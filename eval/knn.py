@@ -43,6 +43,15 @@ def clamp_k(k: int, bank_size: int) -> int:
     return k
 
 
+def check_bank_labels(labels, protocol: str = "k-NN") -> None:
+    """Refuse a bank (or probe training set) whose labels hold fewer than two classes: every query would be
+    right by construction."""
+    classes = labels_tensor(labels).unique().tolist()
+    if len(classes) < 2:
+        raise UserError(f"{protocol} needs a bank of at least two classes, got {len(classes)} (labels {classes}); "
+                        "with one class every query is right by construction: add images of other classes")
+
+
 def nearest_neighbours(
     train_feats, test_feats, k: int, *, query_chunk: int = QUERY_CHUNK, bank_block: int = BANK_BLOCK,
     progress: bool = False,
@@ -95,6 +104,7 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes: int, k: int 
     k > N is clamped to N with a warning. `chunking`: query_chunk, bank_block, progress.
     Returns scores: [M, num_classes] float32 (sum over the k neighbours of exp(cos / T) per class).
     """
+    check_bank_labels(train_labels)
     sims, indices = nearest_neighbours(train_feats, test_feats, k, **chunking)
     return vote(sims, labels_tensor(train_labels)[indices], num_classes, T)
 
@@ -135,6 +145,7 @@ def knn_evaluate(train_feats, train_labels, test_feats, test_labels, num_classes
     Returns {"k=10": {"top1": .., "top5": ..}, ...}; a k above the bank size is clamped (warning),
     so its key still names the k asked for.
     """
+    check_bank_labels(train_labels)
     sims, indices = nearest_neighbours(train_feats, test_feats, max(ks), **chunking)
     neighbour_labels = labels_tensor(train_labels)[indices]
     return {

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from agmae.data.folder import ImageFolderIndex
 from agmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from agmae.eval.features import FolderImages, pool_tokens
-from agmae.eval.knn import topk_accuracy
+from agmae.eval.knn import check_bank_labels, topk_accuracy
 
 AUGMENTED_MODE = "augmented (RandomResizedCrop + flip)"
 CACHED_MODE = "cached-features (no augmentation)"
@@ -110,6 +110,7 @@ def train_probe_cached(train_feats, train_labels, num_classes: int, *, epochs: i
     The batch is capped at N; the last incomplete batch of an epoch is dropped (as MAE's loader does).
     """
     labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    check_bank_labels(labels, "the linear probe")
     num_items = len(labels)
     batch_size = min(batch_size, num_items)
     batches_per_epoch = num_items // batch_size
@@ -141,6 +142,7 @@ def train_probe_augmented(encoder, index: ImageFolderIndex, image_size: int, num
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+    check_bank_labels(index.labels, "the linear probe")
     dataset = FolderImages(index, transform)
     distributed = torch.distributed.is_initialized()
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if distributed else None

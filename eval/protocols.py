@@ -174,8 +174,10 @@ class Evaluation:
                              started, table, {split: self.features(split).unreadable for split in splits})
 
     def bank_and_queries(self, protocol: str):
-        """(train features, test features), the classes checked to agree."""
+        """(train features, test features): the train split checked to have two classes or more, the test split's
+        classes checked to be the train split's (on every rank, so that none waits for one that refused)."""
         train, test = self.features(self.train_split), self.features(self.test_split)
+        robustness.check_classes(train.index, protocol)
         robustness.check_same_classes(train.index, {self.test_split: test.index}, protocol)
         return train, test
 
@@ -183,10 +185,9 @@ class Evaluation:
 def run_knn(ev: Evaluation, opts: KnnOptions) -> Outcome | None:
     """Weighted k-NN (DINO protocol): top-1/top-5 for each k; k=20 is the headline."""
     started = time.time()
-    train, test = ev.features(ev.train_split), ev.features(ev.test_split)
+    train, test = ev.bank_and_queries("k-NN")
     if not ev.env.is_main:
         return None
-    robustness.check_same_classes(train.index, {ev.test_split: test.index}, "k-NN")
     results = knn.knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels,
                                len(train.index.classes), ks=opts.ks, T=opts.temperature, progress=True)
     table = format_table(["k", "top-1", "top-5"],
@@ -225,10 +226,9 @@ def run_linear(ev: Evaluation, opts: ProbeOptions) -> Outcome | None:
 def run_retrieval(ev: Evaluation) -> Outcome | None:
     """Retrieval of the train split by each test image: mAP, Recall@1, Recall@5 (same class = relevant)."""
     started = time.time()
-    train, test = ev.features(ev.train_split), ev.features(ev.test_split)
+    train, test = ev.bank_and_queries("retrieval")
     if not ev.env.is_main:
         return None
-    robustness.check_same_classes(train.index, {ev.test_split: test.index}, "retrieval")
     results = retrieval.retrieval_metrics(train.feats, train.index.labels, test.feats, test.index.labels)
     table = format_table(["mAP", "R@1", "R@5"], [[results["mAP"], results["R@1"], results["R@5"]]])
     options = dict(train_split=ev.train_split, test_split=ev.test_split, relevance="same class")
@@ -248,6 +248,7 @@ def run_robustness(ev: Evaluation, splits, knn_opts: KnnOptions, probe_opts: Pro
     if not names:
         raise UserError(f"no robustness splits under {ev.root}; pass --splits NAME (repeatable)")
     train = ev.features(ev.train_split)
+    robustness.check_classes(train.index, "robustness")
     features = {name: ev.features(name) for name in names}
     clean_fg = clean_fg and ev.has_split(robustness.CLEAN_FG_BANK) and robustness.CLEAN_FG_QUERIES in features
     clean_fg_bank = ev.features(robustness.CLEAN_FG_BANK) if clean_fg else None
@@ -292,6 +293,7 @@ def run_finetune(checkpoint, root, train_split: str, test_split: str | None, opt
     tests = {name: index_of(name) for name in dict.fromkeys([test_split, *robustness.DEMO_SPLITS])
              if name == test_split or (root / name).is_dir()}
     train_index = index_of(train_split)
+    robustness.check_classes(train_index, "fine-tuning")
     robustness.check_same_classes(train_index, tests, "fine-tuning")
     tuning = finetune.FineTuning(checkpoint, train_index, opts, Path(run_dir) / "finetune", env=env, device=device)
     model = tuning.run()
@@ -336,6 +338,10 @@ def run_attention(root, split: str, stores, opts: AttentionOptions) -> Outcome:
         if unknown:
             raise UserError(f"{path}: {len(unknown)} keys (e.g. {sorted(unknown)[0]}) are not images of "
                              f"{root / split}; pass the store computed on this split")
+        counts = store.counts()
+        if not counts["done"]:
+            raise UserError(f"{path}: no finished map to score ({counts['failed']} failed, {counts['pending']} "
+                            "pending); finish it (re-run its agmae-discover, which resumes) or pass another --maps")
         scores = attention.evaluate_store(store, mask_of, progress=True)
         name = f"{store.attrs['method']} ({Path(path).name})"
         results[name] = dict(path=str(Path(path).resolve()), method=store.attrs["method"],

@@ -9,7 +9,7 @@ Queries are ranked in chunks sized so one chunk's full ranking fits `max_chunk_e
 """
 import torch
 
-from agmae.eval.knn import BANK_BLOCK, labels_tensor, normalised_rows
+from agmae.eval.knn import BANK_BLOCK, check_bank_labels, labels_tensor, normalised_rows
 from agmae.errors import UserError
 
 RECALL_AT = (1, 5)
@@ -26,6 +26,7 @@ def retrieval_metrics(train_feats, train_labels, test_feats, test_labels, recall
     bank_size, num_queries = len(train_feats), len(test_feats)
     if bank_size == 0 or num_queries == 0:
         raise UserError(f"retrieval needs a non-empty bank and query set, got {bank_size} and {num_queries}")
+    check_bank_labels(train_labels, "retrieval")
     bank_labels, query_labels = labels_tensor(train_labels), labels_tensor(test_labels)
     chunk = max(1, max_chunk_elements // bank_size)
     ap_sum, scored = 0.0, 0

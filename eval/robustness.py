@@ -29,6 +29,15 @@ def check_same_classes(reference, others: dict, protocol: str = "robustness") ->
                 "an image or remove it from both)")
 
 
+def check_classes(index, protocol: str) -> None:
+    """index: ImageFolderIndex of a k-NN bank or a probe's training split. Refuse fewer than two classes, on which
+    every query is right by construction (a one-class split scores 100 %)."""
+    if len(index.classes) < 2:
+        raise UserError(f"{index.root} has {len(index.classes)} class folder ({', '.join(index.classes)}); {protocol} "
+                        "needs at least two, since with one every query is right by construction: add the other "
+                        "classes' folders (ROOT/<split>/<class>/<image>)")
+
+
 def knn_top1(bank, queries, num_classes: int, k: int, T: float) -> float:
     """bank, queries: FolderFeatures; top-1 percent of weighted k-NN."""
     scores = knn_predict(bank.feats, bank.index.labels, queries.feats, num_classes, k=k, T=T)
@@ -45,6 +54,7 @@ def robustness_results(train, splits: dict, *, probe=None, clean_fg_bank=None, k
     Returns {"splits": {name: {"knn_top1", "linear_top1"}}, "bg_gap": {...} (only with
     mixed-same and mixed-rand), "clean_fg_knn_top1": float (only with train-fg and only-fg)}.
     """
+    check_classes(train.index, "robustness")
     check_same_classes(train.index, {name: split.index for name, split in splits.items()})
     num_classes = len(train.index.classes)
     per_split = {}
