@@ -16,14 +16,16 @@ import click
 from agmae import distributed
 from agmae.data import demo
 from agmae.data.folder import scan, split_folder
-from agmae.eval import attention, finetune, knn, linear, retrieval, robustness
+from agmae.eval import attention, finetune, knn, linear, retrieval, robustness, segment
 from agmae.eval.features import POOLS, FeatureSource, image_size_of, readable_index
 from agmae.eval.finetune import FinetuneOptions
+from agmae.eval.segment import SegmentOptions
 from agmae.eval.report import format_table, update_results
 from agmae.options import (POSITIVE, POSITIVE_INT, device_option, max_failures_option, option, precision_option,
                            seed_option, validate, verify_images_option, workers_option)
 from agmae.hardware import INFERENCE_PRECISIONS
 from agmae.store import open_maps
+from agmae.checkpoint import file_sha256
 from agmae.errors import UserError
 
 
@@ -365,3 +367,29 @@ def run_attention(root, split: str, stores, opts: AttentionOptions) -> Outcome:
 def record(run_dir, outcome: Outcome) -> Path:
     """Write the outcome's entry under its key of RUN_DIR/results.json (atomically); returns the file."""
     return update_results(run_dir, outcome.key, outcome.entry)
+
+
+def segment_splits(root, requested=()) -> list[str]:
+    """The dense probe's test splits: those requested, else the background splits with masks under ROOT."""
+    return list(requested) or [name for name in robustness.DEMO_SPLITS if has_masks(root, name)]
+
+
+def run_segment(checkpoint, root, train_split: str, splits, features: FeatureOptions, opts: SegmentOptions,
+                env=None, device="cpu") -> Outcome | None:
+    """Dense linear probe on the frozen patch tokens (fg/bg and per-class foreground), trained on the train
+    split's masks: mIoU on each test split (eval/segment.py). Runs on rank 0."""
+    started, root, env = time.time(), Path(root), env or distributed.DistEnv()
+    if not env.is_main:
+        return None
+    names = segment_splits(root, splits)
+    if not names:
+        raise UserError(f"no test split with masks under {root} (ROOT/masks/<split>); pass --splits NAME")
+    done = segment.evaluate(checkpoint, root, train_split, names, features, opts, device)
+    results = done["results"]
+    table = format_table(["split", "fg/bg mIoU", "per-class mIoU"],
+                         [[name, results["fg"]["splits"][name]["miou"], results["classes"]["splits"][name]["miou"]]
+                          for name in names])
+    options = dict(**asdict(opts), train_split=train_split, splits=names, grid=list(done["grid"]),
+                   precision=done["precision"], scored="pixels, each its patch's class")
+    return build_outcome("segment", checkpoint, file_sha256(checkpoint), root, done["indices"], options, results,
+                         started, table, done["unreadable"])

@@ -18,6 +18,7 @@ from agmae.cli.errors import environment_error
 from agmae.data import demo
 from agmae.eval import protocols
 from agmae.eval.protocols import AttentionOptions, FeatureOptions, FinetuneOptions, KnnOptions, ProbeOptions
+from agmae.eval.segment import SegmentOptions
 from agmae import options
 from agmae.options import click_option, click_options, compose, run_dir_option
 from agmae.paths import default_run_dir, last_checkpoint
@@ -207,6 +208,22 @@ def finetune(**opts):
                                                  opts["test_split"], finetune_opts, command.run_dir,
                                                  command.env, command.device)],
          opts, finetune_opts.device)
+
+
+@main.command()
+@checkpoint_option
+@run_dir_opt
+@dataset_options
+@splits_option
+@click_options(FeatureOptions, exclude=("pool", "no_cache"))
+@click_options(SegmentOptions)
+def segment(**opts):
+    """Dense linear probe on the frozen patch tokens (fg/bg and per-class foreground), trained on the train
+    split's masks, mIoU on each test split; needs ROOT/masks/<split>. Not part of `all`."""
+    features, segment_opts, splits = _take(opts, FeatureOptions), _take(opts, SegmentOptions), opts.pop("splits")
+    _run([lambda command: protocols.run_segment(command.checkpoint, command.root, opts["train_split"], splits,
+                                                features, segment_opts, command.env, command.device)],
+         opts, features.device)
 
 
 @main.command(name="all")
