@@ -8,8 +8,11 @@ classic mistake this module exists to avoid.
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
+
+from agmae.data.folder import DECODE_ERRORS, EXIF_ORIENTATION, UnreadableImageError, load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +44,11 @@ class JointRandomResizedCrop:
     `__call__(img: PIL.Image) -> (img: [3, S, S] normalised, box: [4], flip: bool)`; box is
     (x0, y0, x1, y1) of the crop relative to the whole image, in [0, 1]. Hand box and flip to
     `crop_maps` to cut the same region out of the image's attention map.
+
+    `crop_file(path)` is the training loader's path: the same draws (box and flip) as
+    torchvision's `RandomResizedCrop` + `RandomHorizontalFlip` from torch's global generator, a
+    JPEG decoded at a reduced scale where the crop allows it (`draft_scale`), and the crop returned
+    as uint8, to be normalised on the device by `normalise_images`.
     """
 
     def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -49,20 +57,94 @@ class JointRandomResizedCrop:
         self.ratio = tuple(ratio)
         self.to_tensor = NormalisedTensor(mean, std)
 
-    def __call__(self, img):
-        width, height = img.size
-        top, left, crop_h, crop_w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
-        img = TF.resized_crop(img, top, left, crop_h, crop_w, [self.size, self.size], BICUBIC)
-        flip = bool(torch.rand(1) < 0.5)
-        if flip:
-            img = TF.hflip(img)
-        box = torch.tensor(
+    def draw(self, width: int, height: int) -> tuple[int, int, int, int, bool]:
+        """(top, left, crop_h, crop_w, flip) for a width x height image: torchvision's draws, in its order."""
+        shape_only = torch.empty(0, height, width)  # get_params reads only the size
+        top, left, crop_h, crop_w = T.RandomResizedCrop.get_params(shape_only, self.scale, self.ratio)
+        return top, left, crop_h, crop_w, bool(torch.rand(1) < 0.5)
+
+    def _box(self, width, height, top, left, crop_h, crop_w) -> torch.Tensor:
+        return torch.tensor(
             [left / width, top / height, (left + crop_w) / width, (top + crop_h) / height], dtype=torch.float32
         )
-        return self.to_tensor(img), box, flip
+
+    def _crop(self, img, top, left, crop_h, crop_w, flip):
+        img = TF.resized_crop(img, top, left, crop_h, crop_w, [self.size, self.size], BICUBIC)
+        return TF.hflip(img) if flip else img
+
+    def __call__(self, img):
+        width, height = img.size
+        top, left, crop_h, crop_w, flip = self.draw(width, height)
+        img = self._crop(img, top, left, crop_h, crop_w, flip)
+        return self.to_tensor(img), self._box(width, height, top, left, crop_h, crop_w), flip
+
+    def draft_scale(self, crop_h: int, crop_w: int) -> int:
+        """The largest JPEG decoding reduction (1, 2, 4 or 8) at which the crop still has at least the output's
+        pixels on each side, so its resampling stays a downscale."""
+        return next((s for s in (8, 4, 2) if min(crop_h, crop_w) >= s * self.size), 1)
+
+    def crop_file(self, path, draft: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(uint8 [3, S, S] crop, box, flip) of the image file at `path`; raises UnreadableImageError.
+
+        An RGB or grey JPEG without an EXIF rotation whose crop allows it (`draft_scale` > 1, with `draft`)
+        is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling, and the box, in those coordinates, is
+        resampled from it: those pixels differ from a full decode's by the two resamplings' difference
+        (tests/test_transforms.py bounds it). Every other image is decoded in full (`load_rgb`) and cropped
+        as `__call__` does, to the same pixels.
+        """
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+                if img.format != "JPEG" or img.mode not in ("RGB", "L") or \
+                        img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    raise _FullDecode
+                top, left, crop_h, crop_w, flip = self.draw(width, height)
+                scale = self.draft_scale(crop_h, crop_w) if draft else 1
+                if scale == 1:
+                    img.load()
+                    out = self._crop(rgb(img), top, left, crop_h, crop_w, flip)
+                else:
+                    reduced = width / img.draft("RGB", (width // scale, height // scale))[1][2]
+                    img.load()
+                    box = (left / reduced, top / reduced, (left + crop_w) / reduced, (top + crop_h) / reduced)
+                    out = rgb(img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box))
+                    if flip:
+                        out = TF.hflip(out)
+                return uint8_tensor(out), self._box(width, height, top, left, crop_h, crop_w), flip
+        except _FullDecode:
+            pass
+        except DECODE_ERRORS as err:
+            raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+        img = load_rgb(path)
+        width, height = img.size
+        top, left, crop_h, crop_w, flip = self.draw(width, height)
+        return (uint8_tensor(self._crop(img, top, left, crop_h, crop_w, flip)),
+                self._box(width, height, top, left, crop_h, crop_w), flip)
 
     def __repr__(self):
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class _FullDecode(Exception):
+    """Raised inside crop_file's fast path for an image it does not take: decode it in full instead."""
+
+
+def rgb(img):
+    """An RGB or grey ("L") image as RGB, without a copy when it is RGB already."""
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def uint8_tensor(img) -> torch.Tensor:
+    """An 8-bit RGB PIL image as a contiguous uint8 `[3, H, W]` tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def normalise_images(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 `[B, 3, H, W]` (on any device) -> float32 normalised: NormalisedTensor's operations in its order,
+    so the same values bit for bit; run on the device, it keeps float work and 4x the bytes out of the loader."""
+    mean = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return images.float().div(255).sub_(mean).div_(std)
 
 
 def crop_maps(maps, boxes, flips, out_hw):

@@ -5,6 +5,9 @@ seeded by (seed, epoch, index), so a sample is the same whichever process, worke
 position handles it: resuming mid-run and splitting a batch over ranks both reproduce a
 single uninterrupted run exactly.
 
+The image is returned as a uint8 crop (JPEGs decoded at a reduced scale where the crop allows it,
+`JointRandomResizedCrop.crop_file`); the training step normalises the batch on its device with
+`data.transforms.normalise_images`, to the values torchvision's ToTensor + Normalize give.
 The map is returned uncropped, at the store's resolution; `CropMapsCollate` crops the whole
 batch onto the patch grid at once with `data.transforms.crop_maps`, using the box and flip
 returned here, inside the loader's workers (off the training step's critical path).
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from agmae.data.folder import ImageFolderIndex, UnreadableImageError, load_rgb
+from agmae.data.folder import ImageFolderIndex, UnreadableImageError
 from agmae.data.transforms import JointRandomResizedCrop, crop_maps
 from agmae.store import STATUS_DONE, MapStore, open_maps, validate
 from agmae.errors import UserError
@@ -59,7 +62,7 @@ def check_store(path, index: ImageFolderIndex, require_maps: bool = False,
 class GuidedMAEDataset(Dataset):
     """Items are addressed by `(epoch, index)` (see `EpochSampler`) and are dicts:
 
-    - `img`: [3, S, S] normalised crop, `box`: [4] (x0, y0, x1, y1) relative to the whole image,
+    - `img`: [3, S, S] uint8 crop (normalise with `normalise_images`), `box`: [4] (x0, y0, x1, y1) relative to the whole image,
       `flip`: bool, `noise`: [L] masking noise in [0, 1)
     - with a store: `map`: [h, w] float32 raw map (zeros when the image has no map, which is
       uniform weights and random masking, i.e. plain MAE for that image) and `has_map`: bool
@@ -93,14 +96,13 @@ class GuidedMAEDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         epoch, i = item[0], int(self.positions[item[1]])
-        try:
-            image = load_rgb(self.index.path(i))
-        except UnreadableImageError:  # became unreadable after the check: skipped by the collate
-            return {"unreadable": self.index.keys[i]}
         # The transform draws from torch's global generator; seed it per sample and put it back after.
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
-            img, box, flip = self.transform(image)
+            try:
+                img, box, flip = self.transform.crop_file(self.index.path(i))
+            except UnreadableImageError:  # became unreadable after the check: skipped by the collate
+                return {"unreadable": self.index.keys[i]}
             noise = torch.rand(self.num_patches)
         sample = {"img": img, "box": box, "flip": flip, "noise": noise}
         if self.maps_path is not None:

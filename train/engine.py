@@ -2,31 +2,33 @@
 
 Determinism: model initialisation follows `seed`; every per-sample random choice (crop, flip,
 masking noise) follows (seed, epoch, index) (train/dataset.py); the sampler's order follows
-(seed, epoch). A run resumed from an epoch checkpoint therefore continues exactly as the
-uninterrupted run would have, and N ranks with batch B reproduce one process with batch N*B.
+(seed, epoch). A run resumed from a checkpoint therefore continues exactly as the uninterrupted
+run would have, and N ranks with batch B reproduce one process with batch N*B. Checkpoints are
+written at epoch ends, and mid-epoch when the run is preempted (SIGTERM, SIGUSR1: `agmae.preemption`),
+with the sampler's position, so the resumed run continues mid-epoch.
+
+The scaffold around the loop (the run directory's lock, seeding, the resume's identity check, AMP,
+DDP, accumulation, the divergence guard) is `agmae.training`, shared with fine-tuning.
 """
+import itertools
 import json
 import os
-import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import agmae
 from agmae.data.folder import scan, unreadable_images
-from agmae import distributed
+from agmae.data.transforms import normalise_images
+from agmae import distributed, preemption, training
 from agmae.checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint, weights_sha256
-from agmae.hardware import autocast_dtype, resolve_precision
+from agmae.distributed import mean_over_ranks, sum_over_ranks
 from agmae.paths import last_checkpoint
 from agmae.train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
 from agmae.train.loss import foreground_weight_share, guided_mae_loss
@@ -35,6 +37,7 @@ from agmae.train.masking import masking_noise
 from agmae.train.model import MaskedAutoencoderViT, create_model
 from agmae.train.schedules import lr_at, tau_at
 from agmae.errors import UserError
+from agmae.training import DivergedError as NonFiniteLossError
 
 ADAMW_BETAS = (0.9, 0.95)
 LR_REFERENCE_BATCH = 256
@@ -52,51 +55,18 @@ EXECUTION_SETTINGS = frozenset({"data", "train_split", "out", "maps", "init_from
                                 "accum_iter", "world_size", "precision", "version"})
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before touching any checkpoint."""
+class ResumableSampler(EpochSampler):
+    """An EpochSampler whose epoch may start at a sample position: a run resumed mid-epoch skips what it trained
+    without loading it (every sample is a function of (seed, epoch, index), whoever loads it)."""
 
+    start = 0
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
 
-
-def _rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np_state = state["numpy"]
-    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    random.setstate(state["python"])
-
-
-def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized():
-        return value
-    value = value.clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
-
-
-def _sum_over_ranks(value: float, device: torch.device) -> float:
-    if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor.item())
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
 
 
 def _describe(store_identity: dict | None) -> str:
@@ -120,7 +90,7 @@ class Trainer:
         cfg = cfg.resolved()
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = Path(cfg.out)
-        seed_everything(cfg.seed)
+        training.seed_everything(cfg.seed)
         self.images = cfg.image_folder()
         self.index = scan(self.images)
         self.unreadable = self._unreadable_images()
@@ -142,7 +112,7 @@ class Trainer:
         input_size = self.model.encoder_kwargs["img_size"]
         positions = [i for i in range(len(self.index)) if i not in self.unreadable]
         dataset = GuidedMAEDataset(self.index, input_size, self.model.num_patches, cfg.seed, cfg.maps, positions)
-        self.sampler = EpochSampler(DistributedSampler(
+        self.sampler = ResumableSampler(DistributedSampler(
             dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True))
         self.loader = DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
@@ -163,8 +133,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups_weight_decay(self.model, cfg.weight_decay, no_weight_decay_list=self.model.no_weight_decay()),
             lr=self.lr, betas=ADAMW_BETAS)
-        self.amp_dtype = autocast_dtype(resolve_precision(cfg.precision, device, training=True))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.optimization = training.Optimization(self.model, self.optimizer, env, device, cfg.precision,
+                                                  cfg.accum_iter, cfg.clip_grad)
+        self.amp_dtype = self.optimization.amp_dtype
         self.config = {
             **asdict(cfg),
             "input_size": input_size,
@@ -178,10 +149,13 @@ class Trainer:
             "amp_dtype": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32",
             "version": agmae.__version__,
         }
+        self.guard = training.LossGuard(self.checkpoint_path, "lower --blr or set --clip-grad")
         self.start_epoch, self.step, self.epoch = 0, 0, 0
+        # a run preempted mid-epoch resumes at micro-batch start_position of start_epoch, with its running totals
+        self.start_position, self.start_totals = 0, None
+        self.window_weight, self.preempted, self.saved_epoch = 0.0, False, None
         self.resumed_from = self._resume()
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-                    if env.distributed else self.model)
+        self.ddp = self.optimization.wrapped
         if cfg.compile:  # compiled around DDP, so that its gradient buckets split the graph (DDPOptimizer)
             self.ddp = torch.compile(self.ddp)
 
@@ -228,11 +202,12 @@ class Trainer:
         state = load_checkpoint(path)
         self._check_same_run(path, state["config"])
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
+        self.optimization.load_state_dict(state)
         self.start_epoch, self.step = state["epoch"], state["step"]
-        _set_rng_state(state["rng"])
+        self.start_position, self.start_totals = state["sampler"].get("position", 0), state.get("epoch_totals")
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
+        training.set_rng_state(state["rng"])
         return path
 
     def _check_same_run(self, path: Path, recorded: dict) -> None:
@@ -247,28 +222,42 @@ class Trainer:
                 f"{path}: started from the weights of {recorded.get('init_from') or 'its own initialisation'}, this "
                 f"run from {self.cfg.init_from or 'its own initialisation'} (other weights); resume with the same "
                 f"--init-from or write to another --out")
-        for name in sorted(set(self.config) - EXECUTION_SETTINGS):
-            if recorded.get(name) != self.config[name]:
-                raise UserError(
-                    f"{path}: was trained with --{name.replace('_', '-')} {recorded.get(name)!r}, this run has "
-                    f"{self.config[name]!r}; resume with the settings it was trained with, or train the new "
-                    f"settings into another --out")
+        for name in training.changed_settings(recorded, self.config, EXECUTION_SETTINGS)[:1]:
+            raise UserError(
+                f"{path}: was trained with --{name.replace('_', '-')} {recorded.get(name)!r}, this run has "
+                f"{self.config[name]!r}; resume with the settings it was trained with, or train the new "
+                f"settings into another --out")
 
-    def _save(self, epoch: int) -> None:
+    def _save(self, epoch: int, position: int = 0, totals: dict | None = None) -> None:
+        """Save after `epoch` whole epochs and `position` micro-batches of the next (with their running totals)."""
         atomic_save(
             {
                 "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
+                **self.optimization.state_dict(),
                 "epoch": epoch,
                 "step": self.step,
-                "rng": _rng_state(),
-                "sampler": {"epoch": epoch, "seed": self.cfg.seed},
+                "rng": training.rng_state(),
+                "sampler": {"epoch": epoch, "seed": self.cfg.seed, "position": position},
+                "epoch_totals": totals,
+                "guard": self.guard.state_dict(),
                 "config": self.config,
                 "version": agmae.__version__,
             },
             self.checkpoint_path,
         )
+        self.saved_epoch = None if position else epoch
+
+    def _preempt(self, epoch: int, position: int = 0, totals: dict | None = None):
+        """Save a resumable state (unless this epoch's end was just saved) and raise Preempted on every rank."""
+        where = f"epoch {epoch + 1}, micro-batch {position}" if position else f"the end of epoch {epoch}"
+        message = (f"{preemption.signal_name() or 'preempted'}: saved {self.checkpoint_path} at {where}; run the "
+                   f"same command to resume (exit code {preemption.PREEMPTED})")
+        if self.env.is_main:
+            if position or self.saved_epoch != epoch:
+                self._save(epoch, position, totals)
+            tqdm.write(message)
+        distributed.barrier()
+        raise preemption.Preempted(message)
 
     def _kept_path(self, epoch: int) -> Path | None:
         """checkpoint-<epoch>.pth where `--keep-every` keeps this epoch, else None."""
@@ -322,25 +311,30 @@ class Trainer:
             if self.init_weights and not self.resumed_from:
                 tqdm.write(f"started from the weights of {self.cfg.init_from}")
             if self.resumed_from:
-                tqdm.write(f"resumed from {self.resumed_from} at epoch {self.start_epoch}")
+                within = f", micro-batch {self.start_position}" if self.start_position else ""
+                tqdm.write(f"resumed from {self.resumed_from} at epoch {self.start_epoch}{within}")
                 # a run killed between saving a kept epoch and keeping it resumes from exactly that file
                 missed = self._kept_path(self.start_epoch)
-                if missed is not None and not missed.exists() and self.resumed_from == self.checkpoint_path:
+                if (missed is not None and not missed.exists() and self.resumed_from == self.checkpoint_path
+                        and not self.start_position):
                     self._keep(missed)
         record = None
         try:
-            for epoch in range(self.start_epoch, self.cfg.epochs):
-                record = self._train_one_epoch(epoch, tensorboard)
-                if self.env.is_main:
-                    self._log_epoch(record, tensorboard)
-                    tqdm.write(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f}, "
-                               f"lr {record['lr']:.2e}, {record['imgs_per_s']:.0f} imgs/s")
-                    kept = self._kept_path(epoch + 1)
-                    if kept or (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
-                        self._save(epoch + 1)
-                    if kept:
-                        self._keep(kept)
-                distributed.barrier()
+            with preemption.notice():
+                for epoch in range(self.start_epoch, self.cfg.epochs):
+                    record = self._train_one_epoch(epoch, tensorboard)
+                    if self.env.is_main:
+                        self._log_epoch(record, tensorboard)
+                        tqdm.write(f"epoch {record['epoch']}/{self.cfg.epochs}: loss {record['loss']:.4f}, "
+                                   f"lr {record['lr']:.2e}, {record['imgs_per_s']:.0f} imgs/s")
+                        kept = self._kept_path(epoch + 1)
+                        if kept or (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
+                            self._save(epoch + 1)
+                        if kept:
+                            self._keep(kept)
+                    distributed.barrier()
+                    if self.preempted and epoch + 1 < self.cfg.epochs:
+                        self._preempt(epoch + 1)
         finally:
             if tensorboard is not None:
                 tensorboard.close()
@@ -350,106 +344,127 @@ class Trainer:
         cfg = self.cfg
         self.ddp.train()
         self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        start = self.start_position if epoch == self.start_epoch else 0
+        totals = self.start_totals if start else {"loss": 0.0, "fg_weight_share": 0.0, "trained": 0, "images": 0,
+                                                  "missing_maps": 0, "unreadable": [], "seconds": 0.0}
+        self.sampler.set_epoch(epoch, start * cfg.batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         micro_steps = self.steps_per_epoch * cfg.accum_iter
-        totals = {"loss": 0.0, "fg_weight_share": 0.0, "images": 0, "missing_maps": 0, "unreadable": []}
-        started = time.perf_counter()
-        progress = tqdm(self.loader, total=micro_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        started = time.perf_counter() - totals["seconds"]
+        progress = tqdm(self.loader, initial=start, total=micro_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                         disable=not self.env.is_main, leave=False, dynamic_ncols=True)
-        for micro_step, batch in enumerate(progress):
+        for micro_step, batch in enumerate(progress, start):
             if micro_step == micro_steps:
                 break
             totals["unreadable"] += batch["unreadable"]
-            if "img" not in batch:  # every image of this batch became unreadable after the check
-                continue
             if micro_step % cfg.accum_iter == 0:
                 lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
                 tau = tau_at(self.step, self.total_steps, cfg.tau_start, cfg.tau_end, cfg.tau_schedule)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
             closes_step = (micro_step + 1) % cfg.accum_iter == 0
-            loss_value, share = self.train_step(batch, tau, closes_step)
+            loss_value, share, trained = self.train_step(batch, tau, closes_step)
             if closes_step and tensorboard is not None:
                 scalars = {"loss": loss_value, "lr": lr, **({"tau": tau} if self.weighted else {})}
                 for name, value in scalars.items():
                     tensorboard.add_scalar(f"train/{name}", value, self.step)
-            totals["loss"] += loss_value
-            totals["fg_weight_share"] += share
-            totals["images"] += batch["img"].shape[0]
-            if self.guided:
-                totals["missing_maps"] += int((~batch["has_map"]).sum())
+            if trained:  # the mean loss counts the micro-steps that trained an image on some rank
+                totals["loss"] += loss_value
+                totals["fg_weight_share"] += share
+                totals["trained"] += 1
+            if "img" in batch:
+                totals["images"] += batch["img"].shape[0]
+                if self.guided:
+                    totals["missing_maps"] += int((~batch["has_map"]).sum())
             imgs_per_s = totals["images"] * self.env.world_size / (time.perf_counter() - started)
             shown = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", imgs_s=f"{imgs_per_s:.0f}")
             if self.weighted:
                 shown["tau"] = f"{tau:.3f}"
             progress.set_postfix(shown, refresh=False)
+            if closes_step and self.preempted and micro_step + 1 < micro_steps:
+                totals["seconds"] = time.perf_counter() - started
+                self._preempt(epoch, micro_step + 1, totals)
         elapsed = time.perf_counter() - started
-        images = _sum_over_ranks(totals["images"], self.device)
+        images = sum_over_ranks(totals["images"])
+        trained = max(totals["trained"], 1)
         return {
             "epoch": epoch + 1,
             "step": self.step,
-            "loss": totals["loss"] / micro_steps,
+            "loss": totals["loss"] / trained,
             "lr": lr,
             "tau": tau if self.weighted else None,
-            "fg_weight_share": totals["fg_weight_share"] / micro_steps if self.guided else None,
+            "fg_weight_share": totals["fg_weight_share"] / trained if self.guided else None,
             "imgs_per_s": images / elapsed,
-            "missing_maps": int(_sum_over_ranks(totals["missing_maps"], self.device)),
-            "unreadable_skipped": len(self.unreadable) + len(totals["unreadable"]),
+            "missing_maps": int(sum_over_ranks(totals["missing_maps"])),
+            "unreadable_skipped": len(self.unreadable) + int(sum_over_ranks(len(totals["unreadable"]))),
             "unreadable_examples": [self.index.keys[i] for i in list(self.unreadable)[:3]] + totals["unreadable"][:3],
         }
 
-    def train_step(self, batch: dict, tau: float, closes_step: bool = True) -> tuple[float, float]:
+    def train_step(self, batch: dict, tau: float, closes_step: bool = True) -> tuple[float, float, bool]:
         """Forward and backward one micro-batch; step the optimizer when it `closes_step`.
-        Returns the loss (mean over ranks) and the foreground share of the loss weight."""
-        loss, share = self._forward(batch, tau)
-        # one device synchronisation (and one all-reduce) fetches both numbers
-        loss_value, share_value = _mean_over_ranks(torch.stack([loss.detach(), share])).tolist()
-        if not np.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {self.epoch + 1}, step {self.step}; stopped without saving, "
-                f"{self.checkpoint_path} is the last good state; lower --blr or set --clip-grad"
-            )
-        sync = nullcontext() if closes_step or not self.env.distributed else self.ddp.no_sync()
-        with sync:
-            self.scaler.scale(loss / self.cfg.accum_iter).backward()
-        if closes_step:
-            self._optimizer_step()
-        return loss_value, share_value
 
-    def _forward(self, batch: dict, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss of one micro-batch, and the share of its loss weight on the foreground (0 without maps)."""
+        A micro-batch whose images all became unreadable runs a stand-in batch with loss weight 0, so every
+        rank takes part in the same collectives (the loss's denominator, DDP's all-reduce); a step in which no
+        rank trained an image clears its gradients without moving the weights, and still counts, so the lr
+        and τ stay bound to the run's progress. Returns the loss (mean over ranks), the foreground share of
+        the loss weight, and whether any rank trained an image; the ranks' agreement on a preemption request
+        is left in `self.preempted`."""
+        weight = 1.0 if "img" in batch else 0.0
+        loss, share = self._forward(batch if weight else self._stand_in(), tau, weight)
+        # one device synchronisation (and one all-reduce) fetches every number the ranks must agree on
+        flags = loss.new_tensor([weight, float(preemption.requested())])
+        loss_value, share_sum, trained, preempt = mean_over_ranks(
+            torch.cat([torch.stack([loss.detach(), share * weight]), flags])).tolist()
+        share_value = share_sum / trained if trained else 0.0
+        self.preempted = preempt > 0
+        if trained:
+            self.guard.check(loss_value, f"epoch {self.epoch + 1}, step {self.step}")
+        self.window_weight += trained
+        self.optimization.backward(loss, closes_step, step=self.window_weight > 0)
+        if closes_step:
+            self.step += 1
+            self.window_weight = 0.0
+        return loss_value, share_value, trained > 0
+
+    def _stand_in(self) -> dict:
+        """Zeros in the shapes of a training batch (uint8 images, masking noise, maps): a forward and backward
+        for a rank whose micro-batch was lost."""
+        size, patches, count = self.model.encoder_kwargs["img_size"], self.model.num_patches, self.cfg.batch_size
+        batch = {"img": torch.zeros(count, 3, size, size, dtype=torch.uint8), "noise": torch.zeros(count, patches)}
+        if self.guided:
+            batch["attn"] = torch.zeros(count, patches)
+        return batch
+
+    def _forward(self, batch: dict, tau: float, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of one micro-batch, and the share of its loss weight on the foreground (0 without maps).
+        `weight` 0: a stand-in batch, whose loss is 0 and adds nothing to the ranks' common denominator."""
         cfg, device = self.cfg, self.device
         # every copy non-blocking: one blocking copy would wait for the previous step's backward
         # and stop the CPU from queueing this step's kernels meanwhile
         imgs, noise = (batch[name].to(device, non_blocking=True) for name in ("img", "noise"))
+        imgs = normalise_images(imgs)  # the loader's uint8 crops, normalised here on the device
         attn = batch["attn"].to(device, non_blocking=True) if self.guided else None
         noise = masking_noise(cfg.masking, noise, attn)
-        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with self.optimization.autocast():
             pred, mask = self.ddp(imgs, cfg.mask_ratio, noise)
         loss = guided_mae_loss(
             pred, self.model.patchify(imgs), mask, attn if self.weighted else None, tau=tau,
             weight_norm=cfg.weight_norm, gamma=cfg.gamma,
-            sync_denominator=_mean_over_ranks if self.env.distributed else None,
+            sync_denominator=(lambda local: mean_over_ranks(local * weight)) if self.env.distributed else None,
         )
+        if not weight:  # zero, yet a function of every parameter, so the backward reaches them all
+            loss = pred.float().sum() * 0
         share = (foreground_weight_share(mask, attn, tau if self.weighted else None, FOREGROUND_THRESHOLD)
                  if self.guided else torch.zeros_like(loss))
         return loss, share
 
-    def _optimizer_step(self) -> None:
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-
 
 def train(cfg: TrainConfig) -> dict | None:
-    """Join the launcher's process group (if any), train, leave the group; returns the last epoch's metrics."""
+    """Join the launcher's process group (if any), train holding the run directory's lock, leave the group;
+    returns the last epoch's metrics."""
     env, device = distributed.init(cfg.device)
     try:
-        return Trainer(cfg, env, device).run()
+        with training.hold_run_dir(cfg.resolved().out, env, "agmae-train"):
+            return Trainer(cfg, env, device).run()
     finally:
         distributed.shutdown()
