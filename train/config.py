@@ -18,6 +18,10 @@ from agmae.options import (POSITIVE, POSITIVE_INT, data_option, device_option, m
 from agmae.paths import default_run_dir
 from agmae.train.masking import MASKING_RULES, SAMPLING_WEIGHT_FLOOR
 
+# The model options a run may set over its preset, recorded in its checkpoint's config (agmae.train.model.load_mae).
+MODEL_OPTIONS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+                 "decoder_num_heads")
+
 RECIPES = {
     "demo": dict(model="mae_vit_demo_patch8", epochs=16, warmup_epochs=2.0, batch_size=256, blr=1e-3,
                  precision="native"),
@@ -141,9 +145,7 @@ class TrainConfig:
         return split_folder(self.data, self.train_split)
 
     def model_overrides(self) -> dict:
-        names = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
-                 "decoder_num_heads")
-        return {"img_size": self.input_size, **{name: getattr(self, name) for name in names}}
+        return {"img_size": self.input_size, **{name: getattr(self, name) for name in MODEL_OPTIONS}}
 
     def resolved(self) -> "TrainConfig":
         """This config with the defaults that depend on the data filled in: the demo dataset when no

@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm, PatchEmbed
 from timm.models.vision_transformer import Block
+from agmae.checkpoint import load_checkpoint
 from agmae.errors import UserError
+from agmae.train.config import MODEL_OPTIONS
 
 
 # (embed_dim, depth, num_heads) of the standard ViT sizes
@@ -237,3 +239,21 @@ def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
     kwargs = {**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}}
     return MaskedAutoencoderViT(**kwargs)
+
+
+def load_mae(path) -> MaskedAutoencoderViT:
+    """The whole MAE (encoder and decoder) of an agmae-train checkpoint, on the CPU in eval mode: the preset, input
+    size and model options its config records, then its weights (strict)."""
+    loaded = load_checkpoint(path)
+    config = loaded.get("config") if isinstance(loaded, dict) else None
+    if not isinstance(config, dict) or "model" not in config or not isinstance(loaded.get("model"), dict):
+        raise UserError(f"{path}: records no MAE (no model name in its config); pass an agmae-train checkpoint "
+                        f"(RUN_DIR/checkpoint-last.pth): an exported encoder holds no decoder")
+    model = create_model(config["model"], img_size=config.get("input_size"),
+                         **{name: config.get(name) for name in MODEL_OPTIONS})
+    try:
+        model.load_state_dict(loaded["model"])
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise UserError(f"{path}: its weights do not fit the MAE its config describes ({first[:200]})") from None
+    return model.eval()
