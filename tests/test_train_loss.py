@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from agmae.train.loss import foreground_weight_share, guided_mae_loss
+from agmae.errors import UserError
+from agmae.train.config import TrainConfig
+from agmae.train.loss import check_temperature, foreground_weight_share, guided_mae_loss
 from agmae.train.schedules import lr_at, tau_at
 
 E = math.e
@@ -147,3 +149,53 @@ def test_lr_schedule_warmup_then_half_cycle_cosine():
     assert lr_at(110, total, warmup, base) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(110, total, warmup, base, min_lr=0.01) == pytest.approx(0.01)
     assert lr_at(0, total, 0, base) == pytest.approx(base)
+
+
+def _reference_loss(pred, target, mask, attn, tau, weight_norm, gamma=1.0):
+    """The formulas of docs/METHOD.md#the-guided-loss in float64, weights exp(a/τ) as written."""
+    pred, target, mask, attn = pred.double(), target.double(), mask.double(), attn.double()
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    e, w = ((pred - target) ** 2).mean(-1), torch.exp(attn / tau)
+    if weight_norm == "sample":
+        return ((mask * w * e).sum(1) / (mask * w).sum(1)).mean().item()
+    if weight_norm == "batch":
+        return ((mask * w * e).sum() / (mask * w).sum()).item()
+    return (gamma * (mask * w * e).sum() / mask.sum()).item()
+
+
+@pytest.mark.parametrize("weight_norm", ["batch", "sample"])
+@pytest.mark.parametrize("tau", [0.0201, 0.0199, 0.01, 0.002])
+def test_small_tau_gives_a_finite_loss_equal_to_the_float64_formula(weight_norm, tau):
+    """exp(a/τ) overflows float32 from τ < 1/88.7; the normalised losses stay exact (float32 tolerance), also
+    for an image whose map is all background (zeros: its weights are e^(-1/τ) times the largest)."""
+    pred, target, mask, attn = _random_batch(seed=3)
+    attn[1] = 0
+    pred.requires_grad_(True)
+    loss = guided_mae_loss(pred, target, mask, attn, tau=tau, weight_norm=weight_norm)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(pred.grad).all()
+    assert loss.item() == pytest.approx(_reference_loss(pred.detach(), target, mask, attn, tau, weight_norm),
+                                        rel=1e-6)
+    assert foreground_weight_share(mask, attn, tau).isfinite()
+
+
+def test_unnormalised_weights_near_the_float32_limit_keep_their_scale():
+    pred, target, mask, attn = _random_batch(seed=4)
+    loss = guided_mae_loss(pred, target, mask, attn, tau=0.016, weight_norm="none", gamma=2.0)
+    assert loss.item() == pytest.approx(_reference_loss(pred, target, mask, attn, 0.016, "none", 2.0), rel=1e-6)
+
+
+def test_a_temperature_whose_weights_overflow_is_refused_at_the_door():
+    check_temperature(0.01, "batch")
+    check_temperature(0.0145, "none")
+    with pytest.raises(UserError, match=r"reach 0.001: .* use τ >= 0.0014"):
+        check_temperature(0.001, "sample")
+    with pytest.raises(UserError, match=r"--weight-norm none: the loss scales with γ·e\^\(1/τ\) = e\^100.* "
+                                         r"use τ >= 0.0145, or --weight-norm batch"):
+        check_temperature(0.01, "none")
+    with pytest.raises(UserError, match="--tau-start/--tau-end reach 0.01 with --weight-norm none"):
+        TrainConfig(tau_start=0.01, tau_end=0.01, weight_norm="none", maps="maps.h5")
+    with pytest.raises(UserError, match="reach 0.001"):
+        TrainConfig(tau_start=1.0, tau_end=0.001, maps="maps.h5")
+    TrainConfig(tau_start=0.01, tau_end=0.01, maps="maps.h5")
+    TrainConfig(tau_start=0.001, tau_end=0.001)  # no maps: τ is not used

@@ -17,6 +17,7 @@ from agmae.options import (POSITIVE, POSITIVE_INT, data_option, device_option, m
                            verify_images_option, workers_option)
 from agmae.paths import default_run_dir
 from agmae.train.masking import MASKING_RULES, SAMPLING_WEIGHT_FLOOR
+from agmae.train.loss import check_temperature
 
 # The model options a run may set over its preset, recorded in its checkpoint's config (agmae.train.model.load_mae).
 MODEL_OPTIONS = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
@@ -126,6 +127,9 @@ class TrainConfig:
     def __post_init__(self):
         validate(self)
         self._check_map_uses()
+        if self.maps is not None and self.weight_loss:
+            lowest = self.tau_start if self.tau_schedule == "constant" else min(self.tau_start, self.tau_end)
+            check_temperature(lowest, self.weight_norm, self.gamma)
 
     def _check_map_uses(self) -> None:
         """The maps weight the loss, choose the masked patches, or both: refuse a use without maps, and
