@@ -4,7 +4,7 @@ Builds once under --work an ImageNet-like dataset ROOT/train/<class>/<image>.jpg
 classes, 400-500 px a side (random per image), quality 90, cut (random crop, resize, flip) from
 scikit-image's bundled photographs, with a random elliptic mask per image for oracle. Then, per method:
 
-- end-to-end img/s: `compute_store`, what `agmae-discover` runs once the method is built and the folder
+- end-to-end img/s: `agmae.discovery.discover`, what `agmae-discover` runs once the method is built and the folder
   indexed, over every image (--workers DataLoader processes, fresh store). Wall time from the call to its
   return, nothing subtracted: the DataLoader's worker start-up and the store writes count.
 - in-memory img/s: the method on one batch of those images already decoded (median of --iters).
@@ -37,10 +37,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from agmae import discovery
-from agmae.cli.discover import ImageLoading, compute_store
 from agmae.data.folder import as_rgb, scan
 from agmae.data.transforms import discovery_transform
 from agmae.discovery.backbones import RandomInitWarning, resolve_device
+from agmae.discovery.run import DiscoveryConfig, ImageLoading, discover
 from discovery_bench import seconds_per_call
 
 # method -> (backbone, random weights?)
@@ -135,8 +135,9 @@ def measure(method, root, index, work, size, batch_size, workers, iters, decode_
         rates["decode_draft"] = images_per_second(
             lambda i: loading.transform(load_rgb_drafted(index.path(i), size)), count, iters)
     started = time.perf_counter()
-    counts = compute_store(d, index, work / f"maps-{method}.h5", size, batch_size, workers, shard=None,
-                           overwrite=True)
+    config = DiscoveryConfig(method=method, data=str(root), out=str(work / f"maps-{method}.h5"), image_size=size,
+                             batch_size=batch_size, workers=workers, overwrite=True, method_options=options)
+    counts = discover(config, d)
     rates["end_to_end"] = len(index) / (time.perf_counter() - started)
     if counts["done"] != len(index):
         raise click.ClickException(f"{method}: {counts['failed']} of {len(index)} maps failed")

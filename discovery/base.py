@@ -1,5 +1,7 @@
-"""What every discovery method shares: the callable interface and the per-image min-max."""
+"""What every discovery method shares: the callable interface, the per-image min-max, the feature-layer option."""
 import torch
+
+from agmae.options import option
 
 # A map whose range is below this fraction of its magnitude is constant up to rounding.
 CONSTANT_RTOL = 1e-6
@@ -17,6 +19,13 @@ def normalise_maps(maps):
     out = torch.where(varies, (flat - lo) / torch.where(varies, span, 1.0), 0.0)
     out[~torch.isfinite(flat).all(1)] = float("nan")
     return out.view_as(maps)
+
+
+def layer_option():
+    """The feature layer of the methods that read one (tokencut, gradcam): one definition for both."""
+    return option(None, "Module name of the feature layer, e.g. blocks.5. [default: tokencut on EfficientNets "
+                        "blocks.5, other CNNs their head features, ViTs the last block's keys (`norm`: their final "
+                        "tokens); gradcam the head features for CNNs, blocks[-1].norm1 for ViTs]")
 
 
 def to_grid(tokens, grid):
@@ -40,6 +49,7 @@ class Discoverer:
     def __init__(self, backbone, options):
         self.backbone = backbone
         self.options = options
+        self.failures = {}  # {key: why no map was made} for an image the method could not map (the store's /errors)
 
     @property
     def backbone_name(self) -> str:

@@ -1,11 +1,28 @@
 """`dino`: the last block's CLS-to-patch self-attention of a (DINO) ViT."""
+from dataclasses import dataclass
+
+import click
 import torch
 
 from agmae.discovery.backbones import load_backbone
 from agmae.discovery.base import Discoverer, to_grid
 from agmae.errors import UserError
+from agmae.options import option, validate
 
 HEAD_COMBINE = ("mean", "max")
+
+
+@dataclass
+class DinoOptions:
+    heads: str = option("mean", "Combine the CLS attention of the heads by their mean or max.",
+                        type=click.Choice(HEAD_COMBINE))
+    mass_threshold: float | None = option(None, "Keep per head the patches holding this fraction of the attention "
+                                                "mass (DINO's rule); the map is the mean of the keep-masks. "
+                                                "[default: off, the attention itself]",
+                                          type=click.FloatRange(0, 1, min_open=True))
+
+    def __post_init__(self):
+        validate(self)
 
 
 def cls_attention(q, k, scale, num_prefix_tokens):
@@ -31,14 +48,10 @@ def mass_keep(attn, threshold):
 class DinoAttention(Discoverer):
     method = "dino"
 
-    def __init__(self, backbone, heads="mean", mass_threshold=None):
+    def __init__(self, backbone, options: DinoOptions):
         if backbone.kind != "vit":
             raise UserError(f"method dino needs a ViT backbone, got {backbone.name}")
-        if heads not in HEAD_COMBINE:
-            raise UserError(f"dino heads={heads!r}: use one of {HEAD_COMBINE}")
-        if mass_threshold is not None and not 0 < mass_threshold <= 1:
-            raise UserError(f"dino mass_threshold={mass_threshold}: use a fraction in (0, 1]")
-        super().__init__(backbone, {"heads": heads, "mass_threshold": mass_threshold})
+        super().__init__(backbone, {"heads": options.heads, "mass_threshold": options.mass_threshold})
 
     def compute(self, imgs, keys=None, labels=None):
         q, k = self.backbone.last_qk(imgs)
@@ -50,5 +63,6 @@ class DinoAttention(Discoverer):
         return to_grid(combined, self.grid(imgs.shape[-1]))
 
 
-def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
-    return DinoAttention(load_backbone(backbone, weights, random_init, seed, device, precision=precision), **opts)
+def build(options: DinoOptions, backbone=None, weights=None, device="auto", random_init=False, seed=0,
+          precision="auto"):
+    return DinoAttention(load_backbone(backbone, weights, random_init, seed, device, precision=precision), options)

@@ -1,19 +1,32 @@
 """`gradcam`: Grad-CAM of a classifier's target class at one layer, one backward pass per batch."""
+from dataclasses import dataclass
+
+import click
 import torch
 
 from agmae.discovery.backbones import OFFLINE_LITE0, capture_output, load_backbone
-from agmae.discovery.base import Discoverer, to_grid
+from agmae.discovery.base import Discoverer, layer_option, to_grid
 from agmae.errors import UserError
+from agmae.options import option, validate
 
 TARGETS = ("predicted", "label")
+
+
+@dataclass
+class GradCAMOptions:
+    target: str = option("predicted", "Explain the top-1 predicted class or the dataset label.",
+                         type=click.Choice(TARGETS))
+    layer: str | None = layer_option()
+
+    def __post_init__(self):
+        validate(self)
 
 
 class GradCAM(Discoverer):
     method = "gradcam"
 
-    def __init__(self, backbone, target="predicted", layer=None):
-        if target not in TARGETS:
-            raise UserError(f"gradcam target={target!r}: use one of {TARGETS}")
+    def __init__(self, backbone, options: GradCAMOptions):
+        target, layer = options.target, options.layer
         if layer is None:
             vit = backbone.kind == "vit"
             layer = f"blocks.{len(backbone.model.blocks) - 1}.norm1" if vit else backbone.head_layer()
@@ -45,7 +58,8 @@ class GradCAM(Discoverer):
         return (activations * grads.mean((2, 3), keepdim=True)).sum(1).relu()
 
 
-def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
+def build(options: GradCAMOptions, backbone=None, weights=None, device="auto", random_init=False, seed=0,
+          precision="auto"):
     return GradCAM(load_backbone(backbone or OFFLINE_LITE0, weights, random_init, seed, device, classifier=True,
                                  precision=precision),
-                   **opts)
+                   options)

@@ -1,6 +1,8 @@
 """`oracle`: ground-truth object masks, area-averaged onto the token grid (no backbone)."""
+from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 from PIL import Image
@@ -8,6 +10,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from agmae.discovery.base import Discoverer
 from agmae.errors import UserError
+from agmae.options import option, validate
 
 
 def area_matrix(n_in, n_out):
@@ -24,10 +27,15 @@ def area_average(mask, grid):
     return rows @ mask.double() @ cols.T
 
 
-def default_masks_dir() -> Path:
-    from agmae.data.demo import ensure_demo
+@dataclass
+class OracleOptions:
+    masks: str | None = option(None, "Mask folder mirroring the data keys (a greyscale mask per image, object = "
+                                     "bright). [default: ROOT/masks/<train split> of --data]",
+                               type=click.Path(exists=True, file_okay=False))
+    patch: int = option(16, "Grid cell size in pixels.", type=click.IntRange(min=1))
 
-    return ensure_demo() / "masks" / "train"
+    def __post_init__(self):
+        validate(self)
 
 
 class _NoBackbone:
@@ -44,12 +52,10 @@ class Oracle(Discoverer):
     method = "oracle"
     reads_images = False
 
-    def __init__(self, masks=None, patch=16):
-        masks = Path(masks) if masks is not None else default_masks_dir()
-        if not masks.is_dir():
-            raise UserError(f"oracle masks directory {masks} does not exist; pass masks=DIR (--masks)")
-        super().__init__(_NoBackbone(), {"masks": str(masks), "patch": int(patch)})
-        self.failures = {}  # {key: why its mask gave no map}, for the store's /errors
+    def __init__(self, options: OracleOptions):
+        if options.masks is None:
+            raise UserError("oracle needs the ground-truth masks: pass masks=DIR (--masks DIR)")
+        super().__init__(_NoBackbone(), {"masks": str(options.masks), "patch": options.patch})
 
     def grid(self, size):
         patch = self.options["patch"]
@@ -79,7 +85,8 @@ class Oracle(Discoverer):
         return maps
 
 
-def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
+def build(options: OracleOptions, backbone=None, weights=None, device="auto", random_init=False, seed=0,
+          precision="auto"):
     if backbone is not None or weights is not None:
         raise UserError("oracle uses ground-truth masks and takes no --backbone/--weights")
-    return Oracle(**opts)
+    return Oracle(options)

@@ -28,11 +28,17 @@ def option(default, help: str, type=None, flags: tuple = (), show_default: bool 
         click=click_kwargs))
 
 
-def click_option(name: str, definition: dataclasses.Field):
-    """The click option of one `option` definition, for parameter `name`."""
+def click_option(name: str, definition: dataclasses.Field, help_prefix: str = "", unset_default: bool = False):
+    """The click option of one `option` definition, for parameter `name`. help_prefix: put before the help (e.g.
+    which methods take it); unset_default: the option defaults to None, so a caller can tell the options given on
+    the command line from those left to the definition's default (which the help then still shows)."""
     meta = definition.metadata
     declarations = [*(meta["flags"] or ["--" + name.replace("_", "-")]), name]
-    kwargs = dict(default=definition.default, help=meta["help"], show_default=meta["show_default"], **meta["click"])
+    help = help_prefix + meta["help"]
+    if unset_default and meta["show_default"]:
+        help += f" [default: {definition.default}]"
+    kwargs = dict(default=None if unset_default else definition.default, help=help,
+                  show_default=meta["show_default"] and not unset_default, **meta["click"])
     if isinstance(definition.default, bool) and not meta["flags"]:
         kwargs.update(is_flag=True, show_default=False)
     elif meta["type"] is not None:

@@ -3,6 +3,7 @@ inspect, the SLURM script."""
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,11 @@ from PIL import Image
 
 import agmae.discovery.tokencut
 from agmae.data.folder import scan
-from agmae import store
+from agmae import preemption, store
 from agmae.data.folder import load_rgb
 from agmae.cli import discover as discover_cli
+from agmae.discovery import inspect as store_inspect
+from agmae.discovery import run as discovery_run
 from agmae.cli.train import main as train_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::agmae.discovery.backbones.RandomInitWarning")
@@ -129,7 +132,42 @@ def test_unreadable_files_fail_alone_and_the_failure_budget_decides_the_exit(sma
     assert strict.exit_code == 1 and "3 of 27 images failed" in strict.output
 
 
-def test_defaults_find_masks_and_run_dir_and_non_finite_maps_fail(small_dataset, tmp_path, monkeypatch):
+def test_a_preemption_signal_saves_the_batch_in_flight_exits_75_and_the_rerun_finishes_the_same_store(
+        small_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "maps.h5"
+    original = agmae.discovery.tokencut.TokenCut.compute
+    calls = []
+
+    def signalled_during_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends before it preempts the job
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(agmae.discovery.tokencut.TokenCut, "compute", signalled_during_second_batch)
+    stopped = run(*SMOKE, "--data", small_dataset, "--out", out, "--batch-size", "5")
+    assert stopped.exit_code == preemption.PREEMPTED == 75
+    assert "SIGTERM: stopped at image 10 of 24" in stopped.output
+    assert store.open_maps(out).status.tolist() == [1] * 10 + [0] * 14
+    monkeypatch.setattr(agmae.discovery.tokencut.TokenCut, "compute", original)
+    assert run(*SMOKE, "--data", small_dataset, "--out", out, "--batch-size", "5").exit_code == 0
+    assert run(*SMOKE, "--data", small_dataset, "--out", tmp_path / "fresh.h5", "--batch-size", "5").exit_code == 0
+    assert_same_store(out, tmp_path / "fresh.h5")
+
+
+def test_an_internal_error_keeps_its_traceback_and_a_user_error_is_one_line(small_dataset, tmp_path, monkeypatch):
+    def broadcasting_bug(self, *args, **kwargs):
+        return np.zeros((2, 3)) + np.zeros((4, 5))  # a numpy ValueError: a bug, not bad input
+
+    monkeypatch.setattr(agmae.discovery.tokencut.TokenCut, "compute", broadcasting_bug)
+    bug = run(*SMOKE, "--data", small_dataset, "--out", tmp_path / "a.h5")
+    assert isinstance(bug.exception, ValueError) and "broadcast" in str(bug.exception) and bug.exit_code == 1
+    assert not bug.output.startswith("Error:")  # not dressed up as a one-line user error
+    bad = run(*SMOKE, "--data", small_dataset, "--out", tmp_path / "b.h5", "--shard", "4/4")
+    assert bad.exit_code == 1 and bad.output.strip().splitlines() == ["Error: --shard 4/4: need 0 <= K < N"]
+
+
+def test_defaults_find_masks_and_run_dir_and_a_missing_mask_fails_by_name(small_dataset, tmp_path, monkeypatch):
     data = tmp_path / "demo"
     shutil.copytree(small_dataset, data)
     missing = sorted((data / "masks" / "train").glob("*/*.png"))[0]
@@ -141,7 +179,7 @@ def test_defaults_find_masks_and_run_dir_and_non_finite_maps_fail(small_dataset,
     assert maps.attrs["method_options"]["masks"] == str(data / "masks" / "train")
     failed = np.flatnonzero(maps.status == store.STATUS_FAILED)
     assert [maps.keys[i] for i in failed] == [missing.relative_to(missing.parents[1]).as_posix()]
-    assert maps.errors[failed[0]] == "non-finite map"
+    assert maps.errors[failed[0]] == f"missing mask file {missing}"
 
 
 def test_options_of_another_method_and_a_missing_method_are_usage_errors():
@@ -174,7 +212,7 @@ def test_inspect_finds_the_store_s_own_images_and_refuses_others(small_dataset, 
     assert run(*SMOKE, "--data", small_dataset, "--out", out).exit_code == 0
     assert store.open_maps(out).attrs["image_root"] == str((small_dataset / "train").resolve())
     drawn = []
-    monkeypatch.setattr(discover_cli, "overlay_png", lambda maps, images, path: drawn.append(images))
+    monkeypatch.setattr(store_inspect, "draw", lambda maps, images, path, columns: drawn.append(images))
     result = run("inspect", out, "--png", tmp_path / "grid.png", "--count", "4")  # no --data: the recorded root
     assert result.exit_code == 0, result.output
     keys = store.open_maps(out).keys
@@ -202,15 +240,15 @@ def test_every_stage_takes_the_dataset_root_and_names_the_fix_for_a_split_folder
 
 
 def test_shard_comes_from_the_flag_or_slurm(monkeypatch):
-    assert discover_cli.parse_shard("1/4") == (1, 4)
+    assert discovery_run.parse_shard("1/4") == (1, 4)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
-    assert discover_cli.parse_shard(None) == (2, 3)
-    ranges = [discover_cli.shard_range(k, 3, 10) for k in range(3)]
+    assert discovery_run.parse_shard(None) == (2, 3)
+    ranges = [discovery_run.shard_range(k, 3, 10) for k in range(3)]
     assert ranges == [(0, 3), (3, 6), (6, 10)]
     with pytest.raises(Exception, match="0 <= K < N"):
-        discover_cli.parse_shard("4/4")
+        discovery_run.parse_shard("4/4")
 
 
 def test_sbatch_submits_one_array_and_a_dependent_merge(tmp_path):
@@ -288,7 +326,7 @@ def test_oracle_reads_only_the_masks(small_dataset, tmp_path, monkeypatch):
     def no_image_may_be_opened(path):
         raise AssertionError(f"oracle opened image {path}")
 
-    monkeypatch.setattr(discover_cli, "load_rgb", no_image_may_be_opened)
+    monkeypatch.setattr(discovery_run, "load_rgb", no_image_may_be_opened)
     result = run("--method", "oracle", "--patch", "8", "--data", small_dataset, "--out", tmp_path / "maps.h5",
                  "--workers", "0", "--image-size", "64")
     assert result.exit_code == 0, result.output

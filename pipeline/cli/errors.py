@@ -1,10 +1,13 @@
-"""What the command lines say when the environment or a dataset fails them: one line naming the file and the way
-out."""
+"""What the command lines say when the user's input, the environment or a dataset fails them: one line naming the
+file and the way out. Any other exception is a bug and keeps its traceback."""
 import errno
+from contextlib import contextmanager
 
 import click
 
+from agmae.data import demo
 from agmae.data.folder import split_folder
+from agmae.errors import UserError
 
 ADVICE = {
     errno.ENOSPC: "free space there or write to another --out / --run-dir",
@@ -31,3 +34,25 @@ def require_splits(root, splits) -> None:
             split_folder(root, split, option="--test-split")
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--data / --test-split") from None
+
+
+@contextmanager
+def user_errors():
+    """Inside, a UserError becomes a one-line click error and an OSError the one line of `environment_error`;
+    every other exception passes with its traceback."""
+    try:
+        yield
+    except UserError as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise environment_error(err) from None
+
+
+def demo_data_at_the_door(data, **demo_options):
+    """The dataset root a command runs on: --data, or, for a bare command, the built-in demo dataset (built once into
+    AGMAE_HOME), said on stderr. The one place where a command chooses the demo; the stages only see a root."""
+    if data is not None:
+        return data
+    root = demo.ensure_demo(**demo_options)
+    click.echo(f"no --data: running on the built-in demo dataset {root}", err=True)
+    return str(root)
