@@ -200,7 +200,7 @@ class FeatureSource:
         self.verify_images, self.max_failures = verify_images, max_failures
         self.precision = resolve_precision(precision, torch.device(device))
         self._model = None
-        self.timm_kwargs = None
+        self.timm_kwargs = None  # of the encoder, once built or read from a cache entry (head count included)
 
     def encoder(self):
         if self._model is None:
@@ -224,6 +224,7 @@ class FeatureSource:
         if _everyone_agrees(hit, self.device):
             feats = np.load(npy_path, mmap_mode="r")
             if feats.shape[0] == len(index):
+                self.timm_kwargs = self.timm_kwargs or json.loads(meta_path.read_text()).get("encoder")
                 return FolderFeatures(feats, index, npy_path, unreadable)
         writes = self.use_cache and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0)
         if writes:  # checked before the extraction, which an unwritable cache would throw away
@@ -232,7 +233,8 @@ class FeatureSource:
         feats = extract_features(model, index, image_size_of(self.timm_kwargs), self.pool, self.batch_size,
                                  self.workers, self.device, self.progress, self.precision).numpy().astype(np.float16)
         if writes:
-            meta = {**key, "checkpoint": str(self.checkpoint.resolve()), "shape": list(feats.shape)}
+            meta = {**key, "checkpoint": str(self.checkpoint.resolve()), "shape": list(feats.shape),
+                    "encoder": self.timm_kwargs}
             try:
                 atomic_write(npy_path, lambda f: np.save(f, feats))
                 atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))

@@ -142,13 +142,14 @@ def knn_evaluate(train_feats, train_labels, test_feats, test_labels, num_classes
                  T: float = DEFAULT_T, **chunking) -> dict:
     """Top-1/top-5 (percent) for every k in ks, from one neighbour search for the largest k.
 
-    Returns {"k=10": {"top1": .., "top5": ..}, ...}; a k above the bank size is clamped (warning),
-    so its key still names the k asked for.
+    Returns {"k=10": {"top1": .., "top5": .., "k_used": 10}, ...}; a k above the bank size is clamped (warning),
+    so its key still names the k asked for and `k_used` the k used.
     """
     check_bank_labels(train_labels)
     sims, indices = nearest_neighbours(train_feats, test_feats, max(ks), **chunking)
     neighbour_labels = labels_tensor(train_labels)[indices]
     return {
-        f"k={k}": topk_accuracy(vote(sims[:, :k], neighbour_labels[:, :k], num_classes, T), test_labels)
+        f"k={k}": {**topk_accuracy(vote(sims[:, :k], neighbour_labels[:, :k], num_classes, T), test_labels),
+                   "k_used": min(k, sims.shape[1])}
         for k in ks
     }

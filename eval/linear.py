@@ -46,6 +46,11 @@ def probe_blr(train_images: int) -> float:
     return float(f"{MAE_BLR * max(1.0, IMAGENET_TRAIN_IMAGES / train_images):.3g}")
 
 
+def probe_batch_size(batch_size: int, train_images: int, world_size: int = 1) -> int:
+    """The per-rank batch a probe trains with: the one asked for, capped so that every rank has one full batch."""
+    return max(1, min(batch_size, train_images // world_size))
+
+
 def build_probe(dim: int, num_classes: int) -> nn.Sequential:
     """BatchNorm1d(affine=False, eps=1e-6) + Linear(dim, num_classes): feats [B, D] -> logits [B, C]."""
     linear = nn.Linear(dim, num_classes)
@@ -112,7 +117,7 @@ def train_probe_cached(train_feats, train_labels, num_classes: int, *, epochs: i
     labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
     check_bank_labels(labels, "the linear probe")
     num_items = len(labels)
-    batch_size = min(batch_size, num_items)
+    batch_size = probe_batch_size(batch_size, num_items)
     batches_per_epoch = num_items // batch_size
     lr = blr * batch_size / 256
     generator = torch.Generator().manual_seed(seed)
@@ -146,7 +151,7 @@ def train_probe_augmented(encoder, index: ImageFolderIndex, image_size: int, num
     dataset = FolderImages(index, transform)
     distributed = torch.distributed.is_initialized()
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if distributed else None
-    batch_size = min(batch_size, len(dataset) // _world_size())
+    batch_size = probe_batch_size(batch_size, len(dataset), _world_size())
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
                         num_workers=workers, generator=generator, pin_memory=torch.device(device).type == "cuda")

@@ -20,7 +20,8 @@ from agmae.eval import attention, finetune, knn, linear, retrieval, robustness, 
 from agmae.eval.features import POOLS, FeatureSource, image_size_of, readable_index
 from agmae.eval.finetune import FinetuneOptions
 from agmae.eval.segment import SegmentOptions
-from agmae.eval.report import format_table, update_results
+from agmae.eval.report import (AttentionMetrics, AttentionScores, FinetuneMetrics, KnnMetrics, LinearMetrics, Result,
+                               RetrievalMetrics, RobustnessMetrics, SplitScores, TopK, format_table, update_results)
 from agmae.options import (POSITIVE, POSITIVE_INT, device_option, max_failures_option, option, precision_option,
                            seed_option, validate, verify_images_option, workers_option)
 from agmae.hardware import INFERENCE_PRECISIONS
@@ -96,28 +97,35 @@ class AttentionOptions:
 
 @dataclass
 class Outcome:
-    """One protocol's result: its results.json key, the entry written there, and the table printed."""
+    """One protocol's result: its results.json key, its typed entry (`agmae.eval.report.Result`; a plain dict for a
+    protocol without a type yet), and the table printed."""
 
     key: str
-    entry: dict
+    result: Result | dict
     table: str
     title: str = ""
 
+    @property
+    def entry(self) -> dict:
+        """The entry results.json holds."""
+        return self.result.to_json() if isinstance(self.result, Result) else self.result
 
-def build_outcome(key: str, checkpoint, checkpoint_sha256: str, root, indices: dict, options: dict, results: dict,
+
+def build_outcome(key: str, checkpoint, checkpoint_sha256: str, root, indices: dict, options: dict, results,
                   started: float, table: str, unreadable: dict) -> Outcome:
-    """The results.json entry of an encoder's evaluation. indices: {split: ImageFolderIndex used};
-    unreadable: {split: {key: reason}} of the images left out, named in the entry and under the table."""
-    entry = dict(checkpoint=str(Path(checkpoint).resolve()), checkpoint_sha256=checkpoint_sha256,
-                 dataset=dict(root=str(Path(root).resolve()),
-                              keys_sha256={split: index.keys_sha256 for split, index in indices.items()}),
-                 protocol=key, options=options, results=results, seconds=round(time.time() - started, 2))
+    """The results.json entry of an encoder's evaluation. indices: {split: ImageFolderIndex used}; results: the
+    protocol's metrics (agmae.eval.report), or a dict for a protocol without a type; unreadable: {split: {key:
+    reason}} of the images left out, named in the entry and under the table."""
     left_out = {split: dict(count=len(bad), examples=sorted(bad)[:5]) for split, bad in unreadable.items() if bad}
     if left_out:
-        entry["unreadable"] = left_out
         table += "\n" + "\n".join(f"{split}: {info['count']} unreadable images left out, e.g. "
                                   f"{', '.join(info['examples'][:3])}" for split, info in left_out.items())
-    return Outcome(key, entry, table, title=str(checkpoint))
+    result = Result(key, results, options,
+                    dict(root=str(Path(root).resolve()),
+                         keys_sha256={split: index.keys_sha256 for split, index in indices.items()}),
+                    checkpoint=str(Path(checkpoint).resolve()), checkpoint_sha256=checkpoint_sha256,
+                    seconds=round(time.time() - started, 2), unreadable=left_out)
+    return Outcome(key, result, table, title=str(checkpoint))
 
 
 def default_test_split(root) -> str:
@@ -168,11 +176,14 @@ class Evaluation:
             qualifiers.append(f"split={self.test_split}")
         return f"{name}[{','.join(qualifiers)}]" if qualifiers else name
 
-    def outcome(self, name: str, options: dict, results: dict, splits, started: float, table: str,
+    def outcome(self, name: str, options: dict, results, splits, started: float, table: str,
                 uses_test_split: bool = True) -> Outcome:
+        """The outcome of one protocol; the options record the precision used (never "auto") and the encoder's
+        timm kwargs (its head count may have been assumed: agmae.checkpoint.guess_encoder_kwargs)."""
+        options = dict(pool=self.options.pool, precision=self.source.precision, encoder=self.source.timm_kwargs,
+                       **options)
         return build_outcome(self.key(name, uses_test_split), self.checkpoint, self.source.checkpoint_sha256,
-                             self.root, {split: self.features(split).index for split in splits},
-                             dict(pool=self.options.pool, precision=self.options.precision, **options), results,
+                             self.root, {split: self.features(split).index for split in splits}, options, results,
                              started, table, {split: self.features(split).unreadable for split in splits})
 
     def bank_and_queries(self, protocol: str):
@@ -190,10 +201,14 @@ def run_knn(ev: Evaluation, opts: KnnOptions) -> Outcome | None:
     train, test = ev.bank_and_queries("k-NN")
     if not ev.env.is_main:
         return None
-    results = knn.knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels,
-                               len(train.index.classes), ks=opts.ks, T=opts.temperature, progress=True)
-    table = format_table(["k", "top-1", "top-5"],
-                         [[int(key[2:]), r["top1"], r.get("top5")] for key, r in results.items()])
+    results = KnnMetrics.from_json(knn.knn_evaluate(train.feats, train.index.labels, test.feats, test.index.labels,
+                                                    len(train.index.classes), ks=opts.ks, T=opts.temperature,
+                                                    progress=True))
+    table = format_table(["k", "top-1", "top-5"], [[k, r.top1, r.top5] for k, r in results.by_k.items()])
+    clamped = [k for k, used in results.k_used.items() if used != k]
+    if clamped:
+        table += (f"\n{', '.join(f'k={k}' for k in clamped)} exceed the bank of {len(train.index)} images: "
+                  f"k={len(train.index)} used (recorded as k_used)")
     options = dict(ks=list(opts.ks), T=opts.temperature, train_split=ev.train_split, test_split=ev.test_split,
                    headline=f"k={knn.HEADLINE_K}")
     return ev.outcome("knn", options, results, [ev.train_split, ev.test_split], started, table)
@@ -204,6 +219,8 @@ def run_linear(ev: Evaluation, opts: ProbeOptions) -> Outcome | None:
     started = time.time()
     train, test = ev.bank_and_queries("the linear probe")
     num_classes, fit = len(train.index.classes), opts.fit_options(len(train.index))
+    batch_size = linear.probe_batch_size(fit["batch_size"], len(train.index),
+                                         1 if opts.mode == "cached" else ev.env.world_size)
     if opts.mode == "cached":
         if not ev.env.is_main:
             return None
@@ -217,8 +234,10 @@ def run_linear(ev: Evaluation, opts: ProbeOptions) -> Outcome | None:
         return None
     accuracy = linear.probe_accuracy(probe, test.feats, test.index.labels)
     mode = linear.MODES[opts.mode]
-    results = dict(mode=mode, **accuracy, lr=lr, final_loss=losses[-1] if losses else None)
-    table = format_table(["mode", "top-1", "top-5"], [[mode, accuracy["top1"], accuracy.get("top5")]])
+    results = LinearMetrics(mode, accuracy["top1"], accuracy.get("top5"), lr, losses[-1] if losses else None,
+                            batch_size)
+    table = format_table(["mode", "top-1", "top-5"], [[mode, results.top1, results.top5]])
+    table += "\n" + probe_settings(fit, opts, batch_size, lr, len(train.index))
     options = dict(**asdict(opts), train_split=ev.train_split, test_split=ev.test_split)
     options["blr"] = fit["blr"]
     name = "linear" if opts.mode == "augmented" else "linear-cached"
@@ -231,8 +250,9 @@ def run_retrieval(ev: Evaluation) -> Outcome | None:
     train, test = ev.bank_and_queries("retrieval")
     if not ev.env.is_main:
         return None
-    results = retrieval.retrieval_metrics(train.feats, train.index.labels, test.feats, test.index.labels)
-    table = format_table(["mAP", "R@1", "R@5"], [[results["mAP"], results["R@1"], results["R@5"]]])
+    results = RetrievalMetrics.from_json(retrieval.retrieval_metrics(train.feats, train.index.labels, test.feats,
+                                                                     test.index.labels))
+    table = format_table(["mAP", "R@1", "R@5"], [[results.mAP, results.recall[1], results.recall[5]]])
     options = dict(train_split=ev.train_split, test_split=ev.test_split, relevance="same class")
     return ev.outcome("retrieval", options, results, [ev.train_split, ev.test_split], started, table)
 
@@ -257,19 +277,22 @@ def run_robustness(ev: Evaluation, splits, knn_opts: KnnOptions, probe_opts: Pro
     if not ev.env.is_main:
         return None
     fit = probe_opts.fit_options(len(train.index))
-    probe, _, _ = linear.train_probe_cached(train.feats, train.index.labels, len(train.index.classes), **fit)
+    probe, _, lr = linear.train_probe_cached(train.feats, train.index.labels, len(train.index.classes), **fit)
     k = knn.HEADLINE_K if knn.HEADLINE_K in knn_opts.ks else max(knn_opts.ks)
-    results = robustness.robustness_results(train, features, probe=probe, clean_fg_bank=clean_fg_bank, k=k,
-                                            T=knn_opts.temperature)
-    results["linear_mode"] = linear.CACHED_MODE
-    rows = [[name, r["knn_top1"], r["linear_top1"]] for name, r in results["splits"].items()]
-    if "bg_gap" in results:
-        rows.append(["BG-gap (mixed-same − mixed-rand)", results["bg_gap"]["knn_top1"],
-                     results["bg_gap"]["linear_top1"]])
-    if "clean_fg_knn_top1" in results:
+    scores = robustness.robustness_results(train, features, probe=probe, clean_fg_bank=clean_fg_bank, k=k,
+                                           T=knn_opts.temperature)
+    results = RobustnessMetrics({name: SplitScores(**r) for name, r in scores["splits"].items()},
+                                SplitScores(**scores["bg_gap"]) if "bg_gap" in scores else None,
+                                scores.get("clean_fg_knn_top1"), linear.CACHED_MODE, min(k, len(train.index)))
+    rows = [[name, r.knn_top1, r.linear_top1] for name, r in results.splits.items()]
+    if results.bg_gap:
+        rows.append(["BG-gap (mixed-same − mixed-rand)", results.bg_gap.knn_top1, results.bg_gap.linear_top1])
+    if results.clean_fg_knn_top1 is not None:
         rows.append([f"clean-fg k-NN ({robustness.CLEAN_FG_BANK} bank, {robustness.CLEAN_FG_QUERIES} queries)",
-                     results["clean_fg_knn_top1"], None])
-    table = format_table(["split", f"k-NN top-1 (k={k})", "linear top-1 (cached)"], rows)
+                     results.clean_fg_knn_top1, None])
+    table = format_table(["split", f"k-NN top-1 (k={results.k_used})", "linear top-1 (cached)"], rows)
+    table += "\n" + probe_settings(fit, probe_opts, linear.probe_batch_size(fit["batch_size"], len(train.index)),
+                                   lr, len(train.index))
     options = dict(**{name: value for name, value in asdict(probe_opts).items() if name != "mode"},
                    k=k, T=knn_opts.temperature, train_split=ev.train_split, splits=names)
     options["blr"] = fit["blr"]
@@ -308,7 +331,8 @@ def run_finetune(checkpoint, root, train_split: str, test_split: str | None, opt
     return build_outcome("finetune", checkpoint, tuning.identity["encoder_sha256"], root,
                          {train_split: train_index, **tests},
                          dict(**opts.identity(), lr=tuning.lr, train_split=train_split, test_split=test_split),
-                         dict(splits=results, epoch_losses=tuning.losses), started, table, readable)
+                         FinetuneMetrics({name: TopK(**r) for name, r in results.items()}, list(tuning.losses)),
+                         started, table, readable)
 
 
 def attention_stores(run_dir, opts: AttentionOptions) -> list[Path]:
@@ -346,27 +370,39 @@ def run_attention(root, split: str, stores, opts: AttentionOptions) -> Outcome:
                             "pending); finish it (re-run its agmae-discover, which resumes) or pass another --maps")
         scores = attention.evaluate_store(store, mask_of, progress=True)
         name = f"{store.attrs['method']} ({Path(path).name})"
-        results[name] = dict(path=str(Path(path).resolve()), method=store.attrs["method"],
-                             grid=list(store.attrs["grid"]), **scores)
+        results[name] = AttentionScores(**scores, grid=list(store.attrs["grid"]), path=str(Path(path).resolve()),
+                                        method=store.attrs["method"])
         rows.append([name, scores["mean_iou"], scores["pointing"], scores["images"], scores["skipped"]])
         if tuple(store.attrs["grid"]) not in grids:
             grids.append(tuple(store.attrs["grid"]))
     for grid in grids:
         prior = attention.evaluate_prior(attention.centre_prior(*grid, sigma=opts.prior_sigma), index.keys, mask_of)
         at_grid = "" if len(grids) == 1 else f" {grid[0]}x{grid[1]}"
-        results["centre-prior" + at_grid] = dict(grid=list(grid), sigma=opts.prior_sigma, **prior)
+        results["centre-prior" + at_grid] = AttentionScores(**prior, grid=list(grid), sigma=opts.prior_sigma)
         rows.append([f"centre prior{at_grid} (σ={opts.prior_sigma})", prior["mean_iou"], prior["pointing"],
                      prior["images"], 0])
     table = format_table(["method", "mean IoU", "pointing", "images", "skipped"], rows)
-    entry = dict(dataset=dict(root=str(root.resolve()), split=split, keys_sha256=index.keys_sha256),
-                 protocol="attention", options=dict(prior_sigma=opts.prior_sigma, threshold="map mean"),
-                 results=results, seconds=round(time.time() - started, 2))
-    return Outcome("attention", entry, table, title=str(root / split))
+    chosen = "given (--maps)" if opts.map_stores else "every maps-*.h5 of the run directory (no --maps given)"
+    table += f"\nmap stores: {chosen}"
+    options = dict(prior_sigma=opts.prior_sigma, threshold="map mean", maps=[str(Path(p).resolve()) for p in stores],
+                   maps_chosen=chosen)
+    result = Result("attention", AttentionMetrics(results), options,
+                    dict(root=str(root.resolve()), split=split, keys_sha256=index.keys_sha256),
+                    seconds=round(time.time() - started, 2))
+    return Outcome("attention", result, table, title=str(root / split))
 
 
 def record(run_dir, outcome: Outcome) -> Path:
     """Write the outcome's entry under its key of RUN_DIR/results.json (atomically); returns the file."""
-    return update_results(run_dir, outcome.key, outcome.entry)
+    return update_results(run_dir, outcome.key, outcome.result)
+
+
+def probe_settings(fit: dict, opts: ProbeOptions, batch_size: int, lr: float, train_images: int) -> str:
+    """The probe's line under its table: the blr, batch and lr it trained with, saying which were defaulted or capped."""
+    blr = f"blr {fit['blr']:g}" + (f" (default, scaled to {train_images} training images)" if opts.blr is None else "")
+    batch = f"batch {batch_size}" + (f" (--linear-batch-size {fit['batch_size']} capped at the training set)"
+                                     if batch_size != fit["batch_size"] else "")
+    return f"probe: {blr}, {batch}, lr {lr:.4g}"
 
 
 def segment_splits(root, requested=()) -> list[str]:
