@@ -14,11 +14,12 @@ from pathlib import Path
 import click
 
 from agmae import distributed
-from agmae.cli.errors import environment_error
-from agmae.data import demo
+from agmae.cli.errors import demo_data_at_the_door, environment_error
 from agmae.eval import protocols
 from agmae.eval.protocols import AttentionOptions, FeatureOptions, FinetuneOptions, KnnOptions, ProbeOptions
 from agmae.eval.segment import SegmentOptions
+from agmae.eval import visualize
+from agmae.eval.visualize import VisualizeOptions
 from agmae import options
 from agmae.options import click_option, click_options, compose, run_dir_option
 from agmae.paths import default_run_dir, last_checkpoint
@@ -68,7 +69,8 @@ class Command:
         checkpoint = opts.get("checkpoint")
         self.run_dir = Path(opts["run_dir"] or (checkpoint.parent if checkpoint else default_run_dir()))
         self.checkpoint = checkpoint or last_checkpoint(self.run_dir)
-        self.root = Path(opts["data"] or demo.ensure_demo(correlation=opts["demo_correlation"]))
+        self.recipe = "imagenet" if opts["data"] else "demo"  # a bare command runs the demo with its recipe
+        self.root = Path(demo_data_at_the_door(opts["data"], correlation=opts["demo_correlation"]))
         self._evaluation = None
 
     @property
@@ -96,7 +98,7 @@ def _run(steps, opts: dict, device: str = "cpu") -> None:
             elif outcome is not None and env.is_main:
                 path = protocols.record(command.run_dir, outcome)
                 click.echo(f"\n{outcome.key} — {outcome.title}\n{outcome.table}\nresults: {path}")
-    except (FileNotFoundError, ValueError) as err:
+    except UserError as err:
         raise click.ClickException(str(err)) from err
     except OSError as err:
         raise environment_error(err) from err
@@ -205,7 +207,8 @@ def finetune(**opts):
     split. Resumes RUN_DIR/finetune/checkpoint-last.pth. Not part of `all` (it trains the encoder)."""
     finetune_opts = _take(opts, FinetuneOptions)
     _run([lambda command: protocols.run_finetune(command.checkpoint, command.root, opts["train_split"],
-                                                 opts["test_split"], finetune_opts, command.run_dir,
+                                                 opts["test_split"], finetune_opts.resolved(command.recipe),
+                                                 command.run_dir,
                                                  command.env, command.device)],
          opts, finetune_opts.device)
 
@@ -224,6 +227,26 @@ def segment(**opts):
     _run([lambda command: protocols.run_segment(command.checkpoint, command.root, opts["train_split"], splits,
                                                 features, segment_opts, command.env, command.device)],
          opts, features.device)
+
+
+@main.command(name="visualize", help="Reconstructions and attention of one or more MAEs, side by side, as a PNG. "
+                                     + visualize.COLUMNS_HELP)
+@run_dir_opt
+@dataset_options
+@click_options(VisualizeOptions)
+def visualize_command(**opts):
+    visualize_opts = _take(opts, VisualizeOptions)
+    opts["checkpoint"] = Path(visualize_opts.checkpoints[0]) if visualize_opts.checkpoints else None  # its RUN_DIR
+
+    def step(command):
+        from agmae.train.model import load_mae  # the MAE is training's model; only the command line may join them
+
+        if not command.env.is_main:
+            return None
+        out = visualize.write(visualize_opts, command.root, load_mae, command.run_dir, opts["train_split"],
+                              command.device)
+        return f"figure: {out}"
+    _run([step], opts, visualize_opts.device)
 
 
 @main.command(name="all")
