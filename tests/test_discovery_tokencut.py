@@ -10,7 +10,8 @@ from agmae import discovery
 from agmae.data.folder import load_rgb, scan
 from agmae.data.transforms import discovery_transform
 from agmae.discovery.backbones import RandomInitWarning, load_backbone
-from agmae.discovery.tokencut import ncut, seed_component
+from agmae.discovery.tokencut import ncut, resolve_solver, seed_component
+from agmae.errors import UserError
 from vit_reference import last_block_qk
 
 
@@ -32,8 +33,8 @@ def seed_rule(vector):
     return vector, foreground
 
 
-def assert_matches_scipy(feats, tau, eps=1e-5, binary=True):
-    eigvec, foreground = ncut(torch.as_tensor(feats), tau=tau, eps=eps, binary=binary)
+def assert_matches_scipy(feats, tau, eps=1e-5, binary=True, solver="auto"):
+    eigvec, foreground = ncut(torch.as_tensor(feats), tau=tau, eps=eps, binary=binary, solver=solver)
     for ours, our_fg, image in zip(eigvec.numpy(), foreground.numpy(), feats.astype(np.float64)):
         reference, reference_fg = seed_rule(scipy_fiedler(image, tau, eps, binary))
         cosine = ours @ reference / np.linalg.norm(ours) / np.linalg.norm(reference)
@@ -48,9 +49,21 @@ def clustered_tokens(rng, batch=6, n=64, dim=32, clusters=3, noise=0.6):
     return (tokens + noise * rng.standard_normal((batch, n, dim))).astype(np.float32)
 
 
+@pytest.mark.parametrize("solver", ["exact", "iterative"])
 @pytest.mark.parametrize("binary", [True, False])
-def test_ncut_matches_scipy_on_random_features(binary):
-    assert_matches_scipy(clustered_tokens(np.random.default_rng(0)), tau=0.2, binary=binary)
+def test_ncut_matches_scipy_on_random_features(binary, solver):
+    assert_matches_scipy(clustered_tokens(np.random.default_rng(0)), tau=0.2, binary=binary, solver=solver)
+
+
+def test_auto_solver_is_iterative_on_cuda_and_exact_elsewhere():
+    assert [resolve_solver("auto", device) for device in ("cuda", "cuda:1", "cpu")] == ["iterative", "iterative",
+                                                                                      "exact"]
+    assert resolve_solver("exact", "cuda") == "exact" and resolve_solver("iterative", "cpu") == "iterative"
+    with pytest.raises(UserError, match="solver='lapack': use one of"):
+        resolve_solver("lapack", "cpu")
+    feats = torch.as_tensor(clustered_tokens(np.random.default_rng(1)))
+    auto, exact = ncut(feats), ncut(feats, solver="exact")
+    assert torch.equal(auto[0], exact[0]) and torch.equal(auto[1], exact[1])
 
 
 @pytest.fixture(scope="module")
