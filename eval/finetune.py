@@ -15,15 +15,16 @@ Every part is timm's or torch's, put together as MAE's `main_finetune.py` does:
 - gradient accumulation, autocast (bf16, or fp16 with loss scaling, on CUDA; bf16 on a CPU that has it
   natively), DistributedDataParallel under torchrun/srun.
 
-Resume is exact at epoch boundaries: every random stream of an epoch (the sampler's order, the loader
-workers' seeds, Mixup's numpy draws, augmentations and drop path in the main process) is seeded from
-(seed, epoch, rank) when the epoch starts, so a checkpoint needs only the weights, the optimiser, the
-loss scaler and the epoch; a kill loses at most the epoch in progress.
+Resume is exact: every random stream of an epoch (the sampler's order, the loader workers' seeds, Mixup's
+numpy draws, augmentations and drop path in the main process) is seeded from (seed, epoch, rank) when the
+epoch starts, so an epoch's checkpoint needs only the weights, the optimiser, the loss scaler and the epoch;
+a kill loses at most the epoch in progress. A preempted run (SIGTERM, SIGUSR1: `agmae.preemption`) saves at
+the next step with its position in the epoch and the main process's random streams; the resumed run replays
+the loader up to that position (loading, not training: the workers' augmentation streams then continue as
+they would have) and goes on from there. The scaffold (lock, seeding, AMP, DDP, accumulation, the divergence
+guard) is `agmae.training`, shared with pre-training.
 """
 import json
-import math
-import random
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,22 +40,19 @@ from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from agmae import distributed
+from agmae import distributed, preemption, training
 from agmae.checkpoint import atomic_save, file_sha256, load_checkpoint, load_encoder
 from agmae.data.folder import ImageFolderIndex
 from agmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from agmae.eval.features import FolderImages, embed_folder
 from agmae.eval.knn import topk_accuracy
 from agmae.eval.linear import build_scheduler
-from agmae.hardware import autocast_dtype, resolve_precision
 from agmae.options import (POSITIVE_INT, SHARE, device_option, max_failures_option, option, precision_option,
                            seed_option, validate, verify_images_option, workers_option)
 from agmae.errors import UserError
 
 HEAD_INIT_STD = 2e-5  # MAE's: the fresh head starts near zero, so the first steps do not wreck the encoder
 ADAMW_BETAS = (0.9, 0.999)
-# A new epoch's seed: far apart per epoch and per rank, so no two streams of a run coincide.
-EPOCH_SEED_STRIDE, RANK_SEED_STRIDE = 1_000_003, 7_919
 
 # MAE's ImageNet-1k recipe for ViT-B/16 (FINETUNE.md: 32 images × 4 accumulation steps × 8 GPUs =
 # 1024 per step), and a short recipe that fits the demo dataset on a CPU.
@@ -118,10 +116,10 @@ class FinetuneOptions:
     def __post_init__(self):
         validate(self)
 
-    def resolved(self, demo: bool) -> "FinetuneOptions":
-        """These options with the recipe's values in the fields left None (the demo's or MAE's ImageNet one)."""
-        recipe = RECIPES["demo" if demo else "imagenet"]
-        done = replace(self, **{name: value for name, value in recipe.items() if getattr(self, name) is None})
+    def resolved(self, recipe: str = "imagenet") -> "FinetuneOptions":
+        """These options with the values of `recipe` (a RECIPES key: MAE's ImageNet one, or the demo's, which a
+        bare command fills in where it picks the demo dataset) in the fields left None."""
+        done = replace(self, **{name: value for name, value in RECIPES[recipe].items() if getattr(self, name) is None})
         if done.mixing and done.batch_size % 2:
             raise UserError(f"--batch-size {done.batch_size}: Mixup/CutMix pair the images of a batch, so it "
                              "must be even (or pass --mixup 0 --cutmix 0)")
@@ -199,15 +197,6 @@ def train_transform(image_size: int, opts: FinetuneOptions):
     return transform
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """Seed every random stream of one epoch on one rank; returns the loader's generator."""
-    value = seed + EPOCH_SEED_STRIDE * (epoch + 1) + RANK_SEED_STRIDE * rank
-    torch.manual_seed(value)
-    np.random.seed(value % 2**32)
-    random.seed(value)
-    return torch.Generator().manual_seed(value)
-
-
 class FineTuning:
     """One fine-tuning run: `run()` trains (resuming RUN_DIR's checkpoint) and returns the classifier."""
 
@@ -235,15 +224,16 @@ class FineTuning:
         self.scheduler = build_scheduler(self.optimizer, opts.epochs * self.steps_per_epoch,
                                          round(opts.warmup_epochs * self.steps_per_epoch),
                                          lr_min=opts.min_lr)
-        self.amp_dtype = autocast_dtype(resolve_precision(opts.precision, self.device, training=True))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.optimization = training.Optimization(self.model, self.optimizer, self.env, self.device, opts.precision,
+                                                  opts.accum_iter)
+        self.trained = self.optimization.wrapped
         self.criterion, self.mixup = build_criterion(opts), build_mixup(opts, self.num_classes)
         self.labels = torch.as_tensor(train_index.labels, dtype=torch.long)
         self.dataset = FolderImages(train_index, train_transform(self.image_size, opts))
-        self.trained = (torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.env.distributed else self.model)
+        self.guard = training.LossGuard(self.checkpoint_path, "lower --blr or use --precision fp32")
         self.epoch, self.losses = 0, []
+        # a run preempted mid-epoch: the batches of self.epoch done, their loss sum, the random streams after them
+        self.position, self.running, self.rng, self.preempted = 0, 0.0, None, False
 
     @property
     def checkpoint_path(self) -> Path:
@@ -253,25 +243,39 @@ class FineTuning:
         if not self.checkpoint_path.is_file():
             return
         state = load_checkpoint(self.checkpoint_path)
-        if state["identity"] != self.identity:
-            changed = sorted(name for name in self.identity if state["identity"].get(name) != self.identity[name])
+        changed = training.changed_settings(state["identity"], self.identity)
+        if changed:
             raise UserError(f"{self.checkpoint_path} was fine-tuned with other {', '.join(changed)} "
                              f"({json.dumps(state['identity'], sort_keys=True)[:300]}); pass another --run-dir, "
                              "or delete it to start over")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.optimization.load_state_dict(state)
         self.epoch, self.losses = state["epoch"], state["losses"]
+        self.position, self.running, self.rng = state.get("position", 0), state.get("running", 0.0), state.get("rng")
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
 
-    def _save(self) -> None:
+    def _save(self, position: int = 0, running: float = 0.0) -> None:
         if self.env.is_main:
-            atomic_save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                             scaler=self.scaler.state_dict(), epoch=self.epoch, losses=self.losses,
-                             identity=self.identity), self.checkpoint_path)
+            atomic_save(dict(model=self.model.state_dict(), **self.optimization.state_dict(), epoch=self.epoch,
+                             losses=self.losses, identity=self.identity, guard=self.guard.state_dict(),
+                             position=position, running=running, rng=training.rng_state() if position else None),
+                        self.checkpoint_path)
         distributed.barrier()
 
+    def _preempt(self, position: int = 0, running: float = 0.0):
+        """Save a resumable state (an epoch's end is saved already) and raise Preempted on every rank."""
+        if position:
+            self._save(position, running)
+        where = f"epoch {self.epoch + 1}, batch {position}" if position else f"the end of epoch {self.epoch}"
+        message = (f"{preemption.signal_name() or 'preempted'}: saved {self.checkpoint_path} at {where}; run the "
+                   f"same command to resume (exit code {preemption.PREEMPTED})")
+        if self.progress:
+            tqdm.write(message)
+        raise preemption.Preempted(message)
+
     def _loader(self, epoch: int) -> DataLoader:
-        generator = seed_epoch(self.opts.seed, epoch, self.env.rank)
+        generator = training.seed_epoch(self.opts.seed, epoch, self.env.rank)
         if self.env.distributed:
             sampler = DistributedSampler(self.dataset, shuffle=True, seed=self.opts.seed, drop_last=True)
             sampler.set_epoch(epoch)
@@ -283,42 +287,51 @@ class FineTuning:
 
     def _train_one_epoch(self, epoch: int) -> float:
         self.model.train()
-        accum, running = self.opts.accum_iter, 0.0
+        accum, start, running = self.opts.accum_iter, self.position, self.running
         batches = self.steps_per_epoch * accum  # a trailing part-step would skew the next epoch's first step
-        bar = tqdm(total=batches, desc=f"finetune {epoch + 1}/{self.opts.epochs}", unit="batch",
+        bar = tqdm(total=batches, initial=start, desc=f"finetune {epoch + 1}/{self.opts.epochs}", unit="batch",
                    disable=not self.progress)
-        for i, (imgs, rows) in zip(range(batches), self._loader(epoch)):
+        loader = iter(self._loader(epoch))
+        if start:  # replay what the preempted run trained, then take up its random streams
+            for _ in range(start):
+                next(loader)
+            training.set_rng_state(self.rng)
+        for i, (imgs, rows) in zip(range(start, batches), loader):
             imgs, targets = imgs.to(self.device, non_blocking=True), self.labels[rows].to(self.device)
             if self.mixup is not None:
                 imgs, targets = self.mixup(imgs, targets)
             closes_step = (i + 1) % accum == 0
             if i % accum == 0:
                 self.scheduler.step_update(epoch * self.steps_per_epoch + i // accum)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            with self.optimization.autocast():
                 loss = self.criterion(self.trained(imgs), targets)
-            if not math.isfinite(loss.item()):
-                raise UserError(f"fine-tuning loss is {loss.item()} at epoch {epoch + 1}, batch {i}; lower "
-                                 "--blr or use --precision fp32")
-            sync = closes_step or not self.env.distributed
-            with nullcontext() if sync else self.trained.no_sync():
-                self.scaler.scale(loss / accum).backward()
-            if closes_step:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+            # the ranks agree on the guard's loss and on a preemption request in one all-reduce
+            agreed, preempt = distributed.mean_over_ranks(
+                torch.stack([loss.detach(), loss.new_tensor(float(preemption.requested()))])).tolist()
+            self.guard.check(agreed, f"epoch {epoch + 1}, batch {i}")
+            self.optimization.backward(loss, closes_step)
             running += loss.item()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
+            self.preempted = preempt > 0
+            if closes_step and self.preempted and i + 1 < batches:
+                bar.close()
+                self._preempt(i + 1, running)
         bar.close()
+        self.position, self.running = 0, 0.0
         return running / batches
 
     def run(self) -> VisionTransformer:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._resume()
-        while self.epoch < self.opts.epochs:
-            self.losses.append(self._train_one_epoch(self.epoch))
-            self.epoch += 1
-            self._save()
+        """Train to opts.epochs holding the run directory's lock, resuming its checkpoint; a preemption signal
+        saves and raises `agmae.preemption.Preempted`."""
+        with training.hold_run_dir(self.out_dir, self.env, "agmae-eval finetune"), preemption.notice():
+            self._resume()
+            while self.epoch < self.opts.epochs:
+                self.losses.append(self._train_one_epoch(self.epoch))
+                self.epoch += 1
+                self._save()
+                if self.preempted and self.epoch < self.opts.epochs:
+                    self._preempt()
         return self.model.eval()
 
 

@@ -62,6 +62,36 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (every rank gets the same answer)."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over the ranks (`value` itself without a process group)."""
+    if not dist.is_initialized():
+        return value
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def sum_over_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `[n_r, ...]` tensors from every rank along dim 0, in rank order (sizes may differ)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -144,6 +144,17 @@ class TrainConfig:
             raise UserError("--no-weight-loss with --masking random uses --maps for nothing: that is the vanilla "
                              "MAE, train it with --no-guidance")
 
+    def check_run(self, num_patches: int) -> None:
+        """Refuse the combinations that only fail together, once the model's patch count is known (call on the
+        resolved config): a mask ratio that leaves no visible patch, a warm-up longer than the run."""
+        if int(num_patches * (1 - self.mask_ratio)) == 0:
+            raise UserError(f"--mask-ratio {self.mask_ratio:g} keeps int({num_patches} x {1 - self.mask_ratio:.4g}) = 0 "
+                            f"of the model's {num_patches} patches visible, so the encoder would see none; lower "
+                            f"--mask-ratio below {1 - 1 / num_patches:.4g}")
+        if self.warmup_epochs > self.epochs:
+            raise UserError(f"--warmup-epochs {self.warmup_epochs:g} is longer than the run's --epochs {self.epochs}: the "
+                            f"lr would never reach its peak; lower --warmup-epochs or raise --epochs")
+
     def image_folder(self) -> Path:
         """The training images: the --train-split folder of --data."""
         return split_folder(self.data, self.train_split)

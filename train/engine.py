@@ -104,6 +104,7 @@ class Trainer:
             self.store_identity = store.identity()
 
         self.model: MaskedAutoencoderViT = create_model(cfg.model, **cfg.model_overrides()).to(device)
+        cfg.check_run(self.model.num_patches)
         # the weights it starts from are compared by their fingerprint, as the maps are, so a resumed run with
         # another --init-from is refused and the file may move
         self.init_weights = self._init_from(Path(cfg.init_from)) if cfg.init_from else None
