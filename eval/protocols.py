@@ -306,7 +306,7 @@ def run_finetune(checkpoint, root, train_split: str, test_split: str | None, opt
     """MAE fine-tuning (layer decay, Mixup/CutMix, RandAugment, ...): top-1/top-5 of the fine-tuned classifier
     on the test split and on every background split the dataset has. Resumes RUN_DIR/finetune/."""
     started, root, env = time.time(), Path(root), env or distributed.DistEnv()
-    opts = opts.resolved(demo.is_demo_root(root))
+    opts = opts.resolved()  # MAE's ImageNet recipe in the fields the caller left None
     readable = {}
 
     def index_of(split):

@@ -48,7 +48,7 @@ def encoder_checkpoint(tmp_path_factory):
 
 
 def tuning_for(checkpoint, root, out, **overrides):
-    opts = FinetuneOptions(**{**QUICK, **overrides}).resolved(demo=False)
+    opts = FinetuneOptions(**{**QUICK, **overrides}).resolved()
     return FineTuning(checkpoint, scan(root / "train"), opts, out, progress=False)
 
 

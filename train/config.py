@@ -1,15 +1,14 @@
 """Everything a training run depends on, each field defined once: `agmae-train`'s options are generated
 from these fields (`agmae.options`), and a Python caller's values pass the same validation.
 
-Fields left None take a recipe's value: the demo dataset's recipe when the data is the built-in
-demo dataset, MAE's ImageNet recipe otherwise (`RECIPES`, docs/METHOD.md#the-mae).
+Fields left None take a recipe's value (`RECIPES`, docs/METHOD.md#the-mae): MAE's ImageNet recipe, or the demo
+recipe, which a bare `agmae-train` (no --data) fills in where it picks the built-in demo dataset.
 """
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
-from agmae.data import demo
 from agmae.errors import UserError
 from agmae.data.folder import split_folder
 from agmae.options import (POSITIVE, POSITIVE_INT, data_option, device_option, max_failures_option, option,
@@ -32,7 +31,7 @@ RECIPES = {
 
 
 def _recipe(name: str, text: str) -> str:
-    return f"{text} [default: {RECIPES['demo'][name]} on the demo dataset, {RECIPES['paper'][name]} otherwise]"
+    return f"{text} [default: {RECIPES['paper'][name]}; {RECIPES['demo'][name]} with no --data, on the demo dataset]"
 
 
 @dataclass
@@ -63,9 +62,8 @@ class TrainConfig:
                                            "CPU from 128 patches (base/16's 196), off below, where matmul-softmax "
                                            "attention is faster]", flags=("--fused-attn/--no-fused-attn",))
     compile: bool = option(False, "torch.compile the MAE (inductor; needs a C compiler on a CPU). Same results up to "
-                                  "float rounding, exact resume kept; DDP runs compile the wrapped model. Measured "
-                                  "on a quiet 2-core CPU: the demo MAE's step 0.955x eager after ~100 s of compiling "
-                                  "(benchmarks/train_bench.py --compile, as in the README), so off by default.",
+                                  "float rounding, exact resume kept; DDP runs compile the wrapped model. Off by "
+                                  "default: on a CPU it did not pay for its compile time (docs/PERFORMANCE.md).",
                            flags=("--compile/--no-compile",))
     epochs: int | None = option(None, _recipe("epochs", "Training epochs."), type=POSITIVE_INT)
     warmup_epochs: float | None = option(None, _recipe("warmup_epochs", "Epochs of linear learning-rate "
@@ -163,9 +161,10 @@ class TrainConfig:
         return {"img_size": self.input_size, **{name: getattr(self, name) for name in MODEL_OPTIONS}}
 
     def resolved(self) -> "TrainConfig":
-        """This config with the defaults that depend on the data filled in: the demo dataset when no
-        data is given, the default run directory, and the recipe's values for the fields left None."""
-        data = self.data or str(demo.ensure_demo())
-        recipe = RECIPES["demo" if demo.is_demo_root(data) else "paper"]
-        unset = {name: value for name, value in recipe.items() if getattr(self, name) is None}
-        return replace(self, data=data, out=self.out or str(default_run_dir()), **unset)
+        """This config with MAE's ImageNet recipe in the fields left None and the default run directory. (A bare
+        `agmae-train`, with no --data, fills in the demo recipe at the command line, where it picks the demo
+        dataset.)"""
+        if self.data is None:
+            raise UserError("no dataset: pass --data ROOT, the folder holding ROOT/<split>/<class>/<image>")
+        unset = {name: value for name, value in RECIPES["paper"].items() if getattr(self, name) is None}
+        return replace(self, out=self.out or str(default_run_dir()), **unset)

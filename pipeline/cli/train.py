@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 
 from agmae.checkpoint import export_encoder
-from agmae.cli.errors import environment_error
+from agmae.cli.errors import demo_data_at_the_door, user_errors
 from agmae.options import click_options
 from agmae.paths import default_maps, default_run_dir, last_checkpoint
-from agmae.train.config import TrainConfig
+from agmae.train.config import RECIPES, TrainConfig
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,14 +28,10 @@ def main(ctx, no_guidance, **options):
     """
     if ctx.invoked_subcommand is not None:
         return
-    from agmae.train.engine import NonFiniteLossError, train  # torch-heavy: not needed for export or --help
+    from agmae.train.engine import train  # torch-heavy: not needed for export or --help
 
-    try:
+    with user_errors():
         metrics = train(config_from_options(no_guidance, **options))
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        raise click.ClickException(str(err)) from err
-    except OSError as err:
-        raise environment_error(err) from err
     if metrics is None:
         click.echo("nothing to train: the checkpoint in the run directory already reached --epochs")
 
@@ -46,6 +42,12 @@ def config_from_options(no_guidance: bool, **options) -> TrainConfig:
         raise click.UsageError("--maps and --no-guidance exclude each other")
     if not no_guidance and options["maps"] is None:
         options["maps"] = str(default_maps(default_run_dir()))
+    if options["data"] is None:
+        options["data"] = demo_data_at_the_door(None)
+        recipe = {name: value for name, value in RECIPES["demo"].items() if options[name] is None}
+        options.update(recipe)
+        click.echo("the demo recipe: " + ", ".join(f"--{name.replace('_', '-')} {value}"
+                                                   for name, value in recipe.items()), err=True)
     return TrainConfig(**options)
 
 
@@ -57,10 +59,8 @@ def config_from_options(no_guidance: bool, **options) -> TrainConfig:
 def export(checkpoint, out):
     """Write the encoder alone, loadable by timm.create_model(..., num_classes=0).load_state_dict."""
     checkpoint = checkpoint or last_checkpoint(default_run_dir())
-    try:
+    with user_errors():
         export_encoder(checkpoint, out)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
     click.echo(f"wrote {out} (+ {out.name}.json)")
 
 
