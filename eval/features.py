@@ -67,7 +67,7 @@ def pool_tokens(model, imgs: torch.Tensor, pool: str) -> torch.Tensor:
         return tokens[:, 0]
     if pool == "mean":
         return tokens[:, model.num_prefix_tokens :].mean(dim=1)
-    raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
+    raise UserError(f"unknown pool {pool!r}; use one of {POOLS}")
 
 
 class FolderImages(Dataset):
@@ -188,10 +188,10 @@ class FeatureSource:
                  use_cache: bool = True, progress: bool = True, precision: str = "auto", verify_images: bool = True,
                  max_failures: float = 0.001):
         if pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}; use one of {POOLS}")
+            raise UserError(f"unknown pool {pool!r}; use one of {POOLS}")
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_file():
-            raise FileNotFoundError(
+            raise UserError(
                 f"checkpoint {self.checkpoint} does not exist; train one with `agmae-train` or pass --checkpoint FILE"
             )
         self.checkpoint_sha256 = file_sha256(self.checkpoint)

@@ -93,7 +93,7 @@ def test_changed_checkpoint_misses_the_cache(tiny_checkpoint, image_folder):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="agmae-train"):
+    with pytest.raises(features_module.UserError, match="agmae-train"):
         FeatureSource(tmp_path / "nothing.pth")
 
 
