@@ -180,8 +180,12 @@ class Evaluation:
                 uses_test_split: bool = True) -> Outcome:
         """The outcome of one protocol; the options record the precision used (never "auto") and the encoder's
         timm kwargs (its head count may have been assumed: agmae.checkpoint.guess_encoder_kwargs)."""
-        options = dict(pool=self.options.pool, precision=self.source.precision, encoder=self.source.timm_kwargs,
-                       **options)
+        encoder = self.source.timm_kwargs
+        options = dict(pool=self.options.pool, precision=self.source.precision, encoder=encoder, **options)
+        if encoder:
+            table += (f"\nencoder: depth {encoder.get('depth')}, heads {encoder.get('num_heads')}, dim "
+                      f"{encoder.get('embed_dim')}, patch {encoder.get('patch_size')}, image {image_size_of(encoder)}; "
+                      f"features {self.options.pool}, {self.source.precision}")
         return build_outcome(self.key(name, uses_test_split), self.checkpoint, self.source.checkpoint_sha256,
                              self.root, {split: self.features(split).index for split in splits}, options, results,
                              started, table, {split: self.features(split).unreadable for split in splits})

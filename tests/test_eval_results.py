@@ -142,3 +142,14 @@ def test_an_entry_of_an_unknown_protocol_keeps_its_plain_results_and_a_newer_sch
 def test_finetune_metrics_round_trip():
     metrics = FinetuneMetrics.from_json(SCHEMA_1["finetune"]["results"])
     assert metrics.to_json() == SCHEMA_1["finetune"]["results"] and metrics.epoch_losses == [2.0, 1.5]
+
+
+def test_a_head_count_guessed_from_an_exported_state_dict_is_printed_and_recorded(run_dir, demo_root, tmp_path):
+    exported = tmp_path / "vit.pth"  # a plain timm state dict with no kwargs file: the head count is assumed
+    torch.save(torch.load(run_dir / "checkpoint-last.pth")["model"], exported)
+    result = CliRunner().invoke(main, ["knn", "--checkpoint", str(exported), "--data", str(demo_root), "--workers",
+                                       "0", "--k", "5"])
+    assert result.exit_code == 0, result.output
+    recorded = load_results(tmp_path)["knn"].options["encoder"]
+    assert recorded["num_heads"] == 1 and recorded["embed_dim"] == 32  # 32 / 64-wide heads, at least one
+    assert "encoder: depth 2, heads 1, dim 32, patch 8, image 32; features cls, fp32" in result.output
