@@ -1,8 +1,9 @@
 """Serial against joblib-parallel CPU work, measured in one run: the image check (`unreadable_images`,
-joblib's process workers) and the demo dataset build (`ensure_demo`, joblib threads). Each is timed with
+joblib threads) and the demo dataset build (`ensure_demo`, joblib threads). Each is timed with
 workers=1 (in this process) and with --workers, from a cold start (a fresh AGMAE_HOME, so no cached decode
 check and no cached build), --repeats times; the best time of each counts. It prints both times and the
-speed-up ratio, and checks that both paths produced the same result.
+speed-up ratio, and checks that both paths produced the same result. The image check, on joblib threads, is also
+timed on joblib's worker processes (`parallel_config(backend="loky")`), which pay a start-up but no GIL.
 
     python benchmarks/joblib_bench.py [--workers N] [--n-train 10000] [--n-test 10000] [--repeats 3]
 """
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import click
+from joblib import parallel_config
 
 from agmae.data import demo, folder
 
@@ -71,6 +73,8 @@ def main(workers, n_train, n_test, repeats):
 
         check_serial, serial_bad = _best_time(check(1), repeats, workdir, "check-serial")
         check_parallel, parallel_bad = _best_time(check(workers), repeats, workdir, "check-parallel")
+        with parallel_config(backend="loky"):
+            check_processes, processes_bad = _best_time(check(workers), repeats, workdir, "check-processes")
     finally:
         if saved_home is None:
             os.environ.pop("AGMAE_HOME", None)
@@ -80,6 +84,7 @@ def main(workers, n_train, n_test, repeats):
     print(f"{len(os.sched_getaffinity(0))} CPUs; demo build of 2 x {n_train} + 3 x {n_test} images and their masks; "
           f"image check of its {len(index)} train images in tasks of {folder.DECODE_CHUNK}; best of {repeats}")
     print(_row("image check", check_serial, check_parallel, workers, serial_bad == parallel_bad))
+    print(_row("  processes", check_serial, check_processes, workers, serial_bad == processes_bad))
     print(_row("demo build", build_serial, build_parallel, workers, serial_digest == parallel_digest))
 
 

@@ -27,7 +27,7 @@ CACHE_VERSION = 1
 # A directory modified this recently may still change within the same timestamp tick
 # (coarse mtimes on ext4/NFS/FAT), so an index that includes it is not cached yet.
 RACY_MTIME_NS = 2_000_000_000
-# Images per decode task: enough to outweigh a task's hand-over to a worker process.
+# Images per decode task: enough that handing a task to a worker costs little beside it.
 DECODE_CHUNK = 256
 
 
@@ -132,9 +132,11 @@ def _decode_cache_path(index) -> Path:
 def unreadable_images(index, workers: int | None = None, progress: bool = True) -> dict:
     """{dataset index: reason} of the images of `index` that do not decode.
 
-    Checked in parallel by joblib's process workers (`workers` of them, default: every CPU this process may
-    use; 1 checks in this process) and cached per file by (size, mtime) under AGMAE_HOME/index/, so a second
-    call decodes only the files that changed. The result does not depend on `workers`."""
+    Checked in parallel on joblib threads (`workers` of them, default: every CPU this process may use; 1 checks
+    serially). PIL decodes without holding the GIL, and threads start at no cost where worker processes take
+    longer to start than a small split takes to check (benchmarks/joblib_bench.py times both). Cached per file
+    by (size, mtime) under AGMAE_HOME/index/, so a second call decodes only the files that changed. The result
+    does not depend on `workers`."""
     cache = _decode_cache_path(index)
     sizes = np.full(len(index), -2, np.int64)
     mtimes = np.zeros(len(index), np.int64)
@@ -157,7 +159,7 @@ def unreadable_images(index, workers: int | None = None, progress: bool = True) 
     if stale:
         parts = [stale[lo:lo + DECODE_CHUNK] for lo in range(0, len(stale), DECODE_CHUNK)]
         workers = workers or len(os.sched_getaffinity(0))
-        checks = Parallel(n_jobs=max(1, min(workers, len(parts))), return_as="generator")(
+        checks = Parallel(n_jobs=max(1, min(workers, len(parts))), prefer="threads", return_as="generator")(
             delayed(_decode_check)([str(index.path(i)) for i in part]) for part in parts)
         with tqdm(total=len(stale), desc=f"checking images decode ({index.root.name})", unit="img",
                   disable=not progress) as bar:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from joblib import parallel_config
 from PIL import Image
 
 from agmae.data import folder
@@ -226,7 +227,7 @@ def test_images_load_as_they_are_meant_to_be_seen(tmp_path):
 
 def test_unreadable_images_are_found_in_parallel_and_rechecked_only_when_a_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("AGMAE_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(folder, "DECODE_CHUNK", 2)  # 6 tasks for the 2 worker processes
+    monkeypatch.setattr(folder, "DECODE_CHUNK", 2)  # 6 tasks for the 2 workers
     root = tmp_path / "data"
     (root / "ok").mkdir(parents=True)
     for i in range(6):
@@ -254,7 +255,8 @@ def test_parallel_image_check_finds_what_the_serial_one_finds(tmp_path, monkeypa
     add_unreadable_images(root, root / "ok" / "0.png")
     index = scan(root)
     results = []
-    for workers in (1, 2):
-        monkeypatch.setenv("AGMAE_HOME", str(tmp_path / f"home-{workers}"))  # a fresh decode cache each
-        results.append(folder.unreadable_images(index, workers=workers, progress=False))
-    assert results[0] == results[1] and len(results[0]) == 4 and all(results[0].values())
+    for workers, backend in ((1, "threading"), (2, "threading"), (2, "loky")):  # serial, threads, processes
+        monkeypatch.setenv("AGMAE_HOME", str(tmp_path / f"home-{workers}-{backend}"))  # a fresh decode cache each
+        with parallel_config(backend=backend):
+            results.append(folder.unreadable_images(index, workers=workers, progress=False))
+    assert results[0] == results[1] == results[2] and len(results[0]) == 4 and all(results[0].values())
