@@ -1,7 +1,8 @@
 """The evaluation protocols as functions: knn, linear, retrieval, robustness over an encoder's features
 (`Evaluation`), attention over map stores, finetune over the encoder's weights. Each returns an `Outcome`
-(its results.json key, entry and table); `record` writes any of them to RUN_DIR/results.json, the one
-results path. `agmae-eval` is a thin layer over these (docs/METHOD.md#evaluation-protocols).
+(its results.json key, its typed entry `agmae.eval.report.Result`, and its table); `record` writes any of them to
+RUN_DIR/results.json, the one results path, and `agmae.eval.report.load_results` reads them back typed.
+`agmae-eval` is a thin layer over these (docs/METHOD.md#evaluation-protocols).
 
 The options of each protocol are defined once, as fields (`FeatureOptions`, `KnnOptions`,
 `ProbeOptions`, `AttentionOptions`, and `FinetuneOptions` in eval/finetune.py), from which the CLI
@@ -50,7 +51,7 @@ class FeatureOptions:
 @dataclass
 class KnnOptions:
     ks: tuple = option(knn.KS, "Neighbour counts (repeat the option); one search for the largest, then sliced. "
-                               "A k above the bank size is clamped to it with a warning.",
+                               "A k above the bank size is clamped to it (printed, and recorded as k_used).",
                        type=POSITIVE_INT, flags=("--k",), multiple=True)
     temperature: float = option(knn.DEFAULT_T, "Vote weight exp(cos / T).", type=POSITIVE)
 
@@ -402,7 +403,7 @@ def record(run_dir, outcome: Outcome) -> Path:
 
 
 def probe_settings(fit: dict, opts: ProbeOptions, batch_size: int, lr: float, train_images: int) -> str:
-    """The probe's line under its table: the blr, batch and lr it trained with, saying which were defaulted or capped."""
+    """The probe's line under its table: the blr, batch and lr it trained with, which were defaulted or capped."""
     blr = f"blr {fit['blr']:g}" + (f" (default, scaled to {train_images} training images)" if opts.blr is None else "")
     batch = f"batch {batch_size}" + (f" (--linear-batch-size {fit['batch_size']} capped at the training set)"
                                      if batch_size != fit["batch_size"] else "")

@@ -401,3 +401,16 @@ def test_a_changed_dataset_is_named_by_the_images_added_and_removed(good_store):
         make_store(good_store, keys=many)
     with pytest.raises(agmae.errors.UserError, match="the same images in another order"):
         store.validate(good_store, dataset_keys=KEYS[::-1])
+
+
+def test_inspect_calls_a_truncated_store_truncated_in_one_line(good_store, tmp_path):
+    from click.testing import CliRunner
+
+    from agmae.cli.discover import main
+
+    damaged = _half(good_store, tmp_path)
+    result = CliRunner().invoke(main, ["inspect", str(damaged)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert errors[0].startswith(f"Error: {damaged}: damaged attention store, truncated: the file has ")
+    assert "lock" not in errors[0] and errors[0].endswith("recompute it (agmae-discover --overwrite) or copy it again")
