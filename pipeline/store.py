@@ -357,10 +357,10 @@ def key_changes(old: Sequence[str], new: Sequence[str], show: int = 3) -> str:
     or, when both hold the same keys, that their order differs."""
     old_set, new_set = set(old), set(new)
     added, removed = sorted(new_set - old_set), sorted(old_set - new_set)
-    parts = [f"{len(keys)} {what} ({', '.join(keys[:show])}{', ...' if len(keys) > show else ''})"
-             for keys, what in ((added, "added"), (removed, "removed")) if keys]
+    parts = [f"{len(keys)} image{'s' if len(keys) > 1 else ''} {what} ({', '.join(keys[:show])}"
+             f"{', ...' if len(keys) > show else ''})" for keys, what in ((added, "added"), (removed, "removed")) if keys]
     if parts:
-        return "images " + " and ".join(parts)
+        return " and ".join(parts)
     if len(old) != len(new):
         return f"{abs(len(old) - len(new))} duplicate keys"
     return "the same images in another order"

@@ -390,13 +390,13 @@ def test_a_store_under_a_regular_file_names_the_file(tmp_path):
 
 def test_a_changed_dataset_is_named_by_the_images_added_and_removed(good_store):
     added = KEYS + ["class0/new_1.png", "class1/new_2.png"]
-    with pytest.raises(agmae.errors.UserError, match=r"2 added \(class0/new_1.png, class1/new_2.png\)") as err:
+    with pytest.raises(agmae.errors.UserError, match=r"2 images added \(class0/new_1.png, class1/new_2.png\)") as err:
         store.validate(good_store, dataset_keys=added)
     assert "recompute" in str(err.value)
-    with pytest.raises(agmae.errors.UserError, match=r"1 removed \(class0/img_000.png\)"):
+    with pytest.raises(agmae.errors.UserError, match=r"1 image removed \(class0/img_000.png\)"):
         store.validate(good_store, dataset_keys=KEYS[1:])
     many = KEYS + [f"class0/new_{i}.png" for i in range(5)]
-    with pytest.raises(agmae.errors.UserError, match=r"5 added \(class0/new_0.png, class0/new_1.png, "
+    with pytest.raises(agmae.errors.UserError, match=r"5 images added \(class0/new_0.png, class0/new_1.png, "
                                                      r"class0/new_2.png, \.\.\.\)"):
         make_store(good_store, keys=many)
     with pytest.raises(agmae.errors.UserError, match="the same images in another order"):
