@@ -3,14 +3,16 @@
 A training checkpoint is a `torch.save`d dict: `model` (the MAE state dict; encoder keys named
 like timm's `VisionTransformer`, decoder keys starting with `decoder_` or being `mask_token`),
 `config` (with `encoder` = the timm `VisionTransformer` kwargs), `optimizer`, `scaler`, `epoch`,
-`step`, `rng`, `sampler`, `version`. An exported encoder is a plain timm
-state dict with its kwargs in a JSON file beside it (`<file>.json`).
+`step`, `rng`, `sampler`, `version`. An exported encoder is a plain timm state dict that carries
+its kwargs inside, in the state dict's `_metadata` (which `load_state_dict` ignores) under
+ENCODER_KWARGS_KEY, and also in a JSON file beside it (`<file>.json`) for readers outside agmae.
 """
 import hashlib
 import json
 import os
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -22,6 +24,8 @@ _REQUIRED_ENCODER_KEYS = ("patch_embed.proj.weight", "cls_token", "pos_embed", "
 # timm's standard ViTs (tiny, small, base, large) use 64-wide attention heads; a plain state dict
 # does not record the head count, so it is assumed from this when no kwargs file says otherwise.
 _ASSUMED_HEAD_DIM = 64
+ENCODER_KWARGS_KEY = "agmae_encoder_kwargs"
+ZIP_MAGIC, PICKLE_PROTOCOL_OPCODE = b"PK\x03\x04", b"\x80"  # torch.save's zip format; a legacy pickle
 
 
 def file_sha256(path) -> str:
@@ -51,6 +55,9 @@ def _temporary_beside(path: Path) -> Path:
 def atomic_write(path, write) -> Path:
     """`write(f)` into a temporary binary file beside `path`, then rename: a reader never sees half a file."""
     path = Path(path)
+    blocking = next((parent for parent in path.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"{path}: cannot be written, {blocking} is a file, not a directory; write to another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temporary_beside(path)
     try:
@@ -78,7 +85,27 @@ def load_checkpoint(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"{path}: cannot be loaded as a checkpoint ({err}); is it complete and a torch file?") from err
+        raise UserError(f"{path}: {_why_unloadable(path, err)}") from err
+
+
+def _why_unloadable(path: Path, err: Exception) -> str:
+    """What a file that torch.load refused is, and the fix that fits."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    reason = str(err).split(". ")[0].strip() or type(err).__name__
+    if size == 0:
+        return "is empty (0 bytes), a save or a copy that never finished; copy it again or use another checkpoint"
+    if head.startswith(ZIP_MAGIC):
+        return (f"is a damaged torch file ({size} bytes, {reason[:120]}): truncated or corrupted, e.g. by an "
+                f"unfinished copy; copy it again or use another checkpoint")
+    if head.startswith(PICKLE_PROTOCOL_OPCODE):
+        detail = str(err).partition("WeightsUnpickler error:")[2].strip().splitlines() or [reason]
+        return (f"is a pickle that loading with weights_only=True refuses ({detail[0][:160]}): not a checkpoint "
+                f"saved by torch.save, or one holding more than tensors and plain containers; pass an agmae-train "
+                f"checkpoint or an exported encoder")
+    return (f"is not a torch file (it starts with {head!r}); pass an agmae-train checkpoint (checkpoint-last.pth) "
+            f"or an exported encoder (agmae-train export)")
 
 
 def encoder_kwargs_path(path) -> Path:
@@ -128,7 +155,10 @@ def load_encoder(path) -> tuple[dict, dict]:
             f"{path}: no ViT encoder in it (missing {', '.join(absent)}); expected an agmae-train "
             f"checkpoint or an exported encoder (agmae-train export)"
         )
-    kwargs = (loaded.get("config") or {}).get("encoder") if "model" in loaded else None
+    if "model" in loaded:
+        kwargs = (loaded.get("config") or {}).get("encoder")
+    else:
+        kwargs = getattr(loaded, "_metadata", {}).get(ENCODER_KWARGS_KEY)
     kwargs_file = encoder_kwargs_path(path)
     if kwargs is None and kwargs_file.is_file():
         kwargs = json.loads(kwargs_file.read_text())
@@ -137,8 +167,10 @@ def load_encoder(path) -> tuple[dict, dict]:
 
 def export_encoder(checkpoint, out) -> Path:
     """Write the encoder of a training checkpoint as a timm `VisionTransformer` state dict to
-    `out` (+ its kwargs to `<out>.json`); both atomically."""
+    `out`, its kwargs inside (`_metadata[ENCODER_KWARGS_KEY]`) and in `<out>.json`; both atomically."""
     out = Path(out)
     kwargs, state = load_encoder(checkpoint)
+    state = OrderedDict(state)
+    state._metadata = OrderedDict({ENCODER_KWARGS_KEY: kwargs})
     atomic_write_text(json.dumps(kwargs, indent=2) + "\n", encoder_kwargs_path(out))
     return atomic_save(state, out)

@@ -3,10 +3,13 @@ errors, the CLI, and the SLURM template."""
 import errno
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,13 +22,16 @@ import agmae.train.engine as engine
 from agmae.data.folder import scan
 from agmae.store import keys_fingerprint
 from agmae import store
-from agmae.checkpoint import export_encoder, load_checkpoint
+from agmae import preemption
+from agmae.checkpoint import export_encoder, load_checkpoint, load_encoder
 from agmae.hardware import cpu_has_native_bf16
 from agmae.cli.train import config_from_options, main as train_cli
 from agmae.train.dataset import GuidedMAEDataset
 from agmae.hardware import resolve_precision
 from agmae.train.config import RECIPES
 from agmae.train.engine import NonFiniteLossError, TrainConfig, Trainer, train
+from agmae.train.model import load_mae
+from timm.models.vision_transformer import VisionTransformer
 
 from helpers import add_unreadable_images, random_training_split
 
@@ -556,3 +562,202 @@ def test_a_full_or_read_only_disk_while_saving_is_one_line_and_leaves_no_checkpo
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 1 and f"checkpoint-last.pth: {message}" in result.output
     assert "Traceback" not in result.output and not (run / "checkpoint-last.pth").exists()
+
+
+_PREEMPTED_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+import agmae.train.engine as engine
+from agmae import preemption
+cfg = engine.TrainConfig(**eval(sys.argv[1]))
+real_loss, calls = engine.guided_mae_loss, []
+
+def loss_then_wait_for_the_signal(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(sys.argv[2]):
+        open(sys.argv[3], "w").close()
+        while not preemption.requested():
+            time.sleep(0.01)
+    return real_loss(*args, **kwargs)
+
+engine.guided_mae_loss = loss_then_wait_for_the_signal
+engine.train(cfg)
+"""
+
+
+def _signal_when_ready(command, ready, number, timeout=180, env=None):
+    """Run `command`, send it signal `number` once it creates file `ready`; its (exit code, output)."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**(env or os.environ), "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + timeout
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ready.exists():
+        os.kill(process.pid, number)
+    try:
+        output, _ = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, output
+
+
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_ends_bit_identical(image_root, maps_file, tmp_path):
+    cfg = _config_for(image_root, tmp_path / "whole", maps_file, accum_iter=2, batch_size=2, workers=2,
+                      save_every=5)
+    train(cfg)
+    preempted = replace(cfg, out=str(tmp_path / "preempted"))
+    # the signal arrives in the 11th micro-batch, the 3rd of epoch 2 (8 per epoch, 2 per optimizer step): the run
+    # finishes that step (the 4th micro-batch) and saves
+    code, output = _signal_when_ready([sys.executable, "-c", _PREEMPTED_SCRIPT, repr(preempted.__dict__), "11",
+                                       str(tmp_path / "ready")], tmp_path / "ready", signal.SIGTERM)
+    assert code == preemption.PREEMPTED == 75, output
+    assert f"SIGTERM: saved {tmp_path / 'preempted' / 'checkpoint-last.pth'} at epoch 2, micro-batch 4" in output
+    saved = load_checkpoint(tmp_path / "preempted" / "checkpoint-last.pth")
+    assert (saved["epoch"], saved["sampler"]["position"], saved["step"]) == (1, 4, 6)
+    train(preempted)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "preempted")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(tmp_path / "whole", timing=False) == _metrics(tmp_path / "preempted", timing=False)
+
+
+def test_a_second_training_into_the_same_out_is_refused_and_a_dead_holder_blocks_nothing(image_root, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom agmae import distributed, training\n"
+         "with training.hold_run_dir(sys.argv[1], distributed.DistEnv(), 'agmae-train'):\n"
+         "    print('holding', flush=True)\n    time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        args = ["--no-guidance", "--data", str(image_root.parent), "--out", str(run), "--epochs", "1",
+                "--warmup-epochs", "0", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                "--model", "mae_vit_demo_patch8",
+                *(arg for name, value in TINY_MODEL.items() for arg in (f"--{name.replace('_', '-')}", str(value)))]
+        refused = CliRunner().invoke(train_cli, args)
+        assert refused.exit_code == 1 and refused.output.count("\n") == 1, refused.output
+        assert (f"{run}: agmae-train (PID {holder.pid} on {socket.gethostname()}) is writing this run directory"
+                in refused.output) and "another --out" in refused.output
+        assert not (run / "checkpoint-last.pth").exists()
+    finally:
+        holder.kill()  # a crash: the kernel releases its lock
+        holder.wait()
+    assert CliRunner().invoke(train_cli, args).exit_code == 0
+    assert load_checkpoint(run / "checkpoint-last.pth")["epoch"] == 1
+
+
+def test_a_diverging_loss_stops_the_run_before_it_can_save_and_names_the_fix(image_root, tmp_path, monkeypatch):
+    cfg = _config_for(image_root, tmp_path, epochs=6, save_every=1)
+    real_loss, calls = engine.guided_mae_loss, []
+
+    def running_away_in_epoch_five(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * 3.0 ** max(len(calls) - 16, 0)  # finite, tripling per step from the 17th
+
+    monkeypatch.setattr(engine, "guided_mae_loss", running_away_in_epoch_five)
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg)
+    assert re.match(r"loss is diverging at epoch 5, step 1[89]: its running mean \S+ is over 10x its lowest, "
+                    r"\S+ \(this step's loss \S+\); stopped without saving, .*checkpoint-last.pth is the last good "
+                    r"state; lower --blr or set --clip-grad$", str(err.value)), str(err.value)
+    saved = load_checkpoint(tmp_path / "checkpoint-last.pth")
+    assert saved["epoch"] == 4 and max(m["loss"] for m in _metrics(tmp_path)) < 2 * _metrics(tmp_path)[0]["loss"]
+
+
+_LOST_BATCHES_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from agmae import distributed
+import agmae.train.engine as engine
+cfg = engine.TrainConfig(**eval(sys.argv[1]))
+env, device = distributed.init("cpu")
+trainer = engine.Trainer(cfg, env, device)
+if env.rank == 1:  # every image of this rank's micro-batches became unreadable after the check
+    trainer.loader.dataset.__class__.__getitem__ = lambda self, item: {"unreadable": f"lost-{item[1]}"}
+record = trainer.run()
+torch.save({"weights": trainer.model.state_dict(), "record": record}, sys.argv[2])
+distributed.shutdown()
+"""
+
+
+def test_a_rank_whose_micro_batches_are_all_unreadable_joins_every_collective(image_root, maps_file, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config_for(image_root, tmp_path / "ddp", maps_file, epochs=1, warmup_epochs=0, accum_iter=2,
+                      batch_size=2, verify_images=False)
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        ranks.append(subprocess.Popen(
+            [sys.executable, "-c", _LOST_BATCHES_SCRIPT, repr(cfg.__dict__), str(tmp_path / f"rank{rank}.pt")],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [process.communicate(timeout=120)[0] for process in ranks]  # a hang fails here
+    finally:
+        for process in ranks:
+            process.kill()
+    assert [process.returncode for process in ranks] == [0, 0], outputs
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
+    initial = _initial_weights(cfg)
+    assert not torch.equal(rank0["weights"]["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
+    record = rank0["record"]
+    # 16 images, 2 ranks x batch 2 x 2 micro-batches: 2 steps, rank 1's 8 images lost, rank 0's trained
+    assert (record["step"], record["unreadable_skipped"]) == (2, 8) and np.isfinite(record["loss"]) and record["loss"] > 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(mask_ratio=0.999), r"--mask-ratio 0.999 keeps int\(16 x 0.001\) = 0 of the model's 16 patches visible"),
+    (dict(warmup_epochs=4), r"--warmup-epochs 4 is longer than the run's --epochs 3"),
+])
+def test_option_combinations_that_only_fail_together_are_refused_before_training(change, message, image_root,
+                                                                                   tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train(_config_for(image_root, tmp_path / "run", **change))
+    assert not (tmp_path / "run" / "checkpoint-last.pth").exists()
+
+
+def test_export_carries_the_kwargs_inside_and_refuses_an_out_under_a_file_in_one_line(image_root, tmp_path):
+    train(_config_for(image_root, tmp_path / "run", epochs=1))
+    checkpoint = tmp_path / "run" / "checkpoint-last.pth"
+    config = load_checkpoint(checkpoint)["config"]
+    assert load_mae(checkpoint).encoder_kwargs == config["encoder"]  # the training checkpoint rebuilds its MAE
+    exported = export_encoder(checkpoint, tmp_path / "vit.pth")
+    (tmp_path / "vit.pth.json").unlink()  # the file alone is enough
+    kwargs, state = load_encoder(exported)
+    assert kwargs == config["encoder"]
+    VisionTransformer(**kwargs, num_classes=0).load_state_dict(torch.load(exported, weights_only=True))
+    (tmp_path / "plain").write_text("a file")
+    result = CliRunner().invoke(train_cli, ["export", "--checkpoint", str(checkpoint),
+                                            "--out", str(tmp_path / "plain" / "vit.pth")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert f"{tmp_path / 'plain'} is a file, not a directory" in result.output
+
+
+def test_train_sbatch_requeues_the_job_when_the_tasks_were_preempted(tmp_path):
+    env, log = _stub_slurm(tmp_path, "agmae-train")
+    bin_dir = tmp_path / "bin"
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho "srun $*" >> {log}\nexit 75\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\n[ "$1" = requeue ] && echo "scontrol $*" >> {log}\n'
+                                      "printf 'node7\\nnode8\\n'\n")
+    result = subprocess.run(["bash", str(REPO / "pipeline" / "train.sbatch"), "--out", "RUN"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 75
+    assert log.read_text().splitlines()[-1] == "scontrol requeue 12345"
+    assert "#SBATCH --signal=USR1@120" in (REPO / "pipeline" / "train.sbatch").read_text()
+
+
+def test_discover_sbatch_passes_the_warning_signal_to_its_shard_and_requeues_it(tmp_path):
+    env, log = _stub_slurm(tmp_path, "agmae-discover")
+    bin_dir, ready = tmp_path / "bin", tmp_path / "ready"
+    (bin_dir / "agmae-discover").write_text(f"#!/bin/bash\ntrap 'echo saved >> {log}; exit 75' USR1\n"
+                                            f"touch {ready}\nwhile true; do sleep 0.05; done\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "scontrol $*" >> {log}\n')
+    env.update(SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_JOB_ID="777")
+    code, output = _signal_when_ready(["bash", str(REPO / "pipeline" / "discover.sbatch"), "--method", "dino"],
+                                      ready, signal.SIGUSR1, timeout=30, env=env)
+    assert code == 75, output
+    assert log.read_text().splitlines() == ["saved", "scontrol requeue 777_2"]
