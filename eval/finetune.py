@@ -120,6 +120,9 @@ class FinetuneOptions:
         """These options with the values of `recipe` (a RECIPES key: MAE's ImageNet one, or the demo's, which a
         bare command fills in where it picks the demo dataset) in the fields left None."""
         done = replace(self, **{name: value for name, value in RECIPES[recipe].items() if getattr(self, name) is None})
+        if done.warmup_epochs > done.epochs:
+            raise UserError(f"--warmup-epochs {done.warmup_epochs:g} is longer than the run's --epochs {done.epochs}: "
+                            "the lr would never reach its peak; lower --warmup-epochs or raise --epochs")
         if done.mixing and done.batch_size % 2:
             raise UserError(f"--batch-size {done.batch_size}: Mixup/CutMix pair the images of a batch, so it "
                              "must be even (or pass --mixup 0 --cutmix 0)")
@@ -133,11 +136,12 @@ class FinetuneOptions:
         return {name: value for name, value in asdict(self).items() if name not in EXECUTION_SETTINGS}
 
 
-def build_classifier(checkpoint, num_classes: int, drop_path: float) -> VisionTransformer:
-    """The encoder of `checkpoint` as a timm classifier: mean-pooled patch tokens -> fc_norm -> head."""
+def build_classifier(checkpoint, num_classes: int, drop_path: float) -> tuple[VisionTransformer, dict]:
+    """The encoder of `checkpoint` as a timm classifier (mean-pooled patch tokens -> fc_norm -> head), and the
+    `VisionTransformer` kwargs that rebuild it."""
     timm_kwargs, state = load_encoder(checkpoint)
-    model = VisionTransformer(**{**timm_kwargs, "num_classes": num_classes, "global_pool": "avg",
-                                 "drop_path_rate": drop_path})
+    kwargs = {**timm_kwargs, "num_classes": num_classes, "global_pool": "avg", "drop_path_rate": drop_path}
+    model = VisionTransformer(**kwargs)
     encoder = {name: value for name, value in state.items() if not name.startswith(("norm.", "head."))}
     missing, unexpected = model.load_state_dict(encoder, strict=False)
     if set(missing) != {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} or unexpected:
@@ -145,7 +149,7 @@ def build_classifier(checkpoint, num_classes: int, drop_path: float) -> VisionTr
                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     nn.init.trunc_normal_(model.head.weight, std=HEAD_INIT_STD)
     nn.init.zeros_(model.head.bias)
-    return model
+    return model, kwargs
 
 
 def build_optimizer(model: VisionTransformer, lr: float, opts: FinetuneOptions) -> torch.optim.AdamW:
@@ -209,7 +213,8 @@ class FineTuning:
         self.progress = progress and self.env.is_main
         self.num_classes = len(train_index.classes)
         torch.manual_seed(opts.seed)  # the head's initialisation
-        self.model = build_classifier(checkpoint, self.num_classes, opts.drop_path).to(self.device)
+        self.model, self.model_kwargs = build_classifier(checkpoint, self.num_classes, opts.drop_path)
+        self.model.to(self.device)
         self.image_size = self.model.patch_embed.img_size[0]
         self.identity = dict(options=opts.identity(), encoder_sha256=file_sha256(checkpoint),
                              keys_sha256=train_index.keys_sha256, world_size=self.env.world_size)
@@ -257,7 +262,8 @@ class FineTuning:
 
     def _save(self, position: int = 0, running: float = 0.0) -> None:
         if self.env.is_main:
-            atomic_save(dict(model=self.model.state_dict(), **self.optimization.state_dict(), epoch=self.epoch,
+            atomic_save(dict(model=self.model.state_dict(), model_kwargs=self.model_kwargs,
+                             **self.optimization.state_dict(), epoch=self.epoch,
                              losses=self.losses, identity=self.identity, guard=self.guard.state_dict(),
                              position=position, running=running, rng=training.rng_state() if position else None),
                         self.checkpoint_path)
@@ -270,7 +276,7 @@ class FineTuning:
         where = f"epoch {self.epoch + 1}, batch {position}" if position else f"the end of epoch {self.epoch}"
         message = (f"{preemption.signal_name() or 'preempted'}: saved {self.checkpoint_path} at {where}; run the "
                    f"same command to resume (exit code {preemption.PREEMPTED})")
-        if self.progress:
+        if self.env.is_main:
             tqdm.write(message)
         raise preemption.Preempted(message)
 

@@ -1,6 +1,11 @@
 """agmae-eval finetune: MAE's fine-tuning protocol from timm's parts (eval/finetune.py)."""
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
+from agmae import distributed, preemption, training
 from agmae.cli.eval import main
 from agmae.data.folder import scan
 from agmae.eval import finetune
@@ -170,3 +176,86 @@ def test_randaugment_at_full_magnitude_posterizes_to_black_instead_of_failing():
     for op in posterize:
         assert np.asarray(op.aug_fn(image, 0)).max() == 0
         assert np.asarray(op.aug_fn(image, 4)).max() == 192  # any other bit count: timm's op unchanged
+
+
+_PREEMPTED_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from agmae import preemption
+from agmae.data.folder import scan
+from agmae.eval.finetune import FineTuning, FinetuneOptions
+opts = FinetuneOptions(**eval(sys.argv[1])).resolved()
+tuning = FineTuning(sys.argv[2], scan(sys.argv[3]), opts, sys.argv[4], progress=False)
+real_criterion, calls = tuning.criterion, []
+
+def criterion_then_wait_for_the_signal(*args):
+    calls.append(1)
+    if len(calls) == 8:  # the 2nd batch of epoch 2 (6 per epoch, 2 per optimizer step), which closes a step
+        open(sys.argv[5], "w").close()
+        while not preemption.requested():
+            time.sleep(0.01)
+    return real_criterion(*args)
+
+tuning.criterion = criterion_then_wait_for_the_signal
+tuning.run()
+"""
+
+
+def test_sigusr1_saves_mid_epoch_and_the_resumed_fine_tune_ends_bit_identical(encoder_checkpoint, toy_root,
+                                                                             tmp_path):
+    options = dict(QUICK, mixup=0.8, cutmix=1.0, randaugment="rand-m9-mstd0.5-inc1", reprob=0.25, workers=2,
+                   accum_iter=2, epochs=2)
+    whole = FineTuning(encoder_checkpoint, scan(toy_root / "train"), FinetuneOptions(**options).resolved(),
+                       tmp_path / "whole", progress=False)
+    whole_model = whole.run()
+    out, ready = tmp_path / "preempted", tmp_path / "ready"
+    process = subprocess.Popen([sys.executable, "-c", _PREEMPTED_SCRIPT, repr(options), str(encoder_checkpoint),
+                                str(toy_root / "train"), str(out), str(ready)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGUSR1)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == preemption.PREEMPTED, output
+    assert f"SIGUSR1: saved {out / 'checkpoint-last.pth'} at epoch 2, batch 2" in output
+    saved = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert (saved["epoch"], saved["position"], len(saved["losses"])) == (1, 2, 1)
+    resumed = FineTuning(encoder_checkpoint, scan(toy_root / "train"), FinetuneOptions(**options).resolved(), out,
+                         progress=False)
+    resumed_model = resumed.run()
+    assert resumed.losses == whole.losses
+    for (name, a), b in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # what rebuilds the classifier travels with its weights
+    rebuilt = VisionTransformer(**saved["model_kwargs"])
+    rebuilt.load_state_dict(torch.load(out / "checkpoint-last.pth", weights_only=True)["model"])
+
+
+def test_a_diverging_fine_tune_stops_before_saving_and_a_second_writer_is_refused(encoder_checkpoint, toy_root,
+                                                                                  tmp_path):
+    tuning = tuning_for(encoder_checkpoint, toy_root, tmp_path, epochs=4, mixup=0, cutmix=0)
+    real_criterion, calls = tuning.criterion, []
+
+    def running_away_in_epoch_three(*args):
+        calls.append(1)
+        return real_criterion(*args) * 4.0 ** max(len(calls) - 12, 0)  # 6 batches per epoch
+
+    tuning.criterion = running_away_in_epoch_three
+    with pytest.raises(ValueError, match=r"loss is diverging at epoch 3, batch \d: .*; stopped without saving, "
+                                         r".*checkpoint-last.pth is the last good state; lower --blr"):
+        tuning.run()
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 2
+    with training.hold_run_dir(tmp_path, distributed.DistEnv(), "agmae-eval finetune"):
+        with pytest.raises(ValueError, match=f"{tmp_path}: agmae-eval finetune \\(PID {os.getpid()} on .*\\) is "
+                                             "writing this run directory"):
+            tuning_for(encoder_checkpoint, toy_root, tmp_path, epochs=4).run()
+
+
+def test_a_warm_up_longer_than_the_fine_tune_is_refused():
+    with pytest.raises(ValueError, match="--warmup-epochs 3 is longer than the run's --epochs 2"):
+        FinetuneOptions(**{**QUICK, "warmup_epochs": 3}).resolved()
