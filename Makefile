@@ -33,7 +33,7 @@ test: install
 DEMO_ARGS ?=
 
 demo: install
-	$(PY) -m agmae.cli.demo $(DEMO_ARGS)
+	$(PY) -m experiments.demo $(DEMO_ARGS)
 
 bench: install
 	for b in benchmarks/*_bench.py; do $(PY) $$b || exit 1; done

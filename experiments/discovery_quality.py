@@ -8,8 +8,8 @@ each scored against the ground-truth masks
 (ROOT/masks/original) by mean IoU (map up-sampled to the mask, thresholded at its mean) and pointing
 accuracy (argmax on the object), next to a centre-prior baseline (eval.attention).
 
-    python benchmarks/discovery_quality.py [--limit 500] [--sizes 224,448] [--stages bn2,blocks.5,blocks.4]
-    python benchmarks/discovery_quality.py --encoder RUN/checkpoint-last.pth --stages blocks.5 --sizes 224,448
+    python -m experiments.discovery_quality [--limit 500] [--sizes 224,448] [--stages bn2,blocks.5,blocks.4]
+    python -m experiments.discovery_quality --encoder RUN/checkpoint-last.pth --stages blocks.5 --sizes 224,448
 """
 from pathlib import Path
 

@@ -7,7 +7,7 @@ per test split, one row per epoch and one column per run; `--json` also writes t
 {"top1": {split: {run: {epoch: top-1}}}}. Features are not cached: a checkpoint's bank is extracted
 once and scored against every test split.
 
-    python benchmarks/learning_curve.py RUN_A RUN_B [--data DEMO_ROOT] [--every 4] \
+    python -m experiments.learning_curve RUN_A RUN_B [--data DEMO_ROOT] [--every 4] \
         [--test-split original --test-split mixed-rand] [--json curve.json]
 """
 import json

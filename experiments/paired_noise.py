@@ -7,7 +7,7 @@ them is right, and the standard error of the difference that this disagreement i
 paired proportions. A per-seed difference within about two standard errors says nothing on its own
 (docs/results/README.md). Each run's features are extracted once, whatever the number of splits.
 
-    python benchmarks/paired_noise.py GUIDED_RUN... VANILLA_RUN [--data DEMO_ROOT] [--test-split original ...]
+    python -m experiments.paired_noise GUIDED_RUN... VANILLA_RUN [--data DEMO_ROOT] [--test-split original ...]
 """
 from pathlib import Path
 

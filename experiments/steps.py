@@ -9,9 +9,9 @@ output. Another recipe, or an output with no marker at all, means `stale_output`
 it is removed and the step redone.
 
 With `cpus`, `execute` runs steps side by side: each started step gets its own CPUs (its process
-pinned to them, its thread count set to their number), so no two processes compete for a core.
-Torch with 2 threads slows ~8x when another process takes one of its cores; pinned, two 1-thread
-demo trainings on 2 cores made 290 images/s in all, against 180-220 for one 2-thread training.
+pinned to them, its thread count set to their number), so no two processes compete for a core: torch
+slows many times over when another process takes one of its cores, and two pinned 1-thread trainings
+train more images per second in all than one 2-thread training (docs/PERFORMANCE.md).
 """
 import json
 import os

@@ -1,7 +1,10 @@
 """Test-wide settings: no model hub, a private AGMAE_HOME so tests never touch the user's cache."""
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the experiment layer, run from the repository root
 
 import pytest  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""The step runner of `make demo` and the study reuses a step only when it would be made the same way."""
+"""The step runner of `make demo` and the study (experiments.steps) reuses a step only when it would be made the same
+way; the one planner (experiments.plan) lays out the demo's steps and names its runs as the study's."""
 import json
 import os
 import sys
@@ -8,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agmae.cli.demo import run_directory
-from agmae.cli.steps import Step, execute, result_argv, run_step
-
-from helpers import load_benchmark
+from experiments.plan import build_plan, make_config, run_name
+from experiments.recipes import RECIPES
+from experiments.steps import Step, execute, result_argv, run_step
 
 
 def appender(out, text):
@@ -90,49 +90,158 @@ def test_result_neutral_options_do_not_change_the_recipe():
     assert result_argv(["/a/agmae-train", "--keep-every", "4", "--epochs", "2"]) == ["agmae-train", "--epochs", "2"]
 
 
-def test_runs_trained_another_way_get_their_own_directory(tmp_path):
-    six = Step("t", ["agmae-train", "--epochs", "6"], tmp_path / "m")
-    twenty = Step("t", ["agmae-train", "--epochs", "20"], tmp_path / "m")
-    assert run_directory(tmp_path, "vanilla", six) == run_directory(tmp_path, "vanilla", Step("x", six.argv, Path()))
-    assert run_directory(tmp_path, "vanilla", six) != run_directory(tmp_path, "vanilla", twenty)
-    assert run_directory(tmp_path, "vanilla", six).parent == tmp_path / "runs"
+def demo_plan(tmp_path, recipe="light-b256-continue", seed=0, **options):
+    """The plan `make demo` runs (experiments.demo), in its own --out under tmp_path."""
+    from experiments.demo import EVALUATIONS
+
+    config = make_config(recipe=recipe, seeds=1, claim_seeds=0, ablation_seeds=0, rows=RECIPES[recipe].demo_rows(),
+                         out=tmp_path / "out", first_seed=seed, evaluations=EVALUATIONS, map_quality=True,
+                         precision="bf16", **{"keep_every": 0, **options})
+    return build_plan(config)
+
+
+def _option(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_a_run_is_named_by_what_it_trains_not_by_where(tmp_path):
+    from experiments.plan import ROWS
+
+    vanilla, oracle = ROWS[0], ROWS[1]
+    config = make_config(out=tmp_path / "a", precision="bf16")
+    elsewhere = make_config(out=tmp_path / "b", docs=tmp_path / "docs", precision="bf16")
+    name = run_name(config, vanilla, 0, "data")
+    assert name == run_name(elsewhere, vanilla, 0, "data") and name.startswith("vanilla-e10-s0-")
+    others = [run_name(config, vanilla, 1, "data"), run_name(config, oracle, 0, "data"),
+              run_name(config, vanilla, 0, "other-data"), run_name(config, vanilla, 0, "data", init_from="first"),
+              run_name(make_config(out=tmp_path / "a", precision="fp32"), vanilla, 0, "data"),
+              run_name(make_config(out=tmp_path / "a", precision="bf16", epochs=11), vanilla, 0, "data")]
+    assert len({name, *others}) == 1 + len(others)
+
+
+def test_the_demo_runs_the_default_recipe_as_before(tmp_path):
+    """light-b256-continue, seed 0: the 16-epoch first round on every CPU (the only step ready beside the oracle
+    maps), then vanilla and both guided runs continuing it for 10 epochs (1.25 of warm-up) with the recipe's model,
+    batch, blr and precision, the own maps cut from its last block at 128 px on one CPU beside them, then the
+    mean-pooled evaluations and the map quality; the first round is no row of the comparison."""
+    plan = demo_plan(tmp_path)
+    ids = [f"{kind} {rest.rsplit('/', 1)[-1]}" for kind, rest in (step.id.split(" ", 1) for step in plan.steps)]
+    assert ids == ["dataset fmnist-v1-p0-seed0-train10000-test10000-garment36-60", "discover oracle",
+                   "train vanilla-e16-s0-67ea5440", "train vanilla-e16+10-s0-c0fff00f",
+                   "discover mae-tokencut-128-vanilla-e16-s0-67ea5440",
+                   "train oracle-cosine-1-0.5-batch-e16+10-s0-e9726937",
+                   "train mae-tokencut-128-cosine-1-0.5-batch-e16+10-s0-2cbab7cf",
+                   "robustness-mean vanilla-e16+10-s0-c0fff00f",
+                   "robustness-mean oracle-cosine-1-0.5-batch-e16+10-s0-e9726937",
+                   "robustness-mean mae-tokencut-128-cosine-1-0.5-batch-e16+10-s0-2cbab7cf",
+                   "map quality fmnist-v1-p0-seed0-train10000-test10000-garment36-60 seed 0"]
+    first_round = plan.steps[2]
+    assert [step.all_cpus for step in plan.steps] == [False, False, True] + [False] * 8
+    assert result_argv(first_round.argv)[1:-5] == [
+        "--no-guidance", "--model", "mae_vit_demo_patch8", "--epochs", "16", "--warmup-epochs", "2", "--batch-size",
+        "256", "--blr", "0.001", "--precision", "bf16", "--seed", "0", "--data"]
+    for name in ("vanilla", "guided-oracle", "guided-mae-tokencut-128"):
+        train = plan.runs[name, 0].train
+        assert _option(train.argv, "--init-from") == str(first_round.run_dir / "checkpoint-last.pth")
+        assert [_option(train.argv, o) for o in ("--epochs", "--warmup-epochs", "--seed", "--save-every")] == [
+            "10", "1.25", "0", "1"]
+        assert first_round in train.needs and "--keep-every" not in train.argv
+        (evaluation,) = plan.runs[name, 0].evals.values()
+        assert result_argv(evaluation.argv)[:7] == ["agmae-eval", "robustness", "--pool", "mean", "--no-clean-fg",
+                                                    "--precision", "fp32"]
+    own_maps = plan.steps[4]
+    assert _option(own_maps.argv, "--backbone") == str(first_round.run_dir / "checkpoint-last.pth")
+    assert [_option(own_maps.argv, o) for o in ("--layer", "--image-size", "--precision")] == [
+        "blocks.3", "128", "native"]
+    assert first_round.run_dir not in [run.run_dir for run in plan.runs.values()]
+    quality = plan.quality[plan.steps[0].id.split()[1], 0]
+    assert list(quality.stores) == ["oracle", "mae-tokencut-128"]
+
+
+def test_the_33_minute_recipe_cuts_its_own_maps_from_a_first_round_beside_the_compared_runs(tmp_path):
+    """light-b256-e32: vanilla and both guided runs train 32 epochs from scratch (4 of warm-up); the own maps come
+    from the 16-epoch vanilla run that the default recipe continues (one run, one store), on one CPU; at --epochs 16
+    they are cut from the vanilla run itself, on every CPU."""
+    plan, continued = demo_plan(tmp_path, "light-b256-e32", seed=2), demo_plan(tmp_path, seed=2)
+    ids = [step.id for step in plan.steps]
+    first_round = continued.runs["vanilla", 2].train.needs[-1]
+    assert first_round.id in ids and ids.index(plan.runs["vanilla", 2].train.id) < ids.index(first_round.id)
+    assert not plan.steps[ids.index(first_round.id)].all_cpus
+    for name in ("vanilla", "guided-oracle", "guided-mae-tokencut-128"):
+        argv = plan.runs[name, 2].train.argv
+        assert [_option(argv, o) for o in ("--epochs", "--warmup-epochs", "--seed")] == ["32", "4", "2"]
+        assert "--init-from" not in argv
+    own = _option(plan.runs["guided-mae-tokencut-128", 2].train.argv, "--maps")
+    assert own == _option(continued.runs["guided-mae-tokencut-128", 2].train.argv, "--maps")
+    own_maps = next(step for step in plan.steps if step.stale_output == Path(own))
+    assert not own_maps.all_cpus and first_round.id in [step.id for step in own_maps.needs]
+    short = demo_plan(tmp_path, "light-b256-e32", seed=2, epochs=16)
+    own_maps = next(step for step in short.steps if step.kind == "discover" and "--backbone" in step.argv)
+    assert own_maps.all_cpus and _option(own_maps.argv, "--backbone") == str(
+        short.runs["vanilla", 2].run_dir / "checkpoint-last.pth")
+    assert sum(step.kind == "train" for step in short.steps) == 3
+
+
+def test_the_demos_runs_are_the_studys_runs_of_that_seed(tmp_path):
+    """One planner, one identity: in one --out, the demo of seed 1 trains the very runs (directories and commands)
+    that the study of the default recipe plans for seed 1 of the same rows, so neither trains them twice."""
+    demo = demo_plan(tmp_path, seed=1, keep_every=3)
+    study = build_plan(make_config(out=tmp_path / "out", docs=tmp_path / "docs", precision="bf16"))
+    for name in RECIPES["light-b256-continue"].demo_rows():
+        assert demo.runs[name, 1].run_dir == study.runs[name, 1].run_dir
+        assert demo.runs[name, 1].train.recipe() == study.runs[name, 1].train.recipe()
+        assert demo.runs[name, 1].evals["robustness-mean"].recipe() == study.runs[name, 1].evals[
+            "robustness-mean"].recipe()
+
+
+def test_keeping_checkpoints_along_the_demo_runs_leaves_their_identities_as_they_are(tmp_path):
+    """--keep-every reaches every training (learning curves of a demo run) without renaming a run or redoing a
+    finished step; a negative value is refused at the door."""
+    from click.testing import CliRunner
+
+    from experiments.demo import main
+
+    plain, kept = demo_plan(tmp_path, seed=3), demo_plan(tmp_path, seed=3, keep_every=8)
+    assert [run.run_dir for run in kept.runs.values()] == [run.run_dir for run in plain.runs.values()]
+    assert [step.recipe() for step in kept.steps] == [step.recipe() for step in plain.steps]
+    trainings = [step.argv for step in kept.steps if step.kind == "train"]
+    assert len(trainings) == 4  # the default recipe's first round and the three runs that continue it
+    assert all(_option(argv, "--keep-every") == "8" for argv in trainings)
+    assert not any("--keep-every" in step.argv for step in plain.steps)
+    result = CliRunner().invoke(main, ["--keep-every", "-1", "--out", str(tmp_path / "refused")])
+    assert result.exit_code == 2 and "--keep-every" in result.output
 
 
 def test_every_command_the_demo_and_the_study_plan_is_accepted_by_its_cli(tmp_path):
     """Each step's argv parses with the CLI it calls (no option the CLI lacks), without running anything."""
     import click
 
-    from agmae.cli.demo import DEMO_RECIPES, plan
     from agmae.cli.discover import main as discover
     from agmae.cli.eval import main as evaluate
     from agmae.cli.train import main as train
 
     clis = {"agmae-discover": discover, "agmae-train": train, "agmae-eval": evaluate}
-    demo_root = tmp_path / "demo"
-    (demo_root / "train").mkdir(parents=True)
     steps = []
-    for recipe in DEMO_RECIPES:
-        recipe_steps, _ = plan(tmp_path / recipe, demo_root, epochs=2, seed=1, recipe=recipe)
-        assert {Path(step.argv[0]).name for step in recipe_steps} == set(clis)
-        steps += recipe_steps
-    study = load_benchmark("study_plan")
-    for recipe in (None, "light-b256-continue"):  # the study's default rows, and every row continuing a first round
-        study_steps = study.build_plan(study.make_config(recipe=recipe, out=tmp_path / "study", docs=tmp_path / "docs",
-                                                         precision="fp32")).steps
-        steps += [step for step in study_steps if Path(step.argv[0]).name in clis]
+    for recipe in RECIPES:
+        demo = demo_plan(tmp_path, recipe)
+        assert {Path(step.argv[0]).name for step in demo.steps} == {*clis, Path(sys.executable).name}
+        study = build_plan(make_config(recipe=recipe, out=tmp_path / "study", docs=tmp_path / "docs",
+                                       precision="fp32"))
+        steps += demo.steps + study.steps
     for step in steps:
+        if Path(step.argv[0]).name not in clis:
+            continue
         command = clis[Path(step.argv[0]).name]
         args = [str(arg) for arg in step.argv[1:]]
-        if "--data" in args:  # the datasets a step reads exist by the time it runs
-            Path(args[args.index("--data") + 1]).mkdir(parents=True, exist_ok=True)
-        if "--init-from" in args:  # and so do the checkpoints it starts from
-            start = Path(args[args.index("--init-from") + 1])
-            start.parent.mkdir(parents=True, exist_ok=True)
-            start.touch()
+        for i, arg in enumerate(args):  # the datasets, stores and checkpoints a step reads exist when it runs
+            if arg == "--data":
+                Path(args[i + 1]).mkdir(parents=True, exist_ok=True)
+            elif arg in ("--maps", "--init-from"):
+                Path(args[i + 1]).parent.mkdir(parents=True, exist_ok=True)
+                Path(args[i + 1]).touch()
         context = command.make_context(Path(step.argv[0]).name, list(args), resilient_parsing=False)
         if isinstance(command, click.Group) and args and args[0] in command.commands:
-            sub = command.commands[args[0]]
-            sub.make_context(args[0], args[1:], parent=context)
+            command.commands[args[0]].make_context(args[0], args[1:], parent=context)
 
 
 def recorder(out, seconds=0.0):
@@ -190,7 +299,7 @@ def test_sigterm_while_steps_run_side_by_side_ends_their_processes(tmp_path):
     import signal
     import threading
 
-    from agmae.cli import steps as runner
+    from experiments import steps as runner
 
     pids = tmp_path / "pids"
     sleeper = [sys.executable, "-c", f"import os, time; open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n'); "
@@ -213,135 +322,6 @@ def test_sigterm_while_steps_run_side_by_side_ends_their_processes(tmp_path):
     assert not runner._live_processes
 
 
-def test_each_demo_recipe_trains_its_own_model_on_its_own_maps(tmp_path):
-    """--recipe wide: every run has the 192-wide model and batch 256, the third run trains on Lite0 TokenCut
-    maps (no vanilla checkpoint needed); light: the trainer's demo recipe and the vanilla MAE's own maps;
-    light-b256: the light model at batch 256 with its own warm-up share and own maps; light-b256-maps128: the same
-    vanilla and oracle runs (one directory each) and own maps cut from the vanilla MAE's last block at 128 px."""
-    from agmae.cli.demo import plan
-
-    demo_root = tmp_path / "demo"
-    light, light_dirs = plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="light")
-    wide, wide_dirs = plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="wide")
-    assert set(wide_dirs) == {"vanilla", "guided-oracle", "guided-tokencut"}
-    assert set(light_dirs) == {"vanilla", "guided-oracle", "guided-mae-tokencut"}
-    assert not set(light_dirs.values()) & set(wide_dirs.values())
-    wide_steps = {step.id: step.argv for step in wide}
-    for name in wide_dirs:
-        argv = wide_steps[f"train {name}"]
-        assert argv[argv.index("--embed-dim") + 1] == "192" and argv[argv.index("--batch-size") + 1] == "256"
-        assert argv[argv.index("--warmup-epochs") + 1] == "1.3333"
-    tokencut = wide_steps["discover tokencut"]
-    assert tokencut[tokencut.index("--backbone") + 1] == "tf_efficientnet_lite0"
-    light_steps = {step.id: step for step in light}
-    light_vanilla = light_steps["train vanilla"].argv
-    assert "--embed-dim" not in light_vanilla and light_vanilla[light_vanilla.index("--warmup-epochs") + 1] == "6.6667"
-    own_maps = light_steps["discover mae-tokencut"]
-    assert own_maps.needs == (light_steps["train vanilla"],)
-    b256 = {step.id: step for step in plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="light-b256")[0]}
-    b256_vanilla = b256["train vanilla"].argv
-    assert "--embed-dim" not in b256_vanilla and [b256_vanilla[b256_vanilla.index(option) + 1] for option in (
-        "--batch-size", "--warmup-epochs")] == ["256", "2.5"]  # 2 of 16 epochs, the share kept at 20
-    assert b256["discover mae-tokencut"].needs == (b256["train vanilla"],)
-    maps128_steps, maps128_dirs = plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="light-b256-maps128")
-    maps128 = {step.id: step for step in maps128_steps}
-    b256_dirs = plan(tmp_path / "run", demo_root, epochs=20, seed=0, recipe="light-b256")[1]
-    assert [maps128_dirs[name] for name in ("vanilla", "guided-oracle")] == [b256_dirs["vanilla"],
-                                                                             b256_dirs["guided-oracle"]]
-    own_128 = maps128["discover mae-tokencut-128"]
-    assert own_128.needs == (maps128["train vanilla"],) and own_128.all_cpus
-    assert not any(step.all_cpus for step in maps128_steps if step is not own_128)
-    assert [own_128.argv[own_128.argv.index(option) + 1] for option in ("--layer", "--image-size", "--backbone")] == [
-        "blocks.3", "128", str(maps128_dirs["vanilla"] / "checkpoint-last.pth")]
-    assert maps128["train guided-mae-tokencut-128"].needs == (own_128,)
-
-
-def test_keeping_checkpoints_along_the_demo_runs_leaves_their_identities_as_they_are(tmp_path):
-    """--keep-every reaches every training (learning curves of a demo run) without renaming a run or redoing a
-    finished step; a negative value is refused at the door."""
-    from click.testing import CliRunner
-
-    from agmae.cli.demo import main, plan
-
-    plain_steps, plain_dirs = plan(tmp_path / "run", tmp_path / "demo", epochs=32, seed=3)
-    kept_steps, kept_dirs = plan(tmp_path / "run", tmp_path / "demo", epochs=32, seed=3, keep_every=8)
-    assert kept_dirs == plain_dirs
-    assert [step.recipe() for step in kept_steps] == [step.recipe() for step in plain_steps]
-    trainings = [step.argv for step in kept_steps if step.kind == "train"]
-    assert len(trainings) == 4  # the default recipe's first round and the three runs that continue it
-    assert all(argv[argv.index("--keep-every") + 1] == "8" for argv in trainings)
-    assert not any("--keep-every" in step.argv for step in plain_steps)
-    result = CliRunner().invoke(main, ["--keep-every", "-1", "--out", str(tmp_path / "refused")])
-    assert result.exit_code == 2 and "--keep-every" in result.output
-
-
-def test_a_short_first_round_cuts_the_own_maps_of_the_32_epoch_recipe(tmp_path):
-    """light-b256-e32: vanilla and both guided runs train 32 epochs (4 of warm-up); the own maps come from a 16-epoch
-    vanilla run that trains exactly as light-b256's vanilla run, beside the 32-epoch one (its maps on one core), and
-    that run is no row of the comparison. At --epochs 16 the first round would be the vanilla run itself."""
-    from agmae.cli.demo import plan
-
-    steps, run_dirs = plan(tmp_path / "run", tmp_path / "demo", epochs=32, seed=2, recipe="light-b256-e32")
-    by_id = {step.id: step for step in steps}
-    assert set(run_dirs) == {"vanilla", "guided-oracle", "guided-mae-tokencut-128"}
-    first_round = by_id["train vanilla-first-round"]
-    assert [first_round.argv[first_round.argv.index(o) + 1] for o in ("--epochs", "--warmup-epochs")] == ["16", "2"]
-    for name in run_dirs:
-        argv = by_id[f"train {name}"].argv
-        assert [argv[argv.index(o) + 1] for o in ("--epochs", "--warmup-epochs", "--seed")] == ["32", "4", "2"]
-    own_maps = by_id["discover mae-tokencut-128"]
-    first_round_dir = Path(first_round.argv[first_round.argv.index("--out") + 1])
-    assert own_maps.needs == (first_round,) and not own_maps.all_cpus
-    assert own_maps.argv[own_maps.argv.index("--backbone") + 1] == str(first_round_dir / "checkpoint-last.pth")
-    assert first_round_dir not in run_dirs.values()
-    b256_vanilla = {step.id: step for step in plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=2,
-                                                    recipe="light-b256")[0]}["train vanilla"]
-    assert first_round.recipe()["command"][:-2] == b256_vanilla.recipe()["command"][:-2]  # all but --out
-    assert first_round_dir.name.split("-")[-1] == b256_vanilla.argv[-1].split("-")[-1]  # the same digest
-    assert [step.id for step in steps].index("train vanilla-first-round") < [step.id for step in steps].index(
-        "train guided-oracle")
-    short, _ = plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=2, recipe="light-b256-e32")
-    short_ids = {step.id: step for step in short}
-    assert "train vanilla-first-round" not in short_ids
-    assert short_ids["discover mae-tokencut-128"].needs == (short_ids["train vanilla"],)
-    assert short_ids["discover mae-tokencut-128"].all_cpus
-
-
-def test_a_recipe_that_continues_its_first_round_starts_every_compared_run_from_its_weights(tmp_path):
-    """light-b256-continue: the 16-epoch first round trains exactly as light-b256's vanilla run, on both cores;
-    vanilla and both guided runs start from its final weights (--init-from) for the recipe's own epochs and warm-up
-    share, and need it (so they are redone when it is); the own maps are cut from it on one core; it is no row of
-    the comparison."""
-    from agmae.cli.demo import DEMO_RECIPES, plan
-
-    recipe = DEMO_RECIPES["light-b256-continue"]
-    steps, run_dirs = plan(tmp_path / "run", tmp_path / "demo", epochs=recipe.epochs, seed=1,
-                           recipe="light-b256-continue")
-    by_id = {step.id: step for step in steps}
-    first_round = by_id["train vanilla-first-round"]
-    first_round_dir = Path(first_round.argv[first_round.argv.index("--out") + 1])
-    assert first_round.all_cpus and "--init-from" not in first_round.argv
-    b256_vanilla = {step.id: step for step in plan(tmp_path / "run", tmp_path / "demo", epochs=16, seed=1,
-                                                    recipe="light-b256")[0]}["train vanilla"]
-    assert first_round.recipe()["command"][:-2] == b256_vanilla.recipe()["command"][:-2]  # all but --out
-    assert set(run_dirs) == {"vanilla", "guided-oracle", "guided-mae-tokencut-128"}
-    assert first_round_dir not in run_dirs.values()
-    warmup = f"{recipe.warmup_epochs:g}"
-    assert float(warmup) == 2 * recipe.epochs / 16  # the first round's share of warm-up
-    for name in run_dirs:
-        training = by_id[f"train {name}"]
-        argv = training.argv
-        assert argv[argv.index("--init-from") + 1] == str(first_round_dir / "checkpoint-last.pth")
-        assert [argv[argv.index(o) + 1] for o in ("--epochs", "--warmup-epochs", "--seed")] == [
-            str(recipe.epochs), warmup, "1"]
-        assert first_round in training.needs and not training.all_cpus
-    own_maps = by_id["discover mae-tokencut-128"]
-    assert own_maps.needs == (first_round,) and not own_maps.all_cpus
-    assert own_maps.argv[own_maps.argv.index("--backbone") + 1] == str(first_round_dir / "checkpoint-last.pth")
-
-
 def test_a_recipe_cannot_continue_a_first_round_it_does_not_have():
-    from agmae.cli.demo import LIGHT_B256
-
     with pytest.raises(ValueError, match="first_round_epochs"):
-        replace(LIGHT_B256, continue_first_round=True)
+        replace(RECIPES["light-b256-e32"], first_round_epochs=None, continue_first_round=True)

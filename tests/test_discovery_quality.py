@@ -1,12 +1,12 @@
-"""benchmarks/discovery_quality.py: rows of one run's kept checkpoints stay apart; --encoder-layers picks the layers
+"""experiments/discovery_quality.py: rows of one run's kept checkpoints stay apart; --encoder-layers picks the layers
 cut."""
 from pathlib import Path
 
-from helpers import load_benchmark
+from experiments import discovery_quality
 
 
 def test_kept_checkpoints_of_one_run_are_labelled_by_epoch():
-    label = load_benchmark("discovery_quality").encoder_label
+    label = discovery_quality.encoder_label
     run = Path("runs/vanilla-773f2ccb")
     assert label(run / "checkpoint-last.pth") == "vanilla-773f2ccb"
     assert label(run / "checkpoint-16.pth") == "vanilla-773f2ccb/checkpoint-16"
@@ -14,7 +14,7 @@ def test_kept_checkpoints_of_one_run_are_labelled_by_epoch():
 
 
 def test_each_encoder_layer_gets_its_own_tokencut_row_beside_the_method_defaults():
-    settings = load_benchmark("discovery_quality").own_encoder_settings(["norm", "blocks.0"])
+    settings = discovery_quality.own_encoder_settings(["norm", "blocks.0"])
     assert list(settings) == ["tokencut keys", "tokencut norm centred border", "tokencut blocks.0 centred border",
                               "dino"]
     assert settings["tokencut blocks.0 centred border"] == (

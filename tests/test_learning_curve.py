@@ -1,4 +1,4 @@
-"""benchmarks/learning_curve.py: k-NN of every kept checkpoint, equal to agmae-eval's k-NN of that checkpoint."""
+"""experiments/learning_curve.py: k-NN of every kept checkpoint, equal to agmae-eval's k-NN of that checkpoint."""
 import json
 
 import pytest
@@ -9,17 +9,14 @@ from timm.models.vision_transformer import VisionTransformer
 from agmae.eval.features import FeatureSource
 from agmae.eval.knn import knn_evaluate
 
-from helpers import TINY_VIT, load_benchmark
+from experiments import learning_curve as curve
+
+from helpers import TINY_VIT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def curve():
-    return load_benchmark("learning_curve")
-
-
-def test_each_kept_epoch_is_scored_like_agmae_eval_knn(curve, demo_root, tmp_path):
+def test_each_kept_epoch_is_scored_like_agmae_eval_knn(demo_root, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     for epoch in (2, 4, 5):
@@ -50,17 +47,17 @@ def test_each_kept_epoch_is_scored_like_agmae_eval_knn(curve, demo_root, tmp_pat
     assert json.loads(out.read_text())["top1"]["original"]["run"]["4"] != top1["original"]["run"]["4"]
 
 
-def test_a_split_the_dataset_lacks_is_refused_before_any_extraction(curve, demo_root, tmp_path):
+def test_a_split_the_dataset_lacks_is_refused_before_any_extraction(demo_root, tmp_path):
     result = CliRunner().invoke(curve.main, [str(tmp_path), "--data", str(demo_root), "--test-split", "mixed_rand"])
     assert result.exit_code == 2 and "has no split folder 'mixed_rand'" in result.output
 
 
-def test_a_run_without_kept_checkpoints_is_refused(curve, demo_root, tmp_path):
+def test_a_run_without_kept_checkpoints_is_refused(demo_root, tmp_path):
     result = CliRunner().invoke(curve.main, [str(tmp_path), "--data", str(demo_root)])
     assert result.exit_code != 0 and "--keep-every" in result.output
 
 
-def test_runs_with_one_name_are_rejected_before_any_extraction(curve, tmp_path):
+def test_runs_with_one_name_are_rejected_before_any_extraction(tmp_path):
     runs = [tmp_path / parent / "vanilla" for parent in ("p0", "p0.8")]
     for run in runs:
         run.mkdir(parents=True)

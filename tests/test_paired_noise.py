@@ -1,4 +1,4 @@
-"""The paired difference of two runs' k-NN hits and its standard error (agmae.eval.knn, benchmarks/paired_noise.py)."""
+"""The paired difference of two runs' k-NN hits and its standard error (agmae.eval.knn, experiments/paired_noise.py)."""
 import pytest
 import torch
 from click.testing import CliRunner
@@ -7,14 +7,11 @@ from timm.models.vision_transformer import VisionTransformer
 from agmae.eval.features import FeatureSource
 from agmae.eval.knn import knn_evaluate, paired_difference
 
-from helpers import TINY_VIT, load_benchmark
+from experiments import paired_noise as noise
+
+from helpers import TINY_VIT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def noise():
-    return load_benchmark("paired_noise")
 
 
 def test_standard_error_is_that_of_the_mean_per_image_difference():
@@ -29,7 +26,7 @@ def test_standard_error_is_that_of_the_mean_per_image_difference():
     assert small == pytest.approx({"difference": 20.0, "disagreement": 60.0, "standard_error": 100 * 0.112 ** 0.5})
 
 
-def test_each_guided_run_and_split_gets_the_difference_of_agmae_eval_knn(noise, demo_root, tmp_path):
+def test_each_guided_run_and_split_gets_the_difference_of_agmae_eval_knn(demo_root, tmp_path):
     splits = ("original", "mixed-rand")
     top1 = {}
     for seed in (0, 1):
@@ -58,7 +55,7 @@ def test_each_guided_run_and_split_gets_the_difference_of_agmae_eval_knn(noise, 
         assert line.startswith(f"run1 - run1 on {split} ") and "+0.00 points" in line and "disagree on 0.0 %" in line
 
 
-def test_a_split_the_dataset_lacks_is_refused_before_any_extraction(noise, demo_root, tmp_path):
+def test_a_split_the_dataset_lacks_is_refused_before_any_extraction(demo_root, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     result = CliRunner().invoke(noise.main, [str(run), str(run), "--data", str(demo_root),
