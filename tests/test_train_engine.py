@@ -614,7 +614,7 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_ends_bit_identical(image_ro
     assert code == preemption.PREEMPTED == 75, output
     assert f"SIGTERM: saved {tmp_path / 'preempted' / 'checkpoint-last.pth'} at epoch 2, micro-batch 4" in output
     saved = load_checkpoint(tmp_path / "preempted" / "checkpoint-last.pth")
-    assert (saved["epoch"], saved["sampler"]["position"], saved["step"]) == (1, 4, 6)
+    assert (saved["epoch"], saved["sampler"]["samples"], saved["step"]) == (1, 8, 6)
     train(preempted)
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "preempted")
     assert all(torch.equal(a[k], b[k]) for k in a)

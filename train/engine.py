@@ -205,7 +205,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimization.load_state_dict(state)
         self.start_epoch, self.step = state["epoch"], state["step"]
-        self.start_position, self.start_totals = state["sampler"].get("position", 0), state.get("epoch_totals")
+        # the epoch's samples trained, over all ranks: a whole number of optimizer steps of effective_batch (which
+        # a resume keeps), so of this run's micro-batches too, whatever its ranks and batch size
+        self.start_position = state["sampler"].get("samples", 0) // (self.cfg.batch_size * self.env.world_size)
+        self.start_totals = state.get("epoch_totals")
         if "guard" in state:
             self.guard.load_state_dict(state["guard"])
         training.set_rng_state(state["rng"])
@@ -238,7 +241,8 @@ class Trainer:
                 "epoch": epoch,
                 "step": self.step,
                 "rng": training.rng_state(),
-                "sampler": {"epoch": epoch, "seed": self.cfg.seed, "position": position},
+                "sampler": {"epoch": epoch, "seed": self.cfg.seed,
+                            "samples": position * self.cfg.batch_size * self.env.world_size},
                 "epoch_totals": totals,
                 "guard": self.guard.state_dict(),
                 "config": self.config,
