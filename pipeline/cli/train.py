@@ -55,7 +55,7 @@ def config_from_options(no_guidance: bool, **options) -> TrainConfig:
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False),
               help="Training checkpoint. [default: the default run directory's checkpoint-last.pth]")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Output file: a timm VisionTransformer state dict (its kwargs go to OUT.json).")
+              help="Output file: a timm VisionTransformer state dict carrying its kwargs (also written to OUT.json).")
 def export(checkpoint, out):
     """Write the encoder alone, loadable by timm.create_model(..., num_classes=0).load_state_dict."""
     checkpoint = checkpoint or last_checkpoint(default_run_dir())
