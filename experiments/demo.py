@@ -24,9 +24,9 @@ from agmae.options import click_option, seed_option
 from agmae.train.config import TrainConfig
 
 from experiments import plots
-from experiments.plan import build_plan, dataset_root, make_config
+from experiments.plan import Config, build_plan, dataset_root, make_config
 from experiments.recipes import DEFAULT_RECIPE, RECIPES
-from experiments.results import read_run
+from experiments.results import LABELS, read_run
 from experiments.stats import differences, headline_errors, verdict
 from experiments.steps import cpu_set, execute, interrupt_on_sigterm, log_runner
 
@@ -38,7 +38,17 @@ COLUMNS = {
     "original_linear_mean": "linear original",
     "mixed_rand_linear_mean": "linear mixed-rand",
 }
-EVALUATIONS = ("robustness-mean",)
+EVALUATIONS = ("robustness-mean", "segment")
+SEGMENT_COLUMNS = ("segment_fg", "segment_classes")
+
+
+def demo_config(recipe: str, seed: int = 0, out: Path | None = None, epochs: int | None = None, keep_every: int = 0,
+                **options) -> Config:
+    """The study's plan of the demo: one seed of the recipe's demo rows, the mean-pooled evaluations and the dense
+    probe, the map quality and the figure of the runs side by side; `options`: further make_config options."""
+    return make_config(recipe=recipe, epochs=epochs, seeds=1, claim_seeds=0, ablation_seeds=0,
+                       rows=RECIPES[recipe].demo_rows(), out=out, first_seed=seed, evaluations=EVALUATIONS,
+                       keep_every=keep_every, map_quality=True, visualize=True, **options)
 
 
 def format_comparison(table: dict) -> str:
@@ -77,8 +87,7 @@ def main(recipe, out, epochs, seed, keep_every):
     started = time.time()
     chosen = RECIPES[recipe]
     rows = chosen.demo_rows()
-    config = make_config(recipe=recipe, epochs=epochs, seeds=1, claim_seeds=0, ablation_seeds=0, rows=rows, out=out,
-                         first_seed=seed, evaluations=EVALUATIONS, keep_every=keep_every, map_quality=True)
+    config = demo_config(recipe, seed, out, epochs, keep_every)
     plan = build_plan(config)
     click.echo(f"[demo] recipe {recipe}, seed {seed}: steps, map stores and runs in {config.out}")
     interrupt_on_sigterm()
@@ -111,10 +120,14 @@ def main(recipe, out, epochs, seed, keep_every):
     width = max(map(len, attention))
     for name, entry in attention.items():
         click.echo(f"  {name:{width}s}  mean IoU {entry.mean_iou:5.1f} %   pointing {entry.pointing:5.1f} %")
+    click.echo("\n[demo] dense probe on the frozen patch tokens, mIoU % against the masks (demo original split)")
+    click.echo(format_table(["run", *(LABELS[field] for field in SEGMENT_COLUMNS)],
+                            [[name, *(getattr(row, field) for field in SEGMENT_COLUMNS)] for name, row in table.items()]))
     report = plots.demo_report(
         config.out / "demo" / f"{recipe}-s{seed}" / "report.png",
         f"recipe {recipe}, seed {seed}: top-1 % of mean-pooled features", COLUMNS, table, gains, errors, headline,
-        {name: entry.mean_iou for name, entry in attention.items()}, quality.stores, root)
+        {name: entry.mean_iou for name, entry in attention.items()}, quality.stores, root,
+        quality.figure.stale_output)
     click.echo(f"\n[demo] seconds per step (this invocation's steps; earlier ones were reused)\n"
                f"{step_times(plan.steps)}")
     click.echo(f"[demo] report: {report}\n[demo] total {(time.time() - started) / 60:.1f} min")

@@ -86,7 +86,7 @@ ROW_NAMES = [row.name for row in ROWS]
 QUICK_ROWS = ("vanilla", "guided-oracle")
 
 # Evaluations every run of the study gets; fine-tuning only the runs of rows that ask for it.
-COMMON_EVALS = ("knn", "knn-mean", "linear", "robustness", "robustness-mean")
+COMMON_EVALS = ("knn", "knn-mean", "linear", "robustness", "robustness-mean", "segment")
 # Kept checkpoints per study run (outside the run's identity), for experiments/learning_curve.py.
 KEEP_EVERY = 4
 
@@ -98,7 +98,7 @@ STARTUP_SECONDS = 5.0
 DISCOVER_SECONDS = {"oracle": 22.0, "mae-tokencut-128": 190.0, "tokencut": 200.0, "gradcam": 450.0,
                     "dino-random": 400.0}
 EVAL_SECONDS = {"knn": 60.0, "knn-mean": 55.0, "linear": 9.0, "robustness": 85.0, "robustness-mean": 70.0,
-                "finetune": 650.0}
+                "finetune": 650.0, "segment": 90.0}
 QUALITY_SECONDS = 10.0
 DATASET_SECONDS = 22.0
 
@@ -139,6 +139,7 @@ class Config:
     evaluations: tuple = COMMON_EVALS  # EVALS names every run gets
     keep_every: int = KEEP_EVERY  # agmae-train --keep-every (not part of a run's identity)
     map_quality: bool = False  # also score each seed's map stores against the masks (agmae-eval attention)
+    visualize: bool = False  # also draw each seed's runs' reconstructions and attention side by side
 
     def seeds_in(self, tier: str) -> list[int]:
         count = {MAIN: self.seeds, CLAIM: self.claim_seeds, ABLATION: self.ablation_seeds}[tier]
@@ -198,10 +199,12 @@ class Run:
 @dataclass
 class Quality:
     """The map-quality step of one seed and dataset: the stores it scores ({map source: store}) and where its
-    results.json is."""
-    step: Step
+    results.json is; and the step that draws the runs' reconstructions and attention (agmae-eval visualize) into
+    `figure`."""
+    step: Step | None
     stores: dict
     run_dir: Path
+    figure: Step | None = None
 
 
 @dataclass(frozen=True)
@@ -355,22 +358,38 @@ def _run(config: Config, row: Row, seed: int, root: Path, store: Path | None, up
     return Run(run_dir, train, evals, upstream)
 
 
-def _quality_step(config: Config, root: Path, seed: int, stores: dict, discoveries: list) -> Quality:
-    """The step that scores the stores of one seed's rows against the dataset's masks."""
+def _quality_steps(config: Config, root: Path, seed: int, stores: dict, discoveries: list, runs: dict) -> Quality:
+    """The steps that score the stores of one seed's rows against the dataset's masks and draw its runs ({row name:
+    Run}) side by side, as the config asks."""
     run_dir = config.out / "maps" / root.name / f"quality-s{seed}"
-    step = Step(id=f"map quality {root.name} seed {seed}", kind="eval",
-                argv=[console_script("agmae-eval"), "attention",
-                      *(arg for store in stores.values() for arg in ("--maps", str(store))),
-                      "--data", str(root), "--run-dir", str(run_dir)],
-                log=run_dir / "attention.log", marker=run_dir / "attention.done.json", needs=tuple(discoveries),
-                estimate=QUALITY_SECONDS * len(stores) * config.n_train / 10000)
-    return Quality(step, stores, run_dir)
+    quality = Quality(None, stores, run_dir)
+    if config.map_quality:
+        quality.step = Step(id=f"map quality {root.name} seed {seed}", kind="eval",
+                            argv=[console_script("agmae-eval"), "attention",
+                                  *(arg for store in stores.values() for arg in ("--maps", str(store))),
+                                  "--data", str(root), "--run-dir", str(run_dir)],
+                            log=run_dir / "attention.log", marker=run_dir / "attention.done.json",
+                            needs=tuple(discoveries), estimate=QUALITY_SECONDS * len(stores) * config.n_train / 10000)
+    if config.visualize:
+        figure = run_dir / "visualize.png"
+        quality.figure = Step(id=f"visualize {root.name} seed {seed}", kind="eval",
+                              argv=[console_script("agmae-eval"), "visualize",
+                                    *(arg for name, run in runs.items()
+                                      for arg in ("--checkpoint", str(run.run_dir / "checkpoint-last.pth"),
+                                                  "--name", name)),
+                                    *(arg for store in stores.values() for arg in ("--maps", str(store))),
+                                    "--seed", str(seed), "--data", str(root), "--run-dir", str(run_dir),
+                                    "--out", str(figure)],
+                              log=run_dir / "visualize.log", marker=run_dir / "visualize.done.json",
+                              needs=(*discoveries, *(run.train for run in runs.values())), stale_output=figure,
+                              estimate=STARTUP_SECONDS)
+    return quality
 
 
 # The order in which the runner starts a seed's steps when several are ready: the stores that need no training,
 # the vanilla runs, the first rounds, the own maps, the guided runs, the evaluations. A step comes after the steps it
 # needs (a vanilla run that continues a first round, after it).
-STAGES = ("dataset", "stores", "vanilla", "first round", "own stores", "guided", "evaluations", "map quality")
+STAGES = ("dataset", "stores", "vanilla", "first round", "own stores", "guided", "evaluations", "figures")
 
 
 def build_plan(config: Config) -> Plan:
@@ -421,18 +440,20 @@ def build_plan(config: Config) -> Plan:
             run.train = add(run.train, "vanilla" if row.maps is None else "guided")
             run.evals = {protocol: add(step, "evaluations") for protocol, step in run.evals.items()}
             runs[row.name, seed] = run
-        if config.map_quality:
+        if config.map_quality or config.visualize:
             for root, stores in stores_of.items():
-                entry = _quality_step(config, root, seed,
-                                      {source: store for source, (store, _) in stores.items()},
-                                      [step for _, step in stores.values()])
-                entry.step = add(entry.step, "map quality")
+                seed_runs = {row.name: runs[row.name, seed] for row in rows if (row.name, seed) in runs
+                             and runs[row.name, seed].run_dir.parent.name == root.name}
+                entry = _quality_steps(config, root, seed, {source: store for source, (store, _) in stores.items()},
+                                       [step for _, step in stores.values()], seed_runs)
+                entry.step = entry.step and add(entry.step, "figures")
+                entry.figure = entry.figure and add(entry.figure, "figures")
                 quality[root.name, seed] = entry
         ordered += [step for stage in STAGES for step in stages[stage]]
     record = load_record(config.record, config, runs) if config.record else NO_RECORD
     needed = _needed([step for key, run in runs.items() if key not in record.metrics
                       for step in (run.train, *run.evals.values())]
-                     + [entry.step for entry in quality.values()])
+                     + [step for entry in quality.values() for step in (entry.step, entry.figure) if step])
     return Plan(config, rows, runs, _after_needs([step for step in ordered if step.id in needed]), record, quality)
 
 

@@ -20,26 +20,33 @@ def _pyplot():
 
 
 def demo_report(out: Path, title: str, columns: dict, table: dict, gains: dict, errors: dict, headline: str,
-                quality: dict, stores: dict, root: Path) -> Path:
+                quality: dict, stores: dict, root: Path | None, runs_figure: Path | None = None) -> Path:
     """report.png. Top: each guided run's difference to vanilla on the `headline` field ({run: gain}) with ± one
     standard error of the test sampling (`errors`), the runs' absolute numbers ({run: RunResults}, the fields of
     `columns`: {field: header}) as a table beside it, and the map quality ({source: mean IoU %}). Below: demo
-    training images with each store's maps ({source: store})."""
+    training images with each store's maps ({source: store}), then `runs_figure` (agmae-eval visualize's PNG of the
+    runs' reconstructions and attention under one mask) when given."""
     plt = _pyplot()
-    fig = plt.figure(figsize=(14, 4 + 1.6 * len(stores)))
-    grid = fig.add_gridspec(1 + len(stores), 8, height_ratios=[2.5] + [1] * len(stores), hspace=0.35)
+    picture = plt.imread(runs_figure) if runs_figure is not None else None
+    picture_height = 14 * picture.shape[0] / picture.shape[1] if picture is not None else 0.0
+    heights = [2.5] + [1] * len(stores) + ([picture_height / 1.6] if picture is not None else [])
+    fig = plt.figure(figsize=(14, 4 + 1.6 * len(stores) + picture_height))
+    grid = fig.add_gridspec(len(heights), 8, height_ratios=heights, hspace=0.35)
 
-    gain_panel(fig.add_subplot(grid[0, :2]), gains, errors, headline)
-    table_ax = fig.add_subplot(grid[0, 2:6])
+    top = grid[0, :].subgridspec(1, 12)  # columns 3 and 9 left free for the table's and the chart's labels
+    gain_panel(fig.add_subplot(top[0, :3]), gains, errors, headline)
+    table_ax = fig.add_subplot(top[0, 4:9])
     table_ax.set_axis_off()
     cells = [[_number(getattr(row, field)) for field in columns] for row in table.values()]
-    drawn = table_ax.table(cellText=cells, rowLabels=list(table), colLabels=list(columns.values()), loc="center")
+    drawn = table_ax.table(cellText=cells, rowLabels=list(table), colLabels=[header.replace(" ", "\n", 1)
+                                                                            for header in columns.values()],
+                           loc="center")
     drawn.auto_set_font_size(False)
     drawn.set_fontsize(8)
-    drawn.scale(1.0, 1.4)
+    drawn.scale(1.0, 1.6)
     table_ax.set_title(title, fontsize=9)
 
-    quality_ax = fig.add_subplot(grid[0, 7:])
+    quality_ax = fig.add_subplot(top[0, 10:])
     quality_ax.barh(list(quality), list(quality.values()))
     quality_ax.set_title("map mean IoU vs masks (%)", fontsize=9)
     quality_ax.tick_params(labelsize=8)
@@ -57,6 +64,11 @@ def demo_report(out: Path, title: str, columns: dict, table: dict, gains: dict, 
             ax.set_axis_off()
             if col == 0:
                 ax.set_title(f"{source} maps", fontsize=8, loc="left")
+    if picture is not None:
+        ax = fig.add_subplot(grid[-1, :])
+        ax.imshow(picture)
+        ax.set_axis_off()
+        ax.set_title("reconstructions and attention of the runs under one mask (agmae-eval visualize)", fontsize=9)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90, bbox_inches="tight")
     plt.close(fig)

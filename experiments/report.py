@@ -14,10 +14,10 @@ from experiments.results import FIELDS, LABELS, read_run
 from experiments.stats import paired, summarise
 from experiments.steps import duration
 
-FEATURE_COLUMNS = ("knn_cls", "knn_mean", "linear", "finetune")
+FEATURE_COLUMNS = ("knn_cls", "knn_mean", "linear", "finetune", "segment_fg", "segment_classes")
 # The columns each guided row is compared on, seed by seed, with the vanilla row of its dataset.
 PAIRED_COLUMNS = ("knn_mean", "knn_cls", "linear", "only_fg_knn", "only_fg_knn_mean", "mixed_rand_knn",
-                  "mixed_rand_knn_mean", "mixed_rand_linear_mean", "finetune")
+                  "mixed_rand_knn_mean", "mixed_rand_linear_mean", "finetune", "segment_fg", "segment_classes")
 ROBUSTNESS_COLUMNS = ("mixed_rand_knn", "mixed_rand_linear", "mixed_rand_knn_mean", "mixed_rand_linear_mean",
                       "only_fg_knn", "only_fg_linear", "only_fg_knn_mean", "clean_fg_knn", "bg_gap_knn",
                       "bg_gap_linear")

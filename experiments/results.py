@@ -27,6 +27,8 @@ class RunResults:
     bg_gap_knn: float | None = None
     bg_gap_linear: float | None = None
     finetune: float | None = None
+    segment_fg: float | None = None  # mIoU % of the dense probe, object against background, on `original`
+    segment_classes: float | None = None  # the same, per-class object against background
 
 
 # Column headers of the fields.
@@ -47,6 +49,8 @@ LABELS = {
     "bg_gap_knn": "BG-gap k-NN",
     "bg_gap_linear": "BG-gap linear",
     "finetune": "fine-tuned",
+    "segment_fg": "dense probe fg mIoU",
+    "segment_classes": "dense probe class mIoU",
 }
 FIELDS = tuple(field.name for field in fields(RunResults))
 # The test split of each mean-pooled k-NN field of the robustness evaluation.
@@ -62,9 +66,13 @@ def from_results(results: dict) -> RunResults:
 
     knn, knn_mean, linear = metrics("knn"), metrics("knn[pool=mean]"), metrics("linear-cached")
     robustness, mean, finetune = metrics("robustness"), metrics("robustness[pool=mean]"), metrics("finetune")
+    segment = metrics("segment") or {}  # an untyped protocol: its results as written
 
     def knn_top1(scores):
         return scores.by_k[HEADLINE_K].top1 if scores and HEADLINE_K in scores.by_k else None
+
+    def miou(task: str):
+        return segment.get(task, {}).get("splits", {}).get("original", {}).get("miou")
 
     def split(scores, name: str, column: str):
         return getattr(scores.splits[name], column) if scores and name in scores.splits else None
@@ -84,6 +92,8 @@ def from_results(results: dict) -> RunResults:
         bg_gap_knn=robustness.bg_gap.knn_top1 if robustness and robustness.bg_gap else None,
         bg_gap_linear=robustness.bg_gap.linear_top1 if robustness and robustness.bg_gap else None,
         finetune=finetune.splits["original"].top1 if finetune and "original" in finetune.splits else None,
+        segment_fg=miou("fg"),
+        segment_classes=miou("classes"),
     )
 
 

@@ -91,13 +91,10 @@ def test_result_neutral_options_do_not_change_the_recipe():
 
 
 def demo_plan(tmp_path, recipe="light-b256-continue", seed=0, **options):
-    """The plan `make demo` runs (experiments.demo), in its own --out under tmp_path."""
-    from experiments.demo import EVALUATIONS
+    """The plan `make demo` runs, in its own --out under tmp_path."""
+    from experiments.demo import demo_config
 
-    config = make_config(recipe=recipe, seeds=1, claim_seeds=0, ablation_seeds=0, rows=RECIPES[recipe].demo_rows(),
-                         out=tmp_path / "out", first_seed=seed, evaluations=EVALUATIONS, map_quality=True,
-                         precision="bf16", **{"keep_every": 0, **options})
-    return build_plan(config)
+    return build_plan(demo_config(recipe, seed, tmp_path / "out", precision="bf16", **options))
 
 
 def _option(argv, name):
@@ -131,12 +128,15 @@ def test_the_demo_runs_the_default_recipe_as_before(tmp_path):
                    "discover mae-tokencut-128-vanilla-e16-s0-67ea5440",
                    "train oracle-cosine-1-0.5-batch-e16+10-s0-e9726937",
                    "train mae-tokencut-128-cosine-1-0.5-batch-e16+10-s0-2cbab7cf",
-                   "robustness-mean vanilla-e16+10-s0-c0fff00f",
+                   "robustness-mean vanilla-e16+10-s0-c0fff00f", "segment vanilla-e16+10-s0-c0fff00f",
                    "robustness-mean oracle-cosine-1-0.5-batch-e16+10-s0-e9726937",
+                   "segment oracle-cosine-1-0.5-batch-e16+10-s0-e9726937",
                    "robustness-mean mae-tokencut-128-cosine-1-0.5-batch-e16+10-s0-2cbab7cf",
-                   "map quality fmnist-v1-p0-seed0-train10000-test10000-garment36-60 seed 0"]
+                   "segment mae-tokencut-128-cosine-1-0.5-batch-e16+10-s0-2cbab7cf",
+                   "map quality fmnist-v1-p0-seed0-train10000-test10000-garment36-60 seed 0",
+                   "visualize fmnist-v1-p0-seed0-train10000-test10000-garment36-60 seed 0"]
     first_round = plan.steps[2]
-    assert [step.all_cpus for step in plan.steps] == [False, False, True] + [False] * 8
+    assert [step.all_cpus for step in plan.steps] == [False, False, True] + [False] * 12
     assert result_argv(first_round.argv)[1:-5] == [
         "--no-guidance", "--model", "mae_vit_demo_patch8", "--epochs", "16", "--warmup-epochs", "2", "--batch-size",
         "256", "--blr", "0.001", "--precision", "bf16", "--seed", "0", "--data"]
@@ -146,16 +146,24 @@ def test_the_demo_runs_the_default_recipe_as_before(tmp_path):
         assert [_option(train.argv, o) for o in ("--epochs", "--warmup-epochs", "--seed", "--save-every")] == [
             "10", "1.25", "0", "1"]
         assert first_round in train.needs and "--keep-every" not in train.argv
-        (evaluation,) = plan.runs[name, 0].evals.values()
-        assert result_argv(evaluation.argv)[:7] == ["agmae-eval", "robustness", "--pool", "mean", "--no-clean-fg",
+        robustness, segment = plan.runs[name, 0].evals.values()
+        assert result_argv(robustness.argv)[:7] == ["agmae-eval", "robustness", "--pool", "mean", "--no-clean-fg",
                                                     "--precision", "fp32"]
+        assert result_argv(segment.argv)[:4] == ["agmae-eval", "segment", "--precision", "fp32"]
     own_maps = plan.steps[4]
     assert _option(own_maps.argv, "--backbone") == str(first_round.run_dir / "checkpoint-last.pth")
     assert [_option(own_maps.argv, o) for o in ("--layer", "--image-size", "--precision")] == [
         "blocks.3", "128", "native"]
     assert first_round.run_dir not in [run.run_dir for run in plan.runs.values()]
     quality = plan.quality[plan.steps[0].id.split()[1], 0]
-    assert list(quality.stores) == ["oracle", "mae-tokencut-128"]
+    assert list(quality.stores) == ["oracle", "mae-tokencut-128"] and quality.figure is plan.steps[-1]
+    figure = quality.figure.argv
+    assert [figure[i + 1] for i, arg in enumerate(figure) if arg == "--name"] == [
+        "vanilla", "guided-oracle", "guided-mae-tokencut-128"]
+    assert [figure[i + 1] for i, arg in enumerate(figure) if arg == "--checkpoint"] == [
+        str(plan.runs[name, 0].run_dir / "checkpoint-last.pth") for name in plan.config.rows]
+    assert [figure[i + 1] for i, arg in enumerate(figure) if arg == "--maps"] == [str(store) for store in
+                                                                               quality.stores.values()]
 
 
 def test_the_33_minute_recipe_cuts_its_own_maps_from_a_first_round_beside_the_compared_runs(tmp_path):
@@ -190,8 +198,8 @@ def test_the_demos_runs_are_the_studys_runs_of_that_seed(tmp_path):
     for name in RECIPES["light-b256-continue"].demo_rows():
         assert demo.runs[name, 1].run_dir == study.runs[name, 1].run_dir
         assert demo.runs[name, 1].train.recipe() == study.runs[name, 1].train.recipe()
-        assert demo.runs[name, 1].evals["robustness-mean"].recipe() == study.runs[name, 1].evals[
-            "robustness-mean"].recipe()
+        for protocol in ("robustness-mean", "segment"):
+            assert demo.runs[name, 1].evals[protocol].recipe() == study.runs[name, 1].evals[protocol].recipe()
 
 
 def test_keeping_checkpoints_along_the_demo_runs_leaves_their_identities_as_they_are(tmp_path):
@@ -236,7 +244,7 @@ def test_every_command_the_demo_and_the_study_plan_is_accepted_by_its_cli(tmp_pa
         for i, arg in enumerate(args):  # the datasets, stores and checkpoints a step reads exist when it runs
             if arg == "--data":
                 Path(args[i + 1]).mkdir(parents=True, exist_ok=True)
-            elif arg in ("--maps", "--init-from"):
+            elif arg in ("--maps", "--init-from", "--checkpoint"):
                 Path(args[i + 1]).parent.mkdir(parents=True, exist_ok=True)
                 Path(args[i + 1]).touch()
         context = command.make_context(Path(step.argv[0]).name, list(args), resilient_parsing=False)
