@@ -282,6 +282,7 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
             in markdown)
     assert "| vanilla | 0 | 3/3 | 19.0 ± 4.6 |" in markdown and "| — | — |" in markdown
     assert "| guided-oracle | +8.0 [+3.0, +13.0] p=0.02 (3/3) |" in markdown
+    assert "](differences.png)" in markdown and (config.docs / "differences.png").stat().st_size > 0
 
     again = FakeRunner(plan)
     study.run_study(config, runner=again, echo=lines.append)
