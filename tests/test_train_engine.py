@@ -720,6 +720,12 @@ def test_option_combinations_that_only_fail_together_are_refused_before_training
     assert not (tmp_path / "run" / "checkpoint-last.pth").exists()
 
 
+def test_a_recipe_warm_up_longer_than_the_run_keeps_its_share_and_says_so(image_root, tmp_path, capsys):
+    train(_config_for(image_root, tmp_path, epochs=2, warmup_epochs=None))  # MAE's recipe: 40 of 800 epochs
+    assert json.loads((tmp_path / "config.json").read_text())["warmup_epochs"] == 0.1
+    assert "--warmup-epochs 0.1: the recipe's 40 would outlast --epochs 2" in capsys.readouterr().out
+
+
 def test_export_carries_the_kwargs_inside_and_refuses_an_out_under_a_file_in_one_line(image_root, tmp_path):
     train(_config_for(image_root, tmp_path / "run", epochs=1))
     checkpoint = tmp_path / "run" / "checkpoint-last.pth"

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from agmae.distributed import mean_over_ranks, sum_over_ranks
 from agmae.paths import last_checkpoint
 from agmae.train.dataset import CropMapsCollate, EpochSampler, GuidedMAEDataset, check_store
 from agmae.train.loss import foreground_weight_share, guided_mae_loss
-from agmae.train.config import TrainConfig
+from agmae.train.config import RECIPES, TrainConfig
 from agmae.train.masking import masking_noise
 from agmae.train.model import MaskedAutoencoderViT, create_model
 from agmae.train.schedules import lr_at, tau_at
@@ -69,6 +69,19 @@ class ResumableSampler(EpochSampler):
         return itertools.islice(super().__iter__(), self.start, None)
 
 
+def _fit_warmup(cfg: TrainConfig, given: bool) -> tuple[TrainConfig, str | None]:
+    """A recipe's warm-up (--warmup-epochs not given) that outlasts a shorter run keeps the recipe's share of the
+    run, e.g. MAE's 40 of 800 epochs -> 0.05 of 1; returns the config and a line saying so (None when unchanged).
+    A given warm-up longer than the run is refused (TrainConfig.check_run)."""
+    if given or cfg.warmup_epochs <= cfg.epochs:
+        return cfg, None
+    recipe = RECIPES["paper"]
+    fitted = round(cfg.epochs * recipe["warmup_epochs"] / recipe["epochs"], 4)
+    return replace(cfg, warmup_epochs=fitted), (
+        f"--warmup-epochs {fitted:g}: the recipe's {cfg.warmup_epochs:g} would outlast --epochs {cfg.epochs}, so the "
+        f"run warms up for the recipe's share of it (pass --warmup-epochs to choose)")
+
+
 def _describe(store_identity: dict | None) -> str:
     if store_identity is None:
         return "no maps, vanilla MAE"
@@ -87,7 +100,7 @@ class Trainer:
     """One training run; `run()` trains from the last checkpoint (if any) to `cfg.epochs`."""
 
     def __init__(self, cfg: TrainConfig, env: distributed.DistEnv, device: torch.device):
-        cfg = cfg.resolved()
+        cfg, self.warmup_note = _fit_warmup(cfg.resolved(), given=cfg.warmup_epochs is not None)
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = Path(cfg.out)
         training.seed_everything(cfg.seed)
@@ -313,6 +326,8 @@ class Trainer:
             if self.unreadable:
                 first = ", ".join(f"{self.index.keys[i]} ({reason})" for i, reason in list(self.unreadable.items())[:3])
                 tqdm.write(f"{len(self.unreadable)} of {len(self.index)} images cannot be read and are skipped: {first}")
+            if self.warmup_note:
+                tqdm.write(self.warmup_note)
             if self.init_weights and not self.resumed_from:
                 tqdm.write(f"started from the weights of {self.cfg.init_from}")
             if self.resumed_from:
