@@ -121,8 +121,13 @@ class FinetuneOptions:
         bare command fills in where it picks the demo dataset) in the fields left None."""
         done = replace(self, **{name: value for name, value in RECIPES[recipe].items() if getattr(self, name) is None})
         if done.warmup_epochs > done.epochs:
-            raise UserError(f"--warmup-epochs {done.warmup_epochs:g} is longer than the run's --epochs {done.epochs}: "
-                            "the lr would never reach its peak; lower --warmup-epochs or raise --epochs")
+            if self.warmup_epochs is not None:
+                raise UserError(f"--warmup-epochs {done.warmup_epochs:g} is longer than the run's --epochs "
+                                f"{done.epochs}: the lr would never reach its peak; lower --warmup-epochs or raise "
+                                "--epochs")
+            # the recipe's warm-up outlasts this shorter run: its share of the run (recorded with the options)
+            share = RECIPES[recipe]["warmup_epochs"] / RECIPES[recipe]["epochs"]
+            done = replace(done, warmup_epochs=round(done.epochs * share, 4))
         if done.mixing and done.batch_size % 2:
             raise UserError(f"--batch-size {done.batch_size}: Mixup/CutMix pair the images of a batch, so it "
                              "must be even (or pass --mixup 0 --cutmix 0)")

@@ -256,6 +256,7 @@ def test_a_diverging_fine_tune_stops_before_saving_and_a_second_writer_is_refuse
             tuning_for(encoder_checkpoint, toy_root, tmp_path, epochs=4).run()
 
 
-def test_a_warm_up_longer_than_the_fine_tune_is_refused():
+def test_a_given_warm_up_longer_than_the_fine_tune_is_refused_and_a_recipe_s_keeps_its_share():
     with pytest.raises(ValueError, match="--warmup-epochs 3 is longer than the run's --epochs 2"):
         FinetuneOptions(**{**QUICK, "warmup_epochs": 3}).resolved()
+    assert FinetuneOptions(**{**QUICK, "warmup_epochs": None}).resolved().warmup_epochs == 0.1  # MAE's 5 of 100
