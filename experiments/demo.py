@@ -39,7 +39,7 @@ COLUMNS = {
     "mixed_rand_linear_mean": "linear mixed-rand",
 }
 EVALUATIONS = ("robustness-mean", "segment")
-SEGMENT_COLUMNS = ("segment_fg", "segment_classes")
+SEGMENT_COLUMNS = ("segment_fg", "segment_classes", "mixed_rand_segment_fg")
 
 
 def demo_config(recipe: str, seed: int = 0, out: Path | None = None, epochs: int | None = None, keep_every: int = 0,
@@ -120,7 +120,7 @@ def main(recipe, out, epochs, seed, keep_every):
     width = max(map(len, attention))
     for name, entry in attention.items():
         click.echo(f"  {name:{width}s}  mean IoU {entry.mean_iou:5.1f} %   pointing {entry.pointing:5.1f} %")
-    click.echo("\n[demo] dense probe on the frozen patch tokens, mIoU % against the masks (demo original split)")
+    click.echo("\n[demo] dense probe on the frozen patch tokens, mIoU % against the masks")
     click.echo(format_table(["run", *(LABELS[field] for field in SEGMENT_COLUMNS)],
                             [[name, *(getattr(row, field) for field in SEGMENT_COLUMNS)] for name, row in table.items()]))
     report = plots.demo_report(

@@ -12,7 +12,6 @@ paired proportions. A per-seed difference within about two standard errors says 
 from pathlib import Path
 
 import click
-import torch
 
 from agmae.eval.features import POOLS, FeatureSource
 from agmae.eval.knn import HEADLINE_K, knn_correct, paired_difference

@@ -36,8 +36,9 @@ EVALS = {
     # the demo's evaluation: mean-pooled features on every background split (clean-fg is the CLS diagnostic)
     "robustness-mean": (("robustness", "--pool", "mean", "--no-clean-fg"), "robustness[pool=mean]"),
     "finetune": (("finetune",), "finetune"),
-    # the dense probe: a linear classifier on the frozen patch tokens, mIoU against the masks of every test split
-    "segment": (("segment",), "segment"),
+    # the dense probe: a linear classifier on the frozen patch tokens, mIoU against the masks of the original test
+    # split and of the one with unseen backgrounds
+    "segment": (("segment", "--splits", "original", "--splits", "mixed-rand"), "segment"),
 }
 EVAL_PRECISION = ("--precision", "fp32")
 

@@ -29,6 +29,7 @@ class RunResults:
     finetune: float | None = None
     segment_fg: float | None = None  # mIoU % of the dense probe, object against background, on `original`
     segment_classes: float | None = None  # the same, per-class object against background
+    mixed_rand_segment_fg: float | None = None  # segment_fg on `mixed-rand`
 
 
 # Column headers of the fields.
@@ -51,6 +52,7 @@ LABELS = {
     "finetune": "fine-tuned",
     "segment_fg": "dense probe fg mIoU",
     "segment_classes": "dense probe class mIoU",
+    "mixed_rand_segment_fg": "mixed-rand dense probe fg mIoU",
 }
 FIELDS = tuple(field.name for field in fields(RunResults))
 # The test split of each mean-pooled k-NN field of the robustness evaluation.
@@ -71,8 +73,8 @@ def from_results(results: dict) -> RunResults:
     def knn_top1(scores):
         return scores.by_k[HEADLINE_K].top1 if scores and HEADLINE_K in scores.by_k else None
 
-    def miou(task: str):
-        return segment.get(task, {}).get("splits", {}).get("original", {}).get("miou")
+    def miou(task: str, test_split: str = "original"):
+        return segment.get(task, {}).get("splits", {}).get(test_split, {}).get("miou")
 
     def split(scores, name: str, column: str):
         return getattr(scores.splits[name], column) if scores and name in scores.splits else None
@@ -94,6 +96,7 @@ def from_results(results: dict) -> RunResults:
         finetune=finetune.splits["original"].top1 if finetune and "original" in finetune.splits else None,
         segment_fg=miou("fg"),
         segment_classes=miou("classes"),
+        mixed_rand_segment_fg=miou("fg", "mixed-rand"),
     )
 
 

@@ -11,7 +11,7 @@ it is removed and the step redone.
 With `cpus`, `execute` runs steps side by side: each started step gets its own CPUs (its process
 pinned to them, its thread count set to their number), so no two processes compete for a core: torch
 slows many times over when another process takes one of its cores, and two pinned 1-thread trainings
-train more images per second in all than one 2-thread training (docs/PERFORMANCE.md).
+train more images per second in all than one 2-thread training (docs/PERFORMANCE.md#the-demo).
 """
 import json
 import os

@@ -149,7 +149,8 @@ def test_the_demo_runs_the_default_recipe_as_before(tmp_path):
         robustness, segment = plan.runs[name, 0].evals.values()
         assert result_argv(robustness.argv)[:7] == ["agmae-eval", "robustness", "--pool", "mean", "--no-clean-fg",
                                                     "--precision", "fp32"]
-        assert result_argv(segment.argv)[:4] == ["agmae-eval", "segment", "--precision", "fp32"]
+        assert result_argv(segment.argv)[:8] == ["agmae-eval", "segment", "--splits", "original", "--splits",
+                                                 "mixed-rand", "--precision", "fp32"]
     own_maps = plan.steps[4]
     assert _option(own_maps.argv, "--backbone") == str(first_round.run_dir / "checkpoint-last.pth")
     assert [_option(own_maps.argv, o) for o in ("--layer", "--image-size", "--precision")] == [

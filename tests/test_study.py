@@ -214,7 +214,7 @@ class FakeRunner:
         elif name == "finetune":
             results = {"splits": {"original": {"top1": k + 4}}}
         elif name == "segment":
-            results = {task: {"splits": {"original": {"miou": k + shift}}}
+            results = {task: {"splits": {"original": {"miou": k + shift}, "mixed-rand": {"miou": k + shift - 5}}}
                        for task, shift in (("fg", 6), ("classes", 7))}
         else:
             k += 0.5 if name == "robustness-mean" else 0.0  # mean-pooled features score apart from CLS ones
@@ -263,6 +263,7 @@ def test_aggregation_resume_and_partial_report(study, plan_of, tmp_path):
     assert vanilla["mixed_rand_knn"]["mean"] == 19.0 and vanilla["only_fg_linear"]["mean"] == 15.0
     assert vanilla["clean_fg_knn"]["mean"] == 27.0 and "bg_gap_knn" not in vanilla
     assert vanilla["segment_fg"]["mean"] == 30.0 and vanilla["segment_classes"]["mean"] == 31.0
+    assert vanilla["mixed_rand_segment_fg"]["mean"] == 25.0
     assert rows["guided-oracle"]["metrics"]["knn_cls"]["mean"] == 32.0
     # guided − vanilla per seed: 10, 8, 6 on every column; t(0.975, 2) = 4.303, sem = 2 / sqrt(3)
     knn_pair = rows["guided-oracle"]["paired"]["knn_cls"]
@@ -461,6 +462,7 @@ def test_real_tiny_train_and_eval(study, tmp_path, demo_root):
     segment = results["segment"]["results"]
     assert metrics["segment_fg"]["mean"] == segment["fg"]["splits"]["original"]["miou"]
     assert metrics["segment_classes"]["mean"] == segment["classes"]["splits"]["original"]["miou"]
+    assert metrics["mixed_rand_segment_fg"]["mean"] == segment["fg"]["splits"]["mixed-rand"]["miou"]
 
 
 def test_a_recipe_that_continues_its_first_round_starts_every_row_from_the_16_epoch_vanilla_run(study, tmp_path):
