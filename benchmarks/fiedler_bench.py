@@ -10,7 +10,7 @@ and batched / exact. On a CPU also the exact solve on `--workers` joblib threads
 the serial loop: their speed-up, with the vectors checked bit-identical.
 Targets (issue 15): TokenCut <= 1.15x forward at 196 tokens, <= 1.5x at 784.
 
-    python benchmarks/fiedler_bench.py [--batch 32] [--iters 3] [--device auto] [--workers N]
+    python benchmarks/fiedler_bench.py [--batch 32] [--iters 3] [--device auto] [--workers N] [--vits-only]
     python benchmarks/fiedler_bench.py --smoke        # batch 4, one iteration, ViT-S/16 only: checks it runs
 """
 import os
@@ -65,10 +65,11 @@ def median_seconds(fn, device, iters):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=2), default=max(2, len(os.sched_getaffinity(0))),
               show_default="this process's CPUs, at least 2", help="threads of the threaded exact solve (CPU)")
+@click.option("--vits-only", is_flag=True, help="the random-weight ViT cases only (no EfficientNet weights needed)")
 @click.option("--smoke", is_flag=True, help="batch 4, one iteration, the ViT-S/16 case only")
-def main(batch, iters, device, workers, smoke):
+def main(batch, iters, device, workers, vits_only, smoke):
     warnings.simplefilter("ignore", RandomInitWarning)
-    cases = dict(list(CASES.items())[:1]) if smoke else CASES
+    cases = dict(list(CASES.items())[:1 if smoke else 2 if vits_only else len(CASES)])
     if smoke:
         batch, iters = 4, 1
     print(f"{'case':32s} {'forward':>9s} {'exact':>9s} {'iter.':>9s} {'batched':>9s} {'TC/fwd exact':>13s} "
