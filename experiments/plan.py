@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from agmae.data.demo import demo_name
+from agmae.eval.finetune import RECIPES as FINETUNE_RECIPES
 from agmae.eval.knn import HEADLINE_K
 from agmae.hardware import resolve_precision
 from agmae.paths import agmae_home
@@ -317,11 +318,14 @@ def _discover_step(config: Config, maps: str, dataset: Step, root: Path, maker: 
 
 
 def _evals_of(config: Config, row: Row, seed: int) -> dict:
-    """The row's evaluations: the plan's, and fine-tuning on the seeds of the row's `finetune` tier, for half the
-    pre-training epochs."""
+    """The row's evaluations: the plan's, and fine-tuning on the seeds of the row's `finetune` tier with
+    agmae-eval's demo fine-tuning recipe, every option explicit, for half the pre-training epochs."""
     evals = {protocol: EVALS[protocol][0] for protocol in config.evaluations}
     if row.finetune and seed in config.seeds_in(row.finetune):
-        evals["finetune"] = (*EVALS["finetune"][0], "--epochs", str(max(1, config.epochs // 2)))
+        recipe = {**FINETUNE_RECIPES["demo"], "epochs": max(1, config.epochs // 2)}
+        evals["finetune"] = (*EVALS["finetune"][0],
+                             *(arg for name, value in recipe.items() for arg in (f"--{name.replace('_', '-')}",
+                                                                                 _slug(value))))
     return evals
 
 
