@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-CLIS = ("discover", "train", "eval", "demo")
+CLIS = ("discover", "train", "eval")
 SCRIPTS = ("agmae-discover", "agmae-train", "agmae-eval")
 
 
