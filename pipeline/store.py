@@ -74,7 +74,7 @@ def _read_attrs(f: h5py.File) -> dict:
     return attrs
 
 
-class NotWritableError(ValueError):
+class NotWritableError(UserError):
     """The store's file system refuses writes (read-only, no permission)."""
 
 
