@@ -72,8 +72,9 @@ def step_times(steps: list) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
-              help="What the demo trains. " + "; ".join(f"{name}: {recipe.summary} on 2 CPU cores with native bf16 "
-                                                        f"({recipe.page})" for name, recipe in RECIPES.items()) + ".")
+              help="What the demo trains. " + "; ".join(f"{name}: {recipe.summary} ({recipe.page})"
+                                                        for name, recipe in RECIPES.items())
+                   + ". Times on 2 CPU cores: docs/PERFORMANCE.md#the-demo.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
               help="Where the maps, the runs, their logs and report.png go, shared with the study. "
                    "[default: AGMAE_HOME/experiments]")

@@ -106,11 +106,11 @@ RECIPES = {recipe.name: recipe for recipe in (
     Recipe("light-b256-continue", epochs=10, warmup_epochs=1.25, batch_size=256, own_maps="mae-tokencut-128",
            first_round_epochs=16, continue_first_round=True, headline="mixed_rand_knn_mean",
            summary="a 16-epoch vanilla MAE continued for 10 epochs by each compared run, own maps from that first "
-                   "round, about 15 min"),
-    # 32 epochs from scratch, own maps from a 16-epoch first round trained beside them (the maps of a 32-epoch
-    # vanilla MAE are worse than a 16-epoch one's).
+                   "round"),
+    # 32 epochs from scratch, own maps from a 16-epoch first round trained beside them: the maps of a 32-epoch
+    # vanilla MAE are worse than a 16-epoch one's (docs/results/light-b256-e32/RESULTS.md).
     Recipe("light-b256-e32", epochs=32, warmup_epochs=4.0, batch_size=256, own_maps="mae-tokencut-128",
            first_round_epochs=16, headline="mixed_rand_knn_mean",
-           summary="32 epochs per MAE, own maps from a 16-epoch vanilla first round, about 33 min"),
+           summary="32 epochs per MAE, own maps from a 16-epoch vanilla first round, about twice as long"),
 )}
 DEFAULT_RECIPE = "light-b256-continue"
