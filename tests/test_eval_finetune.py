@@ -260,3 +260,14 @@ def test_a_given_warm_up_longer_than_the_fine_tune_is_refused_and_a_recipe_s_kee
     with pytest.raises(ValueError, match="--warmup-epochs 3 is longer than the run's --epochs 2"):
         FinetuneOptions(**{**QUICK, "warmup_epochs": 3}).resolved()
     assert FinetuneOptions(**{**QUICK, "warmup_epochs": None}).resolved().warmup_epochs == 0.1  # MAE's 5 of 100
+
+
+def test_agmae_eval_finetune_exits_with_the_preempted_code(encoder_checkpoint, toy_root, tmp_path, monkeypatch):
+    def preempted(self):
+        raise preemption.Preempted("SIGUSR1: saved RUN/finetune/checkpoint-last.pth")
+
+    monkeypatch.setattr(FineTuning, "run", preempted)
+    result = CliRunner().invoke(main, ["finetune", "--checkpoint", str(encoder_checkpoint), "--data", str(toy_root),
+                                       "--run-dir", str(tmp_path), "--workers", "0", "--device", "cpu",
+                                       "--batch-size", "8", "--accum-iter", "1"])
+    assert result.exit_code == preemption.PREEMPTED, result.output

@@ -767,3 +767,12 @@ def test_discover_sbatch_passes_the_warning_signal_to_its_shard_and_requeues_it(
                                       ready, signal.SIGUSR1, timeout=30, env=env)
     assert code == 75, output
     assert log.read_text().splitlines() == ["saved", "scontrol requeue 777_2"]
+
+
+def test_the_command_line_exits_with_the_preempted_code(image_root, tmp_path, monkeypatch):
+    def preempted(cfg):
+        raise preemption.Preempted("SIGTERM: saved RUN/checkpoint-last.pth")
+
+    monkeypatch.setattr(engine, "train", preempted)
+    result = CliRunner().invoke(train_cli, ["--no-guidance", "--data", str(image_root.parent), "--out", str(tmp_path)])
+    assert result.exit_code == preemption.PREEMPTED
