@@ -5,8 +5,10 @@ two guided MAEs: one on the oracle maps and one on maps that need no outside wei
 own tokens (the two-round pipeline). By default all three continue one 16-epoch vanilla MAE, the first round whose
 tokens the own maps are cut from, for 10 epochs each (`--recipe light-b256-continue`); `--recipe light-b256-e32`
 trains them 32 epochs from scratch. Then it evaluates them (mean-pooled k-NN and cached linear probe on every
-background split, map quality), prints one comparison table with the guided − vanilla differences and the verdict
-on the recipe's headline metric, and writes report.png.
+background split, the dense probe on the frozen patch tokens, map quality), prints one comparison table with the
+guided − vanilla differences and the verdict on the recipe's headline metric, and writes report.png (the
+differences with their standard errors, the table, the maps, and the runs' reconstructions and attention under one
+mask).
 
 The demo is the study's plan (experiments.plan) for one seed and three rows: every step is a stage's own command
 line in a subprocess, two side by side on a 2-core machine, each on its own core; a second `make demo` (or one after
