@@ -95,25 +95,30 @@ def _number(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def study_differences(summary: dict, field: str, out: Path) -> Path | None:
+def differences_panel(ax, summary: dict, field: str) -> list:
     """Each guided row's difference to vanilla over seeds on `field` (the study's results.json `summary`): its mean
-    and 95 % t interval, with the per-seed differences as points; None when no row is paired on it yet."""
+    and 95 % t interval, with the per-seed differences as ticks; returns the rows drawn."""
     rows = [row for row in summary["rows"] if row.get("paired", {}).get(field)]
-    if not rows:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
     for position, row in enumerate(rows):
         result = row["paired"][field]
-        low, high = result["ci95"]
-        ax.plot([low, high], [position, position], color="tab:blue", linewidth=2)
-        ax.plot(result["mean"], position, "o", color="tab:blue")
+        ax.plot(result["ci95"], [position, position], color="tab:blue", linewidth=2)
+        ax.plot([result["mean"]], [position], "o", color="tab:blue")
         ax.plot(list(result["per_seed"].values()), [position] * result["n"], "|", color="gray", markersize=10)
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), [row["name"] for row in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"guided − vanilla, points: {LABELS[field]} (mean, 95 % t interval, seeds as ticks)", fontsize=8)
     ax.set_title(f"recipe {summary['plan']['recipe']}", fontsize=9)
+    return rows
+
+
+def study_differences(summary: dict, field: str, out: Path) -> Path | None:
+    """differences_panel as a PNG at `out`; None (and no file) while no row is paired on `field`."""
+    if not any(row.get("paired", {}).get(field) for row in summary["rows"]):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(summary["rows"])))
+    differences_panel(ax, summary, field)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -94,3 +94,21 @@ def test_report_png_draws_each_difference_with_its_standard_error(tmp_path):
     out = plots.demo_report(tmp_path / "report.png", "a title", COLUMNS, table, {"guided-oracle": 0.83},
                             {"guided-oracle": 0.34}, "mixed_rand_knn_mean", {"oracle": 80.0}, {}, None)
     assert out.stat().st_size > 0
+
+
+def test_the_study_figure_draws_each_rows_interval_and_seeds():
+    from experiments import plots
+
+    summary = {"plan": {"recipe": "light-b256-continue"}, "rows": [
+        {"name": "vanilla"},
+        {"name": "guided-oracle", "paired": {"mixed_rand_knn_mean": {
+            "mean": 0.87, "ci95": [0.6, 1.13], "n": 3, "per_seed": {"0": 0.82, "1": 0.7, "2": 1.09}}}},
+        {"name": "guided-dino-random", "paired": {"knn_cls": {"mean": 1.0, "ci95": [0.0, 2.0], "n": 2,
+                                                              "per_seed": {"0": 0.5, "1": 1.5}}}}]}
+    plt = plots._pyplot()
+    fig, ax = plt.subplots()
+    (drawn,) = plots.differences_panel(ax, summary, "mixed_rand_knn_mean")
+    interval, mean, seeds = ax.lines[:3]
+    assert drawn["name"] == "guided-oracle" and list(interval.get_xdata()) == [0.6, 1.13]
+    assert list(mean.get_xdata()) == [0.87] and list(seeds.get_xdata()) == [0.82, 0.7, 1.09]
+    plt.close(fig)
