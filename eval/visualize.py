@@ -9,8 +9,8 @@ and variances, the statistics the MAE could know. Taking a masked patch's own st
 figures do, would paint the hidden patch's brightness and contrast into the picture.
 
 The images and the mask are drawn from `seed`, so a figure is a function of its checkpoints, data and seed.
-`panels` computes the arrays, `render` draws them (matplotlib, no display needed), `figure` does both and writes
-the PNG. The MAE of a checkpoint comes from a `load_mae(path)` the caller passes (agmae.train.model.load_mae: the
+`panels` computes the arrays, `draw` draws them into a matplotlib Figure or SubFigure (a panel of a larger
+figure), `render` into a Figure of their own (Agg, no display needed), `figure` does it all and writes the PNG. The MAE of a checkpoint comes from a `load_mae(path)` the caller passes (agmae.train.model.load_mae: the
 model is training's, and evaluation may not import training); the attention comes from the encoder as evaluation
 loads it (agmae.eval.features.build_encoder).
 """
@@ -238,15 +238,16 @@ def panels(checkpoints, root, load_mae, split: str = "train", n: int = 6, seed: 
     return result
 
 
-def render(result: Panels):
-    """A matplotlib Figure (Agg canvas, no display) of the panels: one row per image, one column per panel."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def figure_size(result: Panels) -> tuple:
+    """(width, height) in inches of the panels drawn at CELL_INCHES a cell, with room for the titles."""
+    return len(result.columns) * CELL_INCHES, len(result.keys) * CELL_INCHES + 0.5
 
-    rows, cols = len(result.keys), len(result.columns)
-    fig = Figure(figsize=(cols * CELL_INCHES, rows * CELL_INCHES + 0.5), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
+
+def draw(result: Panels, fig) -> None:
+    """Draw the panels into a matplotlib Figure or SubFigure (e.g. one panel of a larger report): one row per
+    image, one column per panel, titles on the first row."""
+    axes = fig.subplots(len(result.keys), len(result.columns), squeeze=False,
+                        gridspec_kw=dict(wspace=0.05, hspace=0.05))
     for c, column in enumerate(result.columns):
         axes[0, c].set_title(column.title, fontsize=7)
         for r, cell in enumerate(column.cells):
@@ -258,8 +259,22 @@ def render(result: Panels):
                 ax.imshow(np.nan_to_num(cell), cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
             else:
                 ax.imshow(cell, cmap="inferno", interpolation="nearest")
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / (rows * CELL_INCHES + 0.5),
-                        wspace=0.05, hspace=0.05)
+
+
+def render(result: Panels):
+    """A matplotlib Figure of the panels alone, on an Agg canvas (no display needed)."""
+    try:  # the demo extra: imported only where a figure is drawn
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise UserError("the figure is drawn with matplotlib, which is not installed: pip install 'agmae[demo]' "
+                        "(or matplotlib)") from err
+
+    width, height = figure_size(result)
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    draw(result, fig)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / height)
     return fig
 
 
