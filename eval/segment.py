@@ -123,19 +123,18 @@ def fit_probe(tokens: np.ndarray, labels: np.ndarray, num_classes: int, opts: Se
     optimizer = torch.optim.AdamW(probe.parameters(), lr=opts.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(opts.seed)
     targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    loss_sum = 0.0
     for _ in tqdm(range(opts.epochs), desc="dense probe", unit="epoch", disable=not progress):
         order = torch.randperm(len(tokens), generator=generator)
         loss_sum, steps = 0.0, 0
         for start in range(0, len(order), opts.segment_batch_size):
-            rows = np.sort(order[start:start + opts.segment_batch_size].numpy())  # sorted: memmap reads in order
+            rows = np.sort(order[start:start + opts.segment_batch_size].numpy())  # read front to back
             logits = probe(torch.from_numpy(tokens[rows]))
             loss = F.cross_entropy(logits.reshape(-1, num_classes), targets[rows].reshape(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum, steps = loss_sum + loss.item(), steps + 1
-    return probe.eval(), loss_sum / max(steps, 1) if opts.epochs else float("nan")
+    return probe.eval(), loss_sum / steps
 
 
 @torch.no_grad()
