@@ -5,9 +5,10 @@ seeded by (seed, epoch, index), so a sample is the same whichever process, worke
 position handles it: resuming mid-run and splitting a batch over ranks both reproduce a
 single uninterrupted run exactly.
 
-The image is returned as a uint8 crop (JPEGs decoded at a reduced scale where the crop allows it,
-`JointRandomResizedCrop.crop_file`); the training step normalises the batch on its device with
-`data.transforms.normalise_images`, to the values torchvision's ToTensor + Normalize give.
+The image is returned as a uint8 crop (`JointRandomResizedCrop.crop_file`: JPEGs on a fast path, decoded at a
+reduced scale where the crop allows it, resampled by torch's uint8 kernel otherwise); the training step normalises
+the batch on its device with `data.transforms.normalise_images`, to the values torchvision's ToTensor + Normalize
+give.
 The map is returned uncropped, at the store's resolution; `CropMapsCollate` crops the whole
 batch onto the patch grid at once with `data.transforms.crop_maps`, using the box and flip
 returned here, inside the loader's workers (off the training step's critical path).
