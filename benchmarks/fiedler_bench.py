@@ -6,14 +6,12 @@ batch: the backbone forward that makes the graph nodes, the exact solve (float64
 LAPACK's single-eigenvector driver per graph on a CPU), the iterative one (float32 subspace iteration, exact
 fallback included) and one batched float64 torch eigh of all eigenvectors (`fiedler_batched`). Prints ms per
 batch and the ratios TokenCut / forward = (forward + graph + solve) / forward for both solvers, iterative / exact
-and batched / exact. On a CPU also the exact solve on `--workers` joblib threads (one BLAS thread per graph) against
-the serial loop: their speed-up, with the vectors checked bit-identical.
+and batched / exact.
 Targets (issue 15): TokenCut <= 1.15x forward at 196 tokens, <= 1.5x at 784.
 
-    python benchmarks/fiedler_bench.py [--batch 32] [--iters 3] [--device auto] [--workers N] [--vits-only]
+    python benchmarks/fiedler_bench.py [--batch 32] [--iters 3] [--device auto] [--vits-only]
     python benchmarks/fiedler_bench.py --smoke        # batch 4, one iteration, ViT-S/16 only: checks it runs
 """
-import os
 import statistics
 import time
 import warnings
@@ -26,7 +24,7 @@ from agmae.data.demo import ensure_demo
 from agmae.data.folder import load_rgb, scan
 from agmae.data.transforms import discovery_transform
 from agmae.discovery.backbones import RandomInitWarning
-from agmae.discovery.tokencut import fiedler, fiedler_batched, fiedler_exact, graph_weights
+from agmae.discovery.tokencut import fiedler, fiedler_batched, graph_weights
 
 # Solve times depend on the graph: a random-weight ViT on noise gives near-complete graphs, whose repeated
 # eigenvalues a full eigendecomposition deflates cheaply. The real-weight backbone is also timed on demo images.
@@ -63,17 +61,15 @@ def median_seconds(fn, device, iters):
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(min=2), default=max(2, len(os.sched_getaffinity(0))),
-              show_default="this process's CPUs, at least 2", help="threads of the threaded exact solve (CPU)")
 @click.option("--vits-only", is_flag=True, help="the random-weight ViT cases only (no EfficientNet weights needed)")
 @click.option("--smoke", is_flag=True, help="batch 4, one iteration, the ViT-S/16 case only")
-def main(batch, iters, device, workers, vits_only, smoke):
+def main(batch, iters, device, vits_only, smoke):
     warnings.simplefilter("ignore", RandomInitWarning)
     cases = dict(list(CASES.items())[:1 if smoke else 2 if vits_only else len(CASES)])
     if smoke:
         batch, iters = 4, 1
     print(f"{'case':32s} {'forward':>9s} {'exact':>9s} {'iter.':>9s} {'batched':>9s} {'TC/fwd exact':>13s} "
-          f"{'TC/fwd iter.':>13s} {'iter./exact':>11s} {'batched/exact':>12s} {f'serial/{workers} threads':>18s}")
+          f"{'TC/fwd iter.':>13s} {'iter./exact':>11s} {'batched/exact':>12s}")
     for name, (backbone, size, options, real_images) in cases.items():
         d = discovery.build("tokencut", backbone=backbone, device=device, **options)
         dev = d.backbone.device
@@ -86,18 +82,11 @@ def main(batch, iters, device, workers, vits_only, smoke):
             solve = {solver: median_seconds(lambda s=solver: fiedler(graph_weights(tokens, tau, dtype=dtypes[s]), s),
                                             dev, iters) for solver in dtypes}
             solve["batched eigh"] = median_seconds(lambda: fiedler_batched(graph_weights(tokens, tau)), dev, iters)
-            threaded = "-"
-            if dev.type == "cpu":
-                weights = graph_weights(tokens, tau)
-                if not torch.equal(fiedler_exact(weights, workers), fiedler_exact(weights)):
-                    raise AssertionError(f"{name}: the threaded exact solve differs from the serial one")
-                serial = median_seconds(lambda: fiedler_exact(weights), dev, iters)
-                threaded = f"{serial / median_seconds(lambda: fiedler_exact(weights, workers), dev, iters):.2f}x"
         ms = {key: 1000 * value for key, value in (("forward", forward), *solve.items())}
         print(f"{name:32s} {ms['forward']:8.1f}ms {ms['exact']:8.1f}ms {ms['iterative']:8.1f}ms "
               f"{ms['batched eigh']:8.1f}ms {(forward + solve['exact']) / forward:12.2f}x "
               f"{(forward + solve['iterative']) / forward:12.2f}x {solve['iterative'] / solve['exact']:10.2f}x "
-              f"{solve['batched eigh'] / solve['exact']:11.2f}x {threaded:>18s}")
+              f"{solve['batched eigh'] / solve['exact']:11.2f}x")
 
 
 if __name__ == "__main__":

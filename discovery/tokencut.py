@@ -3,18 +3,14 @@
 The generalised problem (D - W) v = λ D v is solved through the symmetric normalised Laplacian
 L_sym = I - D^-1/2 W D^-1/2 (eigenvector u, v = D^-1/2 u). Two solvers (docs/METHOD.md#tokencut):
 `exact`, float64, one batched `torch.linalg.eigh` of the N x N Laplacians on a GPU and LAPACK's single-eigenvector
-driver per graph on a CPU (graphs solved on `workers` threads); `iterative`, float32 block subspace iteration made
-of batched matmuls, whose unconverged graphs fall back to `exact`; `auto` (the default), `iterative` on a GPU,
-where batched matmuls are cheap and a batched eigh is not, and `exact` on a CPU, where LAPACK's driver wins.
+driver per graph on a CPU; `iterative`, float32 block subspace iteration made of batched matmuls, whose
+unconverged graphs fall back to `exact`; `auto` (the default), `iterative` on a GPU, where batched matmuls are cheap
+and a batched eigh is not, and `exact` on a CPU, where LAPACK's driver wins.
 """
-from functools import cache
-
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from joblib import Parallel, delayed
-from threadpoolctl import ThreadpoolController
 
 from agmae.discovery.backbones import load_backbone
 from agmae.discovery.base import Discoverer, to_grid
@@ -73,34 +69,17 @@ def resolve_solver(solver: str, device) -> str:
     return "iterative" if torch.device(device).type == "cuda" else "exact"
 
 
-@cache
-def _blas() -> ThreadpoolController:
-    return ThreadpoolController()
-
-
-def _second_eigenvector(laplacian: np.ndarray) -> np.ndarray:
-    return scipy.linalg.eigh(laplacian, subset_by_index=[1, 1], driver="evr")[1][:, 0]
-
-
-def fiedler_exact(weights, workers: int = 1):
+def fiedler_exact(weights):
     """fiedler_batched's vectors: on a GPU from fiedler_batched itself; on a CPU from LAPACK's MRRR driver
     (dsyevr), graph by graph, which computes that one eigenvector instead of all N. On the demo MAE's graphs the
     solve is 2-3.5x faster on one thread, and whole discovery 1.3-1.5x at 256 nodes, 1.0-1.3x at 144; on two
     threads scipy's own BLAS threads make small solves erratic (benchmarks/fiedler_bench.py, 196 nodes: 0.4-1.3x
-    the batched eigh's speed, 2.4-2.9x at 784).
-
-    Each solve runs on one BLAS thread, so the vectors do not depend on the thread count; workers > 1 solves the
-    graphs on that many threads (LAPACK releases the GIL), with the serial loop's vectors bit for bit."""
+    the batched eigh's speed, 2.4-2.9x at 784). The graphs are solved one after the other: scipy's LAPACK wrappers
+    hold the GIL, so threads would not run them side by side."""
     if weights.device.type != "cpu":
         return fiedler_batched(weights)
     inv_sqrt_degree, laplacian = normalised_laplacian(weights)
-    graphs = laplacian.numpy()
-    with _blas().limit(limits=1, user_api="blas"):
-        if workers > 1 and len(graphs) > 1:
-            second = Parallel(n_jobs=min(workers, len(graphs)), prefer="threads")(
-                delayed(_second_eigenvector)(graph) for graph in graphs)
-        else:
-            second = [_second_eigenvector(graph) for graph in graphs]
+    second = [scipy.linalg.eigh(graph, subset_by_index=[1, 1], driver="evr")[1][:, 0] for graph in laplacian.numpy()]
     return inv_sqrt_degree * torch.from_numpy(np.array(second).reshape(laplacian.shape[:2]))
 
 
@@ -136,23 +115,23 @@ def fiedler_iterative(weights, block=BLOCK, max_steps=MAX_STEPS, tol=RESIDUAL_TO
     return (inv_sqrt_degree * u)[..., 0], residual < tol
 
 
-def fiedler(weights, solver="auto", workers: int = 1):
+def fiedler(weights, solver="auto"):
     """The Fiedler vectors [B, N] (float64) of graphs `weights` by `solver` (see SOLVERS; `auto` by the weights'
-    device), exact CPU solves on `workers` threads.
+    device).
 
     exact works in float64 on every device: measured on an H200 (32 graphs of 196 tokens), float32 eigh
     lost parity with scipy (|cos| 0.993, one partition flipped) and was slower too (121 ms against 54 ms).
     iterative works in float32 and solves exactly, in float64, only the graphs it did not converge on."""
     if resolve_solver(solver, weights.device) == "exact":
-        return fiedler_exact(weights.double(), workers)
+        return fiedler_exact(weights.double())
     eigvec, converged = fiedler_iterative(weights.float())
     eigvec = eigvec.double()
     if not bool(converged.all()):
-        eigvec[~converged] = fiedler_exact(weights[~converged].double(), workers)
+        eigvec[~converged] = fiedler_exact(weights[~converged].double())
     return eigvec
 
 
-def ncut(feats, tau=0.2, eps=1e-5, binary=True, fg_rule="seed", grid=None, solver="auto", workers=1):
+def ncut(feats, tau=0.2, eps=1e-5, binary=True, fg_rule="seed", grid=None, solver="auto"):
     """Fiedler vector of the token graph and its foreground side.
 
     feats: [B, N, C] raw tokens (L2-normalised here) -> eigvec: [B, N] sign-aligned so that the
@@ -160,13 +139,13 @@ def ncut(feats, tau=0.2, eps=1e-5, binary=True, fg_rule="seed", grid=None, solve
     fg_rule "seed": the side holding argmax |v| is the foreground (TokenCut); "border": the side
     touching fewer cells of the grid's outer ring (`grid` (h, w), default square); ties keep "seed".
     solver: "exact" (float64 eigh), "iterative" (float32 subspace iteration, exact where it does not
-    converge) or "auto" (iterative on CUDA, exact elsewhere); workers: threads of the exact CPU solves.
+    converge) or "auto" (iterative on CUDA, exact elsewhere).
     """
     if fg_rule not in FG_RULES:
         raise UserError(f"tokencut fg_rule={fg_rule!r}: use one of {FG_RULES}")
     solver = resolve_solver(solver, feats.device)
     dtype = torch.float64 if solver == "exact" else torch.float32
-    eigvec = fiedler(graph_weights(feats, tau, eps, binary, dtype), solver, workers)
+    eigvec = fiedler(graph_weights(feats, tau, eps, binary, dtype), solver)
     foreground = eigvec > eigvec.mean(-1, keepdim=True)
     seed = eigvec.abs().argmax(-1, keepdim=True)
     flip = ~foreground.gather(-1, seed)
@@ -200,8 +179,6 @@ def seed_component(foreground, seed):
 
 class TokenCut(Discoverer):
     method = "tokencut"
-    # threads for the exact solver's per-graph CPU solves: how maps are computed, not what (not an option)
-    workers = 1
 
     def __init__(self, backbone, tau=None, eps=1e-5, graph="binary", output="soft", fg_rule=None,
                  layer=None, center=None, solver="auto"):
@@ -256,7 +233,7 @@ class TokenCut(Discoverer):
         opts = self.options
         eigvec, foreground = ncut(self.tokens(imgs), tau=opts["tau"], eps=opts["eps"],
                                   binary=opts["graph"] == "binary", fg_rule=opts["fg_rule"], grid=grid,
-                                  solver=opts["solver"], workers=self.workers)
+                                  solver=opts["solver"])
         if opts["output"] == "soft":
             return to_grid(eigvec, grid)
         seed = torch.where(foreground, eigvec.abs(), -1.0).argmax(-1)

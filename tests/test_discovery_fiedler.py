@@ -10,7 +10,7 @@ from PIL import Image
 
 from agmae import discovery
 from agmae.data.transforms import eval_transform
-from agmae.discovery.tokencut import fiedler, fiedler_exact, fiedler_iterative, graph_weights
+from agmae.discovery.tokencut import fiedler, fiedler_iterative, graph_weights
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore::agmae.discovery.backbones.RandomInitWarning")]
@@ -96,14 +96,4 @@ def test_unconverged_graphs_fall_back_to_the_exact_solve():
     exact = fiedler(weights, "exact")
     iterative = fiedler(weights, "iterative")
     cos = (F.normalize(exact, dim=1) * F.normalize(iterative, dim=1)).sum(1).abs()
-    assert cos.min() > 0.9999
-
-
-@pytest.mark.parametrize("side", [8, 14])
-def test_exact_solves_on_threads_equal_the_serial_loop_bit_for_bit(side):
-    weights = graph_weights(blob_tokens(5, side))
-    serial = fiedler_exact(weights, workers=1)
-    assert torch.equal(fiedler_exact(weights, workers=3), serial)
-    reference = torch.from_numpy(scipy_fiedler(weights))
-    cos = (F.normalize(serial, dim=1) * F.normalize(reference, dim=1)).sum(1).abs()
     assert cos.min() > 0.9999
