@@ -7,14 +7,18 @@ driver per graph on a CPU; `iterative`, float32 block subspace iteration made of
 unconverged graphs fall back to `exact`; `auto` (the default), `iterative` on a GPU, where batched matmuls are cheap
 and a batched eigh is not, and `exact` on a CPU, where LAPACK's driver wins.
 """
+from dataclasses import dataclass
+
+import click
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
 
 from agmae.discovery.backbones import load_backbone
-from agmae.discovery.base import Discoverer, to_grid
+from agmae.discovery.base import Discoverer, layer_option, to_grid
 from agmae.errors import UserError
+from agmae.options import option, validate
 
 FG_RULES = ("seed", "border")
 SOLVERS = ("auto", "exact", "iterative")
@@ -29,6 +33,30 @@ VIT_DEFAULTS = {"tau": 0.2, "center": False, "fg_rule": "seed", "image_size": 22
 # the 192-channel stage before the head (blocks.5) beats the head features (bn2) and blocks.4.
 CNN_DEFAULTS = {"tau": 0.0, "center": True, "fg_rule": "border", "image_size": 448}
 CNN_DEFAULT_LAYERS = {"EfficientNet": "blocks.5"}
+
+
+@dataclass
+class TokenCutOptions:
+    tau: float | None = option(None, "Similarity threshold τ_tc of the graph. [default: 0.2 for a ViT, 0 for a CNN]",
+                               type=click.FloatRange(-1, 1, max_open=True))
+    eps: float = option(1e-5, "Weight of the edges below τ_tc.", type=click.FloatRange(0, min_open=True))
+    graph: str = option("binary", "Edges above τ_tc weigh 1 (binary) or their similarity (weighted).",
+                        type=click.Choice(GRAPHS))
+    output: str = option("soft", "The aligned Fiedler vector (soft) or the seed's 4-connected foreground component "
+                                 "as 0/1 (mask).", type=click.Choice(OUTPUTS))
+    fg_rule: str | None = option(None, "The foreground side holds argmax|v| (seed) or touches fewer border cells "
+                                       "(border). [default: seed for ViTs, border for CNNs, measured better there]",
+                                 type=click.Choice(FG_RULES))
+    center: bool | None = option(None, "Subtract each image's mean feature first. [default: on for CNNs, off for "
+                                       "ViT keys]", flags=("--center/--no-center",))
+    layer: str | None = layer_option()
+    solver: str = option("auto", "Fiedler vectors by one batched float64 eigh (exact) or by float32 subspace "
+                                 "iteration made of batched matmuls, exact where it does not converge (iterative; "
+                                 "far cheaper at 784 tokens, docs/PERFORMANCE.md); auto: iterative on a GPU, exact "
+                                 "on a CPU (the store records which ran).", type=click.Choice(SOLVERS))
+
+    def __post_init__(self):
+        validate(self)
 
 
 def border_cells(grid, device):
@@ -180,17 +208,10 @@ def seed_component(foreground, seed):
 class TokenCut(Discoverer):
     method = "tokencut"
 
-    def __init__(self, backbone, tau=None, eps=1e-5, graph="binary", output="soft", fg_rule=None,
-                 layer=None, center=None, solver="auto"):
+    def __init__(self, backbone, options: TokenCutOptions):
         defaults = VIT_DEFAULTS if backbone.kind == "vit" else CNN_DEFAULTS
-        if graph not in GRAPHS:
-            raise UserError(f"tokencut graph={graph!r}: use one of {GRAPHS}")
-        if output not in OUTPUTS:
-            raise UserError(f"tokencut output={output!r}: use one of {OUTPUTS}")
-        solver = resolve_solver(solver, backbone.device)
-        fg_rule = defaults["fg_rule"] if fg_rule is None else fg_rule
-        if fg_rule not in FG_RULES:
-            raise UserError(f"tokencut fg_rule={fg_rule!r}: use one of {FG_RULES}")
+        tau, center, layer = options.tau, options.center, options.layer
+        fg_rule = defaults["fg_rule"] if options.fg_rule is None else options.fg_rule
         if backbone.kind == "vit" and layer is not None:
             backbone.module(layer)
         if backbone.kind == "cnn":
@@ -200,12 +221,12 @@ class TokenCut(Discoverer):
         super().__init__(backbone, {
             "features": "keys" if backbone.kind == "vit" and layer is None else layer,
             "tau": defaults["tau"] if tau is None else float(tau),
-            "eps": float(eps),
-            "graph": graph,
-            "output": output,
+            "eps": float(options.eps),
+            "graph": options.graph,
+            "output": options.output,
             "fg_rule": fg_rule,
             "center": defaults["center"] if center is None else bool(center),
-            "solver": solver,
+            "solver": resolve_solver(options.solver, backbone.device),
         })
 
     def grid(self, size):
@@ -240,5 +261,6 @@ class TokenCut(Discoverer):
         return seed_component(to_grid(foreground, grid), seed).float()
 
 
-def build(backbone=None, weights=None, device="auto", random_init=False, seed=0, precision="auto", **opts):
-    return TokenCut(load_backbone(backbone, weights, random_init, seed, device, precision=precision), **opts)
+def build(options: TokenCutOptions, backbone=None, weights=None, device="auto", random_init=False, seed=0,
+          precision="auto"):
+    return TokenCut(load_backbone(backbone, weights, random_init, seed, device, precision=precision), options)
