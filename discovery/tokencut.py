@@ -28,7 +28,7 @@ BLOCK, CHECK_EVERY, MAX_STEPS, RESIDUAL_TOL = 8, 10, 200, 1e-5
 GRAPHS = ("binary", "weighted")
 OUTPUTS = ("soft", "mask")
 VIT_DEFAULTS = {"tau": 0.2, "center": False, "fg_rule": "seed", "image_size": 224}
-# Measured with the offline EfficientNet-Lite0 on the demo `original` split (benchmarks/discovery_quality.py):
+# Measured with the offline EfficientNet-Lite0 on the demo `original` split (experiments/discovery_quality.py):
 # mean-centred features at τ_tc = 0, the border rule and 448 px beat every other combination tried, and
 # the 192-channel stage before the head (blocks.5) beats the head features (bn2) and blocks.4.
 CNN_DEFAULTS = {"tau": 0.0, "center": True, "fg_rule": "border", "image_size": 448}
