@@ -14,6 +14,7 @@ figure), `render` into a Figure of their own (Agg, no display needed), `figure` 
 model is training's, and evaluation may not import training); the attention comes from the encoder as evaluation
 loads it (agmae.eval.features.build_encoder).
 """
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from agmae.store import STATUS_DONE, open_maps
 NORM_PIX_EPS = 1e-6
 MASKED_GREY = 0.5
 CELL_INCHES = 1.1
+TITLE_WIDTH = 14  # characters per line of a column title, so that long run names wrap instead of overlapping
 PICTURE, MAP, ATTENTION = "picture", "map", "attention"
 
 COLUMNS_HELP = """One row per image of the split, drawn from --seed. Columns, left to right:
@@ -240,7 +242,7 @@ def panels(checkpoints, root, load_mae, split: str = "train", n: int = 6, seed: 
 
 def figure_size(result: Panels) -> tuple:
     """(width, height) in inches of the panels drawn at CELL_INCHES a cell, with room for the titles."""
-    return len(result.columns) * CELL_INCHES, len(result.keys) * CELL_INCHES + 0.5
+    return len(result.columns) * CELL_INCHES, len(result.keys) * CELL_INCHES + 0.8
 
 
 def draw(result: Panels, fig) -> None:
@@ -249,7 +251,7 @@ def draw(result: Panels, fig) -> None:
     axes = fig.subplots(len(result.keys), len(result.columns), squeeze=False,
                         gridspec_kw=dict(wspace=0.05, hspace=0.05))
     for c, column in enumerate(result.columns):
-        axes[0, c].set_title(column.title, fontsize=7)
+        axes[0, c].set_title("\n".join(textwrap.wrap(column.title, TITLE_WIDTH)), fontsize=7)
         for r, cell in enumerate(column.cells):
             ax = axes[r, c]
             ax.set_axis_off()

@@ -33,9 +33,9 @@ def demo_report(out: Path, title: str, columns: dict, table: dict, gains: dict, 
     fig = plt.figure(figsize=(14, 4 + 1.6 * len(stores) + picture_height))
     grid = fig.add_gridspec(len(heights), 8, height_ratios=heights, hspace=0.35)
 
-    top = grid[0, :].subgridspec(1, 12)  # columns 3 and 9 left free for the table's and the chart's labels
-    gain_panel(fig.add_subplot(top[0, :3]), gains, errors, headline)
-    table_ax = fig.add_subplot(top[0, 4:9])
+    top = grid[0, :].subgridspec(1, 14)  # columns 0, 4-5 and 11 left free for the panels' and the table's labels
+    gain_panel(fig.add_subplot(top[0, 1:4]), gains, errors, headline)
+    table_ax = fig.add_subplot(top[0, 6:11])
     table_ax.set_axis_off()
     cells = [[_number(getattr(row, field)) for field in columns] for row in table.values()]
     drawn = table_ax.table(cellText=cells, rowLabels=list(table), colLabels=[header.replace(" ", "\n", 1)
@@ -46,7 +46,7 @@ def demo_report(out: Path, title: str, columns: dict, table: dict, gains: dict, 
     drawn.scale(1.0, 1.6)
     table_ax.set_title(title, fontsize=9)
 
-    quality_ax = fig.add_subplot(top[0, 10:])
+    quality_ax = fig.add_subplot(top[0, 12:])
     quality_ax.barh(list(quality), list(quality.values()))
     quality_ax.set_title("map mean IoU vs masks (%)", fontsize=9)
     quality_ax.tick_params(labelsize=8)
