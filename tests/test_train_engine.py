@@ -151,23 +151,30 @@ distributed.shutdown()
 """
 
 
+def _two_gloo_ranks(script: str, cfg, tmp_path) -> list:
+    """Start `script` as ranks 0 and 1 of a gloo group on a free local port, one thread each; rank r gets the
+    config's fields and writes tmp_path/rank<r>.pt."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        argv = [sys.executable, "-c", script, repr(cfg.__dict__), str(tmp_path / f"rank{rank}.pt")]
+        ranks.append(subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return ranks
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(compiled, image_root, maps_file, tmp_path):
     # a large lr so that two Adam steps move the weights far beyond float noise
     single = _config_for(image_root, tmp_path / "single", maps_file, epochs=1, warmup_epochs=0, batch_size=8, blr=0.5,
                          compile=compiled)
     train(single)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     shared = replace(single, out=str(tmp_path / "ddp"), batch_size=4)
-    ranks = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        ranks.append(subprocess.Popen(
-            [sys.executable, "-c", _RANK_SCRIPT, repr(shared.__dict__), str(tmp_path / f"rank{rank}.pt")],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    ranks = _two_gloo_ranks(_RANK_SCRIPT, shared, tmp_path)
     for process in ranks:
         output, _ = process.communicate(timeout=240)
         assert process.returncode == 0, output
@@ -585,6 +592,16 @@ engine.train(cfg)
 """
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread, as in the signalled subprocess: a matmul's rounding depends on the thread count, so a run
+    compared bit for bit with the subprocess's must use the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _signal_when_ready(command, ready, number, timeout=180, env=None):
     """Run `command`, send it signal `number` once it creates file `ready`; its (exit code, output)."""
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -602,7 +619,7 @@ def _signal_when_ready(command, ready, number, timeout=180, env=None):
     return process.returncode, output
 
 
-def test_sigterm_saves_mid_epoch_and_the_resumed_run_ends_bit_identical(image_root, maps_file, tmp_path):
+def test_sigterm_saves_mid_epoch_and_the_resumed_run_ends_bit_identical(image_root, maps_file, tmp_path, one_thread):
     cfg = _config_for(image_root, tmp_path / "whole", maps_file, accum_iter=2, batch_size=2, workers=2,
                       save_every=5)
     train(cfg)
@@ -682,18 +699,9 @@ distributed.shutdown()
 
 
 def test_a_rank_whose_micro_batches_are_all_unreadable_joins_every_collective(image_root, maps_file, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cfg = _config_for(image_root, tmp_path / "ddp", maps_file, epochs=1, warmup_epochs=0, accum_iter=2,
                       batch_size=2, verify_images=False)
-    ranks = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        ranks.append(subprocess.Popen(
-            [sys.executable, "-c", _LOST_BATCHES_SCRIPT, repr(cfg.__dict__), str(tmp_path / f"rank{rank}.pt")],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    ranks = _two_gloo_ranks(_LOST_BATCHES_SCRIPT, cfg, tmp_path)
     try:
         outputs = [process.communicate(timeout=120)[0] for process in ranks]  # a hang fails here
     finally:

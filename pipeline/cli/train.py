@@ -42,13 +42,14 @@ def config_from_options(no_guidance: bool, **options) -> TrainConfig:
         raise click.UsageError("--maps and --no-guidance exclude each other")
     if not no_guidance and options["maps"] is None:
         options["maps"] = str(default_maps(default_run_dir()))
-    if options["data"] is None:
-        options["data"] = demo_data_at_the_door(None)
-        recipe = {name: value for name, value in RECIPES["demo"].items() if options[name] is None}
-        options.update(recipe)
-        click.echo("the demo recipe: " + ", ".join(f"--{name.replace('_', '-')} {value}"
-                                                   for name, value in recipe.items()), err=True)
-    return TrainConfig(**options)
+    config = TrainConfig(**options)  # every option checked before the demo dataset is built
+    if options["data"] is not None:
+        return config
+    recipe = {name: value for name, value in RECIPES["demo"].items() if options[name] is None}
+    config = TrainConfig(**{**options, **recipe, "data": demo_data_at_the_door(None)})
+    click.echo("the demo recipe: " + ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in recipe.items()),
+               err=True)
+    return config
 
 
 @main.command()
