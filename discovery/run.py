@@ -19,6 +19,7 @@ from tqdm import tqdm
 from agmae import preemption, store
 from agmae.data.folder import load_rgb, scan, split_folder
 from agmae.data.transforms import discovery_transform
+from agmae.discovery.methods import METHODS, options_of
 from agmae.errors import UserError
 from agmae.hardware import INFERENCE_PRECISIONS
 from agmae.options import (POSITIVE_INT, data_option, device_option, max_failures_option, option, precision_option,
@@ -26,12 +27,6 @@ from agmae.options import (POSITIVE_INT, data_option, device_option, max_failure
 from agmae.paths import default_run_dir, maps_path
 
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)
-
-
-def _methods():
-    from agmae.discovery import METHODS  # the registry imports this module
-
-    return METHODS
 
 
 @dataclass
@@ -76,8 +71,6 @@ class DiscoveryConfig:
             if self.method == "oracle" and options.get("masks") is None and self.data is not None:
                 split_folder(self.data, self.train_split)  # a missing split is named as such, not as its masks
                 options["masks"] = str(Path(self.data) / "masks" / self.train_split)
-            from agmae.discovery import options_of
-
             self.method_options = options_of(self.method, **options)
 
     def shards(self) -> tuple[int, int] | None:
@@ -134,7 +127,7 @@ class ImageLoading(torch.utils.data.Dataset):
 
 def load_method(config: DiscoveryConfig):
     """The configured discovery callable (its backbone loaded): missing weights fail here, before any image."""
-    return _methods()[config.method].build(config.method_options, backbone=config.backbone, weights=config.weights,
+    return METHODS[config.method].build(config.method_options, backbone=config.backbone, weights=config.weights,
                                            device=config.device, random_init=config.random_init, seed=config.seed,
                                            precision=config.precision)
 
