@@ -36,7 +36,7 @@ class FeatureOptions:
     pool: str = option("cls", "Feature: final-norm CLS token, or mean of the final-norm patch tokens.",
                        type=click.Choice(POOLS))
     batch_size: int = option(128, "Images per extraction batch (per rank).", type=POSITIVE_INT)
-    workers: int = workers_option(4, "DataLoader worker processes (up to 4, one CPU left to this process).")
+    workers: int = workers_option(4, "DataLoader worker processes.")
     device: str = device_option()
     precision: str = precision_option("Encoder autocast while extracting; part of the feature cache key.",
                                       choices=INFERENCE_PRECISIONS)

@@ -4,13 +4,21 @@ import os
 from agmae.errors import UserError
 
 
-def default_workers(limit: int = 8) -> int:
-    """DataLoader workers per process: the CPUs this process may use less one for the process itself,
-    at least 1, at most `limit`. Measured on a 2-core machine: 2 workers beside the 2 compute threads
-    trained the demo MAE 15 % slower than 1 worker (252 vs 297 images/s), as the workers pre-empt
-    threads that the others then wait for."""
+def default_workers(device: str = "cpu", limit: int = 8) -> int:
+    """DataLoader workers per process, from the CPUs this process may use, shared among the node's ranks
+    when torchrun starts several (LOCAL_WORLD_SIZE), less one for the process itself, at least 1.
+
+    On a CPU the compute threads need those cores, so at most `limit` (on 2 cores, a second worker slowed the
+    demo's training: docs/PERFORMANCE.md#training). On CUDA ("cuda", "cuda:N", or "auto" where CUDA is present)
+    the process mostly waits on the GPU and decoding is the limit, so the whole share."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(limit, cpus - 1))
+    share = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    on_cuda = device.startswith("cuda")
+    if device == "auto":
+        import torch
+
+        on_cuda = torch.cuda.is_available()
+    return max(1, share - 1 if on_cuda else min(limit, share - 1))
 
 
 def cpu_has_native_bf16() -> bool:

@@ -19,13 +19,15 @@ POSITIVE = click.FloatRange(min=0, min_open=True)
 SHARE = click.FloatRange(0, 1)
 
 
-def option(default, help: str, type=None, flags: tuple = (), show_default: bool = True, **click_kwargs):
+def option(default, help: str, type=None, flags: tuple = (), show_default: bool = True, fill=None,
+           **click_kwargs):
     """A dataclass field that is also a command-line option. type: a click type (its conversion is the
     option's validation, for the CLI and for `validate` alike); flags: the option's declarations when they
-    are not `--field-name` (e.g. ("--fused-attn/--no-fused-attn",) or ("--out", "--run-dir"))."""
+    are not `--field-name` (e.g. ("--fused-attn/--no-fused-attn",) or ("--out", "--run-dir")); fill: for a
+    default that depends on other options, `fill(config)` gives the value `validate` puts in place of None."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, type=type, flags=tuple(flags), show_default=show_default and default is not None,
-        click=click_kwargs))
+        fill=fill, click=click_kwargs))
 
 
 def click_option(name: str, definition: dataclasses.Field, help_prefix: str = "", unset_default: bool = False):
@@ -66,6 +68,9 @@ def validate(config) -> None:
     for f in dataclasses.fields(config):
         kind = f.metadata.get("type")
         value = getattr(config, f.name)
+        if value is None and f.metadata.get("fill"):
+            value = f.metadata["fill"](config)
+            setattr(config, f.name, value)
         if kind is None or value is None:
             continue
         many = f.metadata["click"].get("multiple", False)
@@ -127,7 +132,10 @@ def device_option():
 
 
 def workers_option(limit: int, help: str):
-    return option(default_workers(limit), help, type=click.IntRange(min=0))
+    """--workers, whose default follows --device (agmae.hardware.default_workers)."""
+    return option(None, f"{help} [default: the CPUs this process may use, shared among torchrun's local ranks, "
+                        f"less one; on a CPU at most {limit}, as the compute threads need the cores]",
+                  type=click.IntRange(min=0), fill=lambda config: default_workers(config.device, limit))
 
 
 def precision_option(help: str, choices=PRECISIONS, default="auto"):

@@ -53,3 +53,24 @@ def test_a_file_that_will_not_load_is_called_what_it_is(content, said, tmp_path)
         path.write_bytes(content)
     with pytest.raises(ValueError, match=f"^{path}: {said}"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("device, local_ranks, expected", [
+    ("cpu", None, 8),    # 16 CPUs, one process: the compute threads keep their cores, workers capped
+    ("cuda", None, 15),  # one GPU process: every CPU but its own decodes
+    ("cuda:0", "8", 1),  # torchrun's 8 ranks share the 16 CPUs: 2 each, one of them the rank's own
+    ("cpu", "16", 1),    # never fewer than one worker
+])
+def test_the_loader_workers_default_follows_the_device_and_the_ranks_sharing_the_node(
+        device, local_ranks, expected, monkeypatch):
+    from agmae.train.config import TrainConfig
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    if local_ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device.startswith("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert TrainConfig(device=device).workers == expected
+    assert TrainConfig(device=device, workers=3).workers == 3  # a given count is kept
