@@ -147,8 +147,8 @@ def fiedler(weights, solver="auto"):
     """The Fiedler vectors [B, N] (float64) of graphs `weights` by `solver` (see SOLVERS; `auto` by the weights'
     device).
 
-    exact works in float64 on every device: measured on an H200 (32 graphs of 196 tokens), float32 eigh
-    lost parity with scipy (|cos| 0.993, one partition flipped) and was slower too (121 ms against 54 ms).
+    exact works in float64 on every device: on a GPU a float32 eigh lost parity with scipy (a partition
+    flipped) and was slower too (docs/PERFORMANCE.md#discovery).
     iterative works in float32 and solves exactly, in float64, only the graphs it did not converge on."""
     if resolve_solver(solver, weights.device) == "exact":
         return fiedler_exact(weights.double())

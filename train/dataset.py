@@ -91,7 +91,7 @@ class GuidedMAEDataset(Dataset):
 
     def _open_store(self) -> None:
         # Plain ndarray views of the memmaps: indexing an np.memmap builds a memmap object per item,
-        # which cost the demo's loader 8 % per batch of 256 64-px images.
+        # a cost the demo's loader felt on its small images.
         store = open_maps(self.maps_path)
         self._maps, self._status = np.asarray(store.maps), np.asarray(store.status)
 
