@@ -19,7 +19,8 @@ import click
 from agmae.eval.features import POOLS, FeatureSource
 from agmae.eval.knn import HEADLINE_K, knn_evaluate
 from agmae.checkpoint import atomic_write_text
-from agmae.cli.errors import require_splits
+
+from experiments.plan import require_splits
 
 KEPT = re.compile(r"checkpoint-(\d+)\.pth")
 

@@ -15,7 +15,8 @@ import click
 
 from agmae.eval.features import POOLS, FeatureSource
 from agmae.eval.knn import HEADLINE_K, knn_correct, paired_difference
-from agmae.cli.errors import require_splits
+
+from experiments.plan import require_splits
 
 
 def correct_per_image(checkpoint: Path, root: Path, test_splits: tuple, pool: str, workers: int,

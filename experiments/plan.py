@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from agmae.data.demo import demo_name
+from agmae.data.folder import split_folder
 from agmae.eval.finetune import RECIPES as FINETUNE_RECIPES
 from agmae.eval.knn import HEADLINE_K
 from agmae.hardware import resolve_precision
@@ -280,6 +281,16 @@ def run_name(config: Config, row: Row, seed: int, dataset: str, first_round: int
                            **({"init_from": init_from} if init_from else {})}, sort_keys=True)
     epochs = f"{RECIPES[config.recipe].first_round_epochs}+{config.epochs}" if init_from else config.epochs
     return f"{name}-e{epochs}-s{seed}-{sha256(identity.encode()).hexdigest()[:8]}"
+
+
+def require_splits(root, splits) -> None:
+    """Refuse, before any work, a dataset root that lacks one of `splits`, with split_folder's one-line error (which
+    names the splits ROOT has) as a click usage error."""
+    try:
+        for split in splits:
+            split_folder(root, split, option="--test-split")
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--data / --test-split") from None
 
 
 def dataset_root(config: Config, correlation: float = 0.0) -> Path:

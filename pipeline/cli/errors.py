@@ -6,7 +6,6 @@ from contextlib import contextmanager
 import click
 
 from agmae.data import demo
-from agmae.data.folder import split_folder
 from agmae.errors import UserError
 
 ADVICE = {
@@ -24,16 +23,6 @@ def environment_error(err: OSError) -> click.ClickException:
     where = f"{err.filename}: " if err.filename else ""
     advice = ADVICE.get(err.errno, "check the path and the disk, then run the same command again")
     return click.ClickException(f"{where}{err.strerror or err}; {advice} (nothing incomplete was left behind)")
-
-
-def require_splits(root, splits) -> None:
-    """Refuse, before any work, a dataset root that lacks one of `splits`, with split_folder's one-line error (which
-    names the splits ROOT has) as a click usage error."""
-    try:
-        for split in splits:
-            split_folder(root, split, option="--test-split")
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--data / --test-split") from None
 
 
 @contextmanager
