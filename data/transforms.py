@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from agmae.data.folder import DECODE_ERRORS, EXIF_ORIENTATION, UnreadableImageError, load_rgb
+from agmae.data.folder import DECODE_ERRORS, EXIF_ORIENTATION, UnreadableImageError, as_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,30 +92,28 @@ class JointRandomResizedCrop:
         the box resampled from that by PIL; otherwise decoded in full and the box resampled by `resize_uint8`.
         Those pixels differ from torchvision's by a fraction of a grey level on average
         (tests/test_transforms.py bounds it). Every other image (PNG, the demo's) is decoded in full
-        (`load_rgb`) and cropped as `__call__` does, to the same pixels as torchvision's.
+        (as `load_rgb` decodes it) and cropped as `__call__` does, to the same pixels as torchvision's.
         """
         try:
             with Image.open(path) as img:
                 width, height = img.size
-                if img.format != "JPEG" or img.mode not in ("RGB", "L") or \
-                        img.getexif().get(EXIF_ORIENTATION, 1) != 1:
-                    raise _FullDecode
-                top, left, crop_h, crop_w, flip = self.draw(width, height)
-                scale = self.draft_scale(crop_h, crop_w) if draft else 1
-                if scale == 1:
-                    img.load()
-                    out = resize_uint8(rgb(img.crop((left, top, left + crop_w, top + crop_h))), self.size)
-                else:
-                    reduced = width / img.draft("RGB", (width // scale, height // scale))[1][2]
-                    img.load()
-                    box = (left / reduced, top / reduced, (left + crop_w) / reduced, (top + crop_h) / reduced)
-                    out = uint8_tensor(rgb(img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)))
-                return (out.flip(-1) if flip else out), self._box(width, height, top, left, crop_h, crop_w), flip
-        except _FullDecode:
-            pass
+                if img.format == "JPEG" and img.mode in ("RGB", "L") and \
+                        img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+                    top, left, crop_h, crop_w, flip = self.draw(width, height)
+                    scale = self.draft_scale(crop_h, crop_w) if draft else 1
+                    if scale == 1:
+                        img.load()
+                        out = resize_uint8(rgb(img.crop((left, top, left + crop_w, top + crop_h))), self.size)
+                    else:
+                        reduced = width / img.draft("RGB", (width // scale, height // scale))[1][2]
+                        img.load()
+                        box = (left / reduced, top / reduced, (left + crop_w) / reduced, (top + crop_h) / reduced)
+                        out = uint8_tensor(rgb(img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)))
+                    return (out.flip(-1) if flip else out), self._box(width, height, top, left, crop_h, crop_w), flip
+                img.load()  # decoded in full, from the file already open (load_rgb's pixels)
+                img = as_rgb(img)
         except DECODE_ERRORS as err:
             raise UnreadableImageError(f"cannot read image {path}: {err}") from err
-        img = load_rgb(path)
         width, height = img.size
         top, left, crop_h, crop_w, flip = self.draw(width, height)
         return (uint8_tensor(self._crop(img, top, left, crop_h, crop_w, flip)),
@@ -123,10 +121,6 @@ class JointRandomResizedCrop:
 
     def __repr__(self):
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
-
-
-class _FullDecode(Exception):
-    """Raised inside crop_file's fast path for an image it does not take: decode it in full instead."""
 
 
 def rgb(img):
