@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.agmae-installed
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# Debian's package, or any folder with Fashion-MNIST's four IDX files named by AGMAE_FASHION_MNIST
+FASHION_MNIST := $(or $(AGMAE_FASHION_MNIST),/usr/share/datasets/fashion-mnist)
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install test demo bench clean-venv
