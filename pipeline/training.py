@@ -29,9 +29,10 @@ LOCK_NAME = ".agmae-writer.lock"
 EPOCH_SEED_STRIDE, RANK_SEED_STRIDE = 1_000_003, 7_919
 # The divergence bound: a step stops the run when its loss is not finite, or when the running mean of the loss
 # (an exponential moving average, weight LOSS_EMA_DECAY on the past) exceeds DIVERGENCE_FACTOR times the lowest
-# running mean seen since the first GUARD_WARMUP_STEPS steps. Relative to the lowest, not the current, running
-# mean, so a slow geometric blow-up that the running mean follows is caught too; a running mean, so one hard batch
-# is not.
+# running mean seen since the first GUARD_WARMUP_STEPS steps and the running mean it had then. Relative to the
+# lowest, not the current, running mean, so a slow geometric blow-up that the running mean follows is caught too; a
+# running mean, so one hard batch is not; over where it started too, so a loss that fell near zero (a fine-tune
+# without label smoothing on an easy dataset) may wobble by ten times its tiny lowest without stopping a healthy run.
 LOSS_EMA_DECAY, DIVERGENCE_FACTOR, GUARD_WARMUP_STEPS = 0.9, 10.0, 10
 
 
@@ -175,7 +176,7 @@ class LossGuard:
 
     def __init__(self, checkpoint: Path, fix: str):
         self.checkpoint, self.fix = checkpoint, fix
-        self.running, self.lowest, self.seen = None, None, 0
+        self.running, self.lowest, self.start, self.seen = None, None, None, 0
 
     def check(self, loss: float, where: str) -> None:
         """`loss`: the step's value, the same on every rank; `where`: e.g. 'epoch 2, step 13'."""
@@ -185,16 +186,19 @@ class LossGuard:
         self.seen += 1
         if self.seen < GUARD_WARMUP_STEPS:
             return
-        if self.lowest is not None and self.running > DIVERGENCE_FACTOR * self.lowest:
+        if self.lowest is not None and self.running > max(DIVERGENCE_FACTOR * self.lowest, self.start):
             self._stop(f"loss is diverging at {where}: its running mean {self.running:.4g} is over "
-                       f"{DIVERGENCE_FACTOR:g}x its lowest, {self.lowest:.4g} (this step's loss {loss:.4g})")
+                       f"{DIVERGENCE_FACTOR:g}x its lowest, {self.lowest:.4g}, and over its start, {self.start:.4g} "
+                       f"(this step's loss {loss:.4g})")
+        self.start = self.running if self.start is None else self.start
         self.lowest = self.running if self.lowest is None else min(self.lowest, self.running)
 
     def _stop(self, what: str) -> None:
         raise DivergedError(f"{what}; stopped without saving, {self.checkpoint} is the last good state; {self.fix}")
 
     def state_dict(self) -> dict:
-        return {"running": self.running, "lowest": self.lowest, "seen": self.seen}
+        return {"running": self.running, "lowest": self.lowest, "start": self.start, "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.running, self.lowest, self.seen = state["running"], state["lowest"], state["seen"]
+        self.start = state.get("start", self.lowest)  # a checkpoint from before `start` was kept: the lowest bounds

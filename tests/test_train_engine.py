@@ -676,7 +676,7 @@ def test_a_diverging_loss_stops_the_run_before_it_can_save_and_names_the_fix(ima
     with pytest.raises(NonFiniteLossError) as err:
         train(cfg)
     assert re.match(r"loss is diverging at epoch 5, step 1[89]: its running mean \S+ is over 10x its lowest, "
-                    r"\S+ \(this step's loss \S+\); stopped without saving, .*checkpoint-last.pth is the last good "
+                    r"\S+, and over its start, \S+ \(this step's loss \S+\); stopped without saving, .*checkpoint-last.pth is the last good "
                     r"state; lower --blr or set --clip-grad$", str(err.value)), str(err.value)
     saved = load_checkpoint(tmp_path / "checkpoint-last.pth")
     assert saved["epoch"] == 4 and max(m["loss"] for m in _metrics(tmp_path)) < 2 * _metrics(tmp_path)[0]["loss"]

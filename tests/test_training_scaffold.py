@@ -18,8 +18,22 @@ def test_the_guard_stops_a_running_mean_ten_times_its_lowest_and_not_one_hard_ba
     resumed = training.LossGuard(tmp_path / "checkpoint-last.pth", "lower --blr")
     resumed.load_state_dict(guard.state_dict())
     with pytest.raises(training.DivergedError, match=r"loss is diverging at epoch 1, step 11: its running mean "
-                                                     r"10\.31 is over 10x its lowest, 1 \(this step's loss 50\)"):
+                                                     r"10\.31 is over 10x its lowest, 1, and over its start, 1 "
+                                                     r"\(this step's loss 50\)"):
         resumed.check(50.0, "epoch 1, step 11")  # 5.31 + 5 = 10.31: over 10x the lowest
+
+
+def test_the_guard_lets_a_loss_near_zero_wobble_below_where_it_started(tmp_path):
+    guard = training.LossGuard(tmp_path / "checkpoint-last.pth", "lower --lr")
+    for step in range(100):  # a fine-tune without label smoothing on an easy set: 2.3 down to 0.001
+        guard.check(max(2.3 * 0.8 ** step, 0.001), f"step {step}")
+    lowest = guard.lowest
+    for step in range(100, 120):  # a stretch of harder batches: 30x the lowest running mean, far below the start
+        guard.check(0.05, f"step {step}")
+    assert guard.running > 10 * lowest and guard.running < guard.start
+    with pytest.raises(training.DivergedError, match="over its start"):
+        for step in range(120, 160):  # a real blow-up passes where the loss started
+            guard.check(5.0, f"step {step}")
 
 
 def test_the_guard_stops_at_the_first_non_finite_loss_even_in_warm_up(tmp_path):
