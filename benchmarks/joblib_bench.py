@@ -1,9 +1,10 @@
 """Serial against joblib-parallel CPU work, measured in one run: the image check (`unreadable_images`,
-joblib threads) and the demo dataset build (`ensure_demo`, joblib threads). Each is timed with
+joblib threads) and the demo dataset build (`ensure_demo`, joblib processes). Each is timed with
 workers=1 (in this process) and with --workers, from a cold start (a fresh AGMAE_HOME, so no cached decode
 check and no cached build), --repeats times; the best time of each counts. It prints both times and the
-speed-up ratio, and checks that both paths produced the same result. The image check, on joblib threads, is also
-timed on joblib's worker processes (`parallel_config(backend="loky")`), which pay a start-up but no GIL.
+speed-up ratio, and checks that both paths produced the same result. Each is also timed on the other backend
+(`parallel_config`): the image check on joblib's worker processes, which pay a start-up but no GIL, the build on
+threads, which share its canvases but hold the GIL through most of a small PNG's encoding.
 
     python benchmarks/joblib_bench.py [--workers N] [--n-train 10000] [--n-test 10000] [--repeats 3]
 """
@@ -64,6 +65,8 @@ def main(workers, n_train, n_test, repeats):
 
         build_serial, serial_digest = _best_time(build(1), repeats, workdir, "build-serial")
         build_parallel, parallel_digest = _best_time(build(workers), repeats, workdir, "build-parallel")
+        with parallel_config(backend="threading"):
+            build_threads, threads_digest = _best_time(build(workers), repeats, workdir, "build-threads")
 
         os.environ["AGMAE_HOME"] = str(workdir / "images")
         index = folder.scan(demo.ensure_demo(n_train=n_train, n_test=n_test, workers=workers) / "train")
@@ -86,6 +89,7 @@ def main(workers, n_train, n_test, repeats):
     print(_row("image check", check_serial, check_parallel, workers, serial_bad == parallel_bad))
     print(_row("  processes", check_serial, check_processes, workers, serial_bad == processes_bad))
     print(_row("demo build", build_serial, build_parallel, workers, serial_digest == parallel_digest))
+    print(_row("  threads", build_serial, build_threads, workers, serial_digest == threads_digest))
 
 
 if __name__ == "__main__":

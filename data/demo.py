@@ -148,13 +148,13 @@ def _sample_backgrounds(labels: np.ndarray, bank, class_probability: float, rng:
     return {"photos": photos, "crops": corners}
 
 
-def _background_pixels(backgrounds, lo: int, hi: int) -> np.ndarray:
-    """uint8 [hi - lo, 64, 64, 3]: the photograph crops of images lo..hi (black when backgrounds is None)."""
-    pixels = np.zeros((hi - lo, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+def _background_pixels(n: int, backgrounds) -> np.ndarray:
+    """uint8 [n, 64, 64, 3]: the photograph crops of n images, backgrounds = (photos, crops) of each; black when
+    backgrounds is None."""
+    pixels = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     if backgrounds is not None:
-        for i in range(lo, hi):
-            y, x = backgrounds["crops"][i]
-            pixels[i - lo] = load_photograph(backgrounds["photos"][i])[y : y + IMAGE_SIZE, x : x + IMAGE_SIZE]
+        for i, (photo, (y, x)) in enumerate(zip(*backgrounds)):
+            pixels[i] = load_photograph(photo)[y : y + IMAGE_SIZE, x : x + IMAGE_SIZE]
     return pixels
 
 
@@ -181,22 +181,34 @@ def _keys(labels: np.ndarray) -> list:
     return [f"{CLASS_NAMES[label]}/{i:06d}.png" for i, label in enumerate(labels)]
 
 
+def _write_chunk(root: Path, split: str, keys: list, alpha: np.ndarray, tints: np.ndarray, backgrounds) -> int:
+    """Composite and write the images and masks of `keys` (one chunk of a split); returns how many. Takes only its
+    chunk's data, so that a worker process receives no more than it writes."""
+    images = composite(alpha, tints, _background_pixels(len(keys), backgrounds))
+    masks = np.where(alpha > 0, 255, 0).astype(np.uint8)
+    for key, pixels, mask in zip(keys, images, masks):
+        (root / split / key).write_bytes(_png_bytes(pixels))
+        (root / "masks" / split / key).write_bytes(_png_bytes(mask))
+    return len(keys)
+
+
 def _write_split(root: Path, split: str, objects: dict, alpha: np.ndarray, backgrounds, parallel, progress) -> None:
     keys = _keys(objects["labels"])
     for name in CLASS_NAMES:
         (root / split / name).mkdir(parents=True)
         (root / "masks" / split / name).mkdir(parents=True)
 
-    def write_chunk(lo):
-        hi = min(lo + CHUNK, len(keys))
-        images = composite(alpha[lo:hi], objects["tints"][lo:hi], _background_pixels(backgrounds, lo, hi))
-        masks = np.where(alpha[lo:hi] > 0, 255, 0).astype(np.uint8)
-        for key, pixels, mask in zip(keys[lo:hi], images, masks):
-            (root / split / key).write_bytes(_png_bytes(pixels))
-            (root / "masks" / split / key).write_bytes(_png_bytes(mask))
-        return hi - lo
+    def task(ids):
+        chunk_backgrounds = ([backgrounds["photos"][i] for i in ids], backgrounds["crops"][ids]) if backgrounds else None
+        return delayed(_write_chunk)(root, split, [keys[i] for i in ids], alpha[ids], objects["tints"][ids],
+                                     chunk_backgrounds)
 
-    for done in parallel(delayed(write_chunk)(lo) for lo in range(0, len(keys), CHUNK)):
+    # A chunk holds images of one class, and consecutive chunks are of different classes: the workers then create
+    # their files in different folders, as creating files in one folder serialises on its lock.
+    per_class = [np.flatnonzero(objects["labels"] == label) for label in range(len(CLASS_NAMES))]
+    chunks = [ids[lo : lo + CHUNK] for lo in range(0, max(map(len, per_class)), CHUNK) for ids in per_class
+              if lo < len(ids)]
+    for done in parallel(task(ids) for ids in chunks):
         progress.update(done)
 
     manifest = {
@@ -243,8 +255,9 @@ def _build(root: Path, params: dict, workers: int) -> None:
             ("mixed-same", test_objects, test_alpha, backgrounds("mixed-same", test_objects["labels"], BANK_A, 1.0))
         )
     total = sum(len(objects["garments"]) for _, objects, _, _ in splits)
-    # Threads: compositing (numpy) and PNG encoding (zlib) release the GIL, and the chunks share the canvases.
-    with Parallel(n_jobs=workers, prefer="threads", return_as="generator") as parallel, tqdm(
+    # Processes (joblib's default): most of a 64-px PNG's encoding is Python-side work that holds the GIL, so threads
+    # ran slower than one (docs/PERFORMANCE.md#cpu-parallelism-joblib); a chunk's canvases are its only payload.
+    with Parallel(n_jobs=workers, return_as="generator") as parallel, tqdm(
         total=total, desc="building demo dataset", unit="img", disable=None
     ) as progress:
         for split, objects, alpha, bgs in splits:
@@ -281,7 +294,7 @@ def ensure_demo(correlation=0.0, seed=0, n_train=10000, n_test=10000, garment_si
     correlation: probability that an image's background is its class's own photograph
     (0 = backgrounds carry no label information). n_train / n_test: images in `train` and in
     each test split. garment_sizes: (lo, hi), the garment's side in pixels, uniform in [lo, hi].
-    workers: threads writing the images (default: every CPU this process may use); the files do not depend on it.
+    workers: processes writing the images (default: every CPU this process may use); the files do not depend on it.
     The build is deterministic in the parameters and atomic (temp dir, then rename; `demo.json`
     marks completion); concurrent callers wait for one build.
     """
