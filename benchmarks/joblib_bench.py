@@ -8,6 +8,7 @@ threads, which share its canvases but hold the GIL through most of a small PNG's
 
     python benchmarks/joblib_bench.py [--workers N] [--n-train 10000] [--n-test 10000] [--repeats 3]
 """
+import contextlib
 import hashlib
 import os
 import shutil
@@ -21,17 +22,22 @@ from joblib import parallel_config
 from agmae.data import demo, folder
 
 
-def _best_time(work, repeats: int, workdir: Path, name: str):
-    """(best seconds, result of the last run) of `work(home)`, each run in a fresh AGMAE_HOME."""
-    best, result = float("inf"), None
+def _best_times(works: dict, repeats: int, workdir: Path) -> dict:
+    """{name: (best seconds, result of the last run)} of each `work(home)` of `works` ({name: (work, backend)}), each
+    run in a fresh AGMAE_HOME under that joblib backend (None: joblib's default), the variants taking turns so that a
+    slow spell of the machine falls on all of them. The homes are deleted at the end, not between runs: deleting
+    100,000 files keeps a disk busy (with `discard`, trimming) for a while."""
+    best = {name: (float("inf"), None) for name in works}
     for repeat in range(repeats):
-        home = workdir / f"{name}-{repeat}"
-        os.environ["AGMAE_HOME"] = str(home)
-        started = time.perf_counter()
-        result = work(home)
-        best = min(best, time.perf_counter() - started)
-        shutil.rmtree(home)
-    return best, result
+        for name, (work, backend) in works.items():
+            home = workdir / f"{name}-{repeat}"
+            os.environ["AGMAE_HOME"] = str(home)
+            with parallel_config(backend=backend) if backend else contextlib.nullcontext():
+                started = time.perf_counter()
+                result = work(home)
+                seconds = time.perf_counter() - started
+            best[name] = (min(best[name][0], seconds), result)
+    return best
 
 
 def _digest(root: Path) -> str:
@@ -63,10 +69,8 @@ def main(workers, n_train, n_test, repeats):
         def build(n_jobs):
             return lambda home: _digest(demo.ensure_demo(n_train=n_train, n_test=n_test, workers=n_jobs))
 
-        build_serial, serial_digest = _best_time(build(1), repeats, workdir, "build-serial")
-        build_parallel, parallel_digest = _best_time(build(workers), repeats, workdir, "build-parallel")
-        with parallel_config(backend="threading"):
-            build_threads, threads_digest = _best_time(build(workers), repeats, workdir, "build-threads")
+        builds = _best_times({"serial": (build(1), None), "parallel": (build(workers), None),
+                              "threads": (build(workers), "threading")}, repeats, workdir)
 
         os.environ["AGMAE_HOME"] = str(workdir / "images")
         index = folder.scan(demo.ensure_demo(n_train=n_train, n_test=n_test, workers=workers) / "train")
@@ -74,10 +78,8 @@ def main(workers, n_train, n_test, repeats):
         def check(n_jobs):
             return lambda home: folder.unreadable_images(index, workers=n_jobs, progress=False)
 
-        check_serial, serial_bad = _best_time(check(1), repeats, workdir, "check-serial")
-        check_parallel, parallel_bad = _best_time(check(workers), repeats, workdir, "check-parallel")
-        with parallel_config(backend="loky"):
-            check_processes, processes_bad = _best_time(check(workers), repeats, workdir, "check-processes")
+        checks = _best_times({"serial": (check(1), None), "parallel": (check(workers), None),
+                              "processes": (check(workers), "loky")}, repeats, workdir)
     finally:
         if saved_home is None:
             os.environ.pop("AGMAE_HOME", None)
@@ -86,10 +88,11 @@ def main(workers, n_train, n_test, repeats):
         shutil.rmtree(workdir)
     print(f"{len(os.sched_getaffinity(0))} CPUs; demo build of 2 x {n_train} + 3 x {n_test} images and their masks; "
           f"image check of its {len(index)} train images in tasks of {folder.DECODE_CHUNK}; best of {repeats}")
-    print(_row("image check", check_serial, check_parallel, workers, serial_bad == parallel_bad))
-    print(_row("  processes", check_serial, check_processes, workers, serial_bad == processes_bad))
-    print(_row("demo build", build_serial, build_parallel, workers, serial_digest == parallel_digest))
-    print(_row("  threads", build_serial, build_threads, workers, serial_digest == threads_digest))
+    for name, times, other in (("image check", checks, "processes"), ("demo build", builds, "threads")):
+        serial, serial_result = times["serial"]
+        for label, variant in ((name, "parallel"), (f"  {other}", other)):
+            seconds, result = times[variant]
+            print(_row(label, serial, seconds, workers, result == serial_result))
 
 
 if __name__ == "__main__":
