@@ -96,20 +96,9 @@ class JointRandomResizedCrop:
         """
         try:
             with Image.open(path) as img:
-                width, height = img.size
                 if img.format == "JPEG" and img.mode in ("RGB", "L") and \
                         img.getexif().get(EXIF_ORIENTATION, 1) == 1:
-                    top, left, crop_h, crop_w, flip = self.draw(width, height)
-                    scale = self.draft_scale(crop_h, crop_w) if draft else 1
-                    if scale == 1:
-                        img.load()
-                        out = resize_uint8(rgb(img.crop((left, top, left + crop_w, top + crop_h))), self.size)
-                    else:
-                        reduced = width / img.draft("RGB", (width // scale, height // scale))[1][2]
-                        img.load()
-                        box = (left / reduced, top / reduced, (left + crop_w) / reduced, (top + crop_h) / reduced)
-                        out = uint8_tensor(rgb(img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)))
-                    return (out.flip(-1) if flip else out), self._box(width, height, top, left, crop_h, crop_w), flip
+                    return self._crop_jpeg(img, draft)
                 img.load()  # decoded in full, from the file already open (load_rgb's pixels)
                 img = as_rgb(img)
         except DECODE_ERRORS as err:
@@ -118,6 +107,21 @@ class JointRandomResizedCrop:
         top, left, crop_h, crop_w, flip = self.draw(width, height)
         return (uint8_tensor(self._crop(img, top, left, crop_h, crop_w, flip)),
                 self._box(width, height, top, left, crop_h, crop_w), flip)
+
+    def _crop_jpeg(self, img, draft: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """crop_file's fast path, for an open RGB or grey JPEG without an EXIF rotation, not yet decoded."""
+        width, height = img.size
+        top, left, crop_h, crop_w, flip = self.draw(width, height)
+        scale = self.draft_scale(crop_h, crop_w) if draft else 1
+        if scale == 1:
+            img.load()
+            out = resize_uint8(rgb(img.crop((left, top, left + crop_w, top + crop_h))), self.size)
+        else:
+            reduced = width / img.draft("RGB", (width // scale, height // scale))[1][2]
+            img.load()
+            box = (left / reduced, top / reduced, (left + crop_w) / reduced, (top + crop_h) / reduced)
+            out = uint8_tensor(rgb(img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)))
+        return (out.flip(-1) if flip else out), self._box(width, height, top, left, crop_h, crop_w), flip
 
     def __repr__(self):
         return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"

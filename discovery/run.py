@@ -128,8 +128,8 @@ class ImageLoading(torch.utils.data.Dataset):
 def load_method(config: DiscoveryConfig):
     """The configured discovery callable (its backbone loaded): missing weights fail here, before any image."""
     return METHODS[config.method].build(config.method_options, backbone=config.backbone, weights=config.weights,
-                                           device=config.device, random_init=config.random_init, seed=config.seed,
-                                           precision=config.precision)
+                                        device=config.device, random_init=config.random_init, seed=config.seed,
+                                        precision=config.precision)
 
 
 def discover(config: DiscoveryConfig, method=None) -> dict:

@@ -160,7 +160,7 @@ def build_classifier(checkpoint, num_classes: int, drop_path: float) -> tuple[Vi
 def build_optimizer(model: VisionTransformer, lr: float, opts: FinetuneOptions) -> torch.optim.AdamW:
     groups = param_groups_layer_decay(model, opts.weight_decay, model.no_weight_decay(),
                                       layer_decay=opts.layer_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=ADAMW_BETAS, foreach=True)  # as pre-training's (train/engine.py)
+    return training.adamw(groups, lr, ADAMW_BETAS)
 
 
 def build_criterion(opts: FinetuneOptions) -> nn.Module:

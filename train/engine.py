@@ -144,11 +144,9 @@ class Trainer:
         self.effective_batch = cfg.batch_size * cfg.accum_iter * env.world_size
         self.lr = cfg.blr * self.effective_batch / LR_REFERENCE_BATCH
 
-        # foreach: torch picks it on CUDA; on a CPU it takes a step the per-parameter loop's weights bit for bit,
-        # in less time (docs/PERFORMANCE.md#training)
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = training.adamw(
             param_groups_weight_decay(self.model, cfg.weight_decay, no_weight_decay_list=self.model.no_weight_decay()),
-            lr=self.lr, betas=ADAMW_BETAS, foreach=True)
+            self.lr, ADAMW_BETAS)
         self.optimization = training.Optimization(self.model, self.optimizer, env, device, cfg.precision,
                                                   cfg.accum_iter, cfg.clip_grad)
         self.amp_dtype = self.optimization.amp_dtype
