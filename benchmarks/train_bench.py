@@ -22,7 +22,11 @@ against the eager step with plain attention, the official MAE's (target <= 0.75)
 --profile: the demo MAE's guided step (fp32, --demo-batch, 64 px) under torch.profiler: the top operators by self CPU
 time and the shares of matrix products, normalisation, elementwise work, the optimizer and copies/allocation; then
 the step at 1 thread against all of this process's threads, and AdamW's foreach and fused implementations against
-the default one (bit-identical weights after a few steps? step time ratio).
+the default one (bit-identical weights after a few steps? step time ratio). Then what bounds the demo on this CPU:
+the floating-point rate (torch's FLOP counter over measured seconds) of the training step in fp32 and, where the
+CPU computes bf16 natively, in bf16 (what `make demo` trains in there), and of the evaluation's forward (the frozen
+encoder on all 64 patches, fp32, batch 128, as agmae-eval extracts); and the share of a trainer's time its own
+loading takes when it has no loader workers, as each demo run pinned to one core has.
 """
 import argparse
 import statistics
@@ -197,17 +201,18 @@ PROFILE_GROUPS = {
 }
 
 
-def demo_trainer(tmp: Path, batch_size: int, name: str, optimizer: str | None = None) -> tuple:
-    """A guided demo-MAE Trainer in fp32 on 64-px PNGs with 8x8 maps, its first batch, and, with `optimizer`
-    ("for-loop" or "fused"), AdamW switched from the trainer's `foreach` to that implementation over the same
-    parameter groups."""
+def demo_trainer(tmp: Path, batch_size: int, name: str, optimizer: str | None = None,
+                 precision: str = "fp32") -> tuple:
+    """A guided demo-MAE Trainer (fp32 unless told) on 64-px PNGs with 8x8 maps, its first batch, and, with
+    `optimizer` ("for-loop" or "fused"), AdamW switched from the trainer's `foreach` to that implementation over
+    the same parameter groups."""
     data = tmp / "demo-data"
     maps_path = data / "maps-oracle.h5"
     if not maps_path.exists():
         make_dataset(data, batch_size * 2, (64, 64), "PNG", (8, 8))
     env, device = distributed.init("cpu")
     cfg = TrainConfig(data=str(data), train_split="images", model="mae_vit_demo_patch8", input_size=64,
-                      batch_size=batch_size, workers=0, epochs=1, warmup_epochs=0, device="cpu", precision="fp32",
+                      batch_size=batch_size, workers=0, epochs=1, warmup_epochs=0, device="cpu", precision=precision,
                       maps=str(maps_path), out=str(tmp / name))
     trainer = Trainer(cfg, env, device)
     if optimizer:
@@ -268,6 +273,50 @@ def profile_demo_step(batch_size: int, steps: int, tmp: Path) -> None:
         seconds = interleaved_medians(timed(*runs[kind][:2]), timed(*runs[None][:2]), steps)
         print(f"  AdamW {kind} / foreach (the default) step: {seconds[0] / seconds[1]:.3f}; weights after 3 steps "
               f"{'bit-identical' if same else 'differ'}")
+    compute_rates(tmp, batch_size, steps)
+
+
+def flops_and_seconds(run, repeats: int) -> tuple[int, float]:
+    """Floating-point operations of one call (torch's FLOP counter) and its median seconds over `repeats` calls."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    run()
+    with FlopCounterMode(display=False) as counter:
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return counter.get_total_flops(), statistics.median(times)
+
+
+def compute_rates(tmp: Path, batch_size: int, steps: int) -> None:
+    """GFLOP/s of the demo's training step (fp32, and bf16 where native) and of its evaluation forward, and the
+    loader's share of a trainer without loader workers."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from agmae.hardware import resolve_precision
+    from agmae.train.model import MODELS
+
+    threads = torch.get_num_threads()
+    precisions = dict.fromkeys(["fp32", resolve_precision("native", torch.device("cpu"))])
+    for precision in precisions:
+        trainer, batch = demo_trainer(tmp, batch_size, f"rate-{precision}", precision=precision)
+        flops, seconds = flops_and_seconds(lambda: trainer.train_step(batch, tau=0.75), steps)
+        _, loading = flops_and_seconds(lambda: [None for _ in trainer.loader], steps)
+        loading /= len(trainer.loader)
+        print(f"  training step, {precision}: {flops / batch_size / 1e6:.0f} MFLOP an image, "
+              f"{flops / seconds / 1e9:.1f} GFLOP/s on {threads} threads ({batch_size / seconds:.0f} images/s); "
+              f"loading in the trainer's process {loading * 1e3:.0f} ms a batch, "
+              f"{loading / (loading + seconds):.0%} of a trainer's time with no loader workers")
+    encoder_options = {k: v for k, v in MODELS["mae_vit_demo_patch8"].items() if not k.startswith("decoder_")}
+    encoder = VisionTransformer(**encoder_options, num_classes=0).eval()
+    images = torch.randn(128, 3, encoder_options["img_size"], encoder_options["img_size"])
+    with torch.inference_mode():
+        flops, seconds = flops_and_seconds(lambda: encoder.forward_features(images), steps)
+    print(f"  evaluation forward, fp32 (all patches): {flops / len(images) / 1e6:.0f} MFLOP an image, "
+          f"{flops / seconds / 1e9:.1f} GFLOP/s on {threads} threads ({len(images) / seconds:.0f} images/s)")
 
 
 def main():

@@ -111,11 +111,16 @@ _live_processes: set = set()
 
 def spawn(step: Step, **popen) -> subprocess.Popen:
     """Start the step's command; with `step.cpus`, pinned to those CPUs with that many threads. The
-    affinity is set before the interpreter starts its threads, which inherit it, as do loader workers."""
+    affinity is set before the interpreter starts its threads, which inherit it, as do loader workers.
+
+    Pinned, OpenMP's threads wait passively (unless OMP_WAIT_POLICY says otherwise): a step's loader workers share
+    its CPUs, and compute threads spinning at each barrier take those CPUs from them (docs/PERFORMANCE.md#training);
+    the results are the same either way."""
     env = None
     if step.cpus is not None:
         threads = str(len(step.cpus))
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     process = subprocess.Popen([str(arg) for arg in step.argv], env=env, **popen)
     if step.cpus is not None:
         os.sched_setaffinity(process.pid, step.cpus)

@@ -254,14 +254,17 @@ def test_every_command_the_demo_and_the_study_plan_is_accepted_by_its_cli(tmp_pa
 
 
 def recorder(out, seconds=0.0):
-    """A stage stand-in that records its start and end time, its CPU affinity and its thread setting."""
+    """A stage stand-in that records its start and end time, its CPU affinity, its thread setting and OpenMP's wait
+    policy."""
     code = ("import json, os, time; start = time.time(); time.sleep({s}); "
             "json.dump(dict(start=start, end=time.time(), cpus=sorted(os.sched_getaffinity(0)), "
-            "threads=os.environ.get('OMP_NUM_THREADS')), open({out!r}, 'w'))").format(s=seconds, out=str(out))
+            "threads=os.environ.get('OMP_NUM_THREADS'), wait=os.environ.get('OMP_WAIT_POLICY')), "
+            "open({out!r}, 'w'))").format(s=seconds, out=str(out))
     return [sys.executable, "-c", code]
 
 
-def test_steps_run_side_by_side_each_on_its_own_cpus_and_wait_for_what_they_need(tmp_path):
+def test_steps_run_side_by_side_each_on_its_own_cpus_and_wait_for_what_they_need(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     record = {name: tmp_path / f"{name}.json" for name in ("a", "b", "after_a", "alone")}
     a = step(tmp_path, "a", recorder(record["a"], 1.5))
     b = step(tmp_path, "b", recorder(record["b"], 1.5))
@@ -272,11 +275,19 @@ def test_steps_run_side_by_side_each_on_its_own_cpus_and_wait_for_what_they_need
     seen = {name: json.loads(path.read_text()) for name, path in record.items() if path.exists()}
     assert seen["a"]["start"] < seen["b"]["end"] and seen["b"]["start"] < seen["a"]["end"]  # overlapped
     assert all(seen[name]["threads"] == "1" and seen[name]["cpus"] == [0] for name in ("a", "b"))
+    assert all(seen[name]["wait"] == "PASSIVE" for name in ("a", "b"))  # threads do not spin on loaders' CPUs
     assert seen["after_a"]["start"] >= seen["a"]["end"]
     assert "2 side by side" in lines[0] and sum("started on CPU 0" in line for line in lines) == 3
     # a step ready on its own takes every free CPU: both lanes' threads
     assert execute([step(tmp_path, "alone", recorder(record["alone"]))], echo=lines.append, cpus=(0, 0)) == []
     assert json.loads(record["alone"].read_text())["threads"] == "2"
+
+
+def test_a_wait_policy_the_user_set_is_kept_for_pinned_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    out = tmp_path / "out.json"
+    assert execute([step(tmp_path, "a", recorder(out))], echo=lambda line: None, cpus=(0,)) == []
+    assert json.loads(out.read_text())["wait"] == "ACTIVE"
 
 
 def test_an_all_cpus_step_waits_for_every_cpu_and_holds_back_the_steps_listed_after_it(tmp_path):
