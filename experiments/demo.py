@@ -67,9 +67,11 @@ def map_quality(results_dir: Path, stores: dict) -> dict:
     return {source_of.get(scores.path, name): scores for name, scores in rows.items()}
 
 
-def step_times(steps: list) -> str:
-    """Recorded seconds per step, for the timing lines the README quotes."""
-    return "\n".join(f"  {step.id:60s} {step.seconds():7.1f} s" for step in steps if step.done())
+def step_times(steps: list, reused: set) -> str:
+    """Recorded seconds per finished step, for the timing lines the README quotes; a step whose id is in `reused`
+    finished before this invocation and is marked so, since its seconds were spent then."""
+    return "\n".join(f"  {step.id:60s} {step.seconds():7.1f} s" + ("  (reused)" if step.id in reused else "")
+                     for step in steps if step.done())
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,6 +95,7 @@ def main(recipe, out, epochs, seed, keep_every):
     config = demo_config(recipe, seed, out, epochs, keep_every)
     plan = build_plan(config)
     click.echo(f"[demo] recipe {recipe}, seed {seed}: steps, map stores and runs in {config.out}")
+    reused = {step.id for step in plan.steps if step.done()}
     interrupt_on_sigterm()
     try:
         failed = execute(plan.steps, log_runner, echo=lambda line: click.echo(f"[demo] {line}"), cpus=cpu_set())
@@ -131,8 +134,8 @@ def main(recipe, out, epochs, seed, keep_every):
         f"recipe {recipe}, seed {seed}: top-1 % of mean-pooled features", COLUMNS, table, gains, errors, headline,
         {name: entry.mean_iou for name, entry in attention.items()}, quality.stores, root,
         quality.figure.stale_output)
-    click.echo(f"\n[demo] seconds per step (this invocation's steps; earlier ones were reused)\n"
-               f"{step_times(plan.steps)}")
+    click.echo(f"\n[demo] seconds per step (reused: finished by an earlier invocation)\n"
+               f"{step_times(plan.steps, reused)}")
     click.echo(f"[demo] report: {report}\n[demo] total {(time.time() - started) / 60:.1f} min")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments.demo import step_times
 from experiments.plan import build_plan, make_config, run_name
 from experiments.recipes import RECIPES
 from experiments.steps import Step, execute, result_argv, run_step
@@ -32,6 +33,17 @@ def test_a_finished_step_is_not_run_again(tmp_path):
     # the script by name: another clone's .venv (another absolute path) reuses the result
     assert recorded["recipe"]["command"] == [Path(sys.executable).name, *appender(out, "a")[1:]]
     assert recorded["finished"] and recorded["seconds"] >= 0
+
+
+def test_the_demos_timing_lines_mark_the_steps_an_earlier_invocation_finished(tmp_path):
+    out = tmp_path / "out.txt"
+    earlier, now, pending = (step(tmp_path, name, appender(out, name)) for name in ("earlier", "now", "pending"))
+    run_step(earlier)
+    reused = {done.id for done in (earlier, now, pending) if done.done()}
+    run_step(now)
+    lines = step_times([earlier, now, pending], reused).splitlines()
+    assert [line.split()[0] for line in lines] == ["earlier", "now"]
+    assert lines[0].endswith("(reused)") and not lines[1].endswith("(reused)")
 
 
 def test_changed_options_redo_the_step_and_drop_its_stale_output(tmp_path):
